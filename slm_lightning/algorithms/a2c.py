@@ -1,0 +1,102 @@
+"""Advantage Actor-Critic (Mnih et al. 2016, arXiv:1602.01783), synchronous, with GAE or n-step returns."""
+
+from typing import Literal
+
+from torch import Tensor
+from typing_extensions import override
+
+from slm_lightning.algorithms.base import RLAlgorithm
+from slm_lightning.algorithms.ppo import normalize
+from slm_lightning.data.onpolicy import OnPolicyMemory
+from slm_lightning.envs.factory import ConfigError, EnvSpec
+from slm_lightning.nets.actor_critic import ActorCritic
+from slm_lightning.nets.mlp import MLPSpec
+from slm_lightning.schedules import Schedule, scheduled
+
+
+class A2C(RLAlgorithm):
+    """A2C: one gradient step per rollout on ``-log pi(a|s) A + c_v (V - R)^2 / 2 - c_e H``.
+
+    Args:
+        env: the environment spec.
+        max_frames: training budget in frames (all envs, all ranks).
+        gamma: discount factor.
+        returns: ``gae`` (advantages by GAE) or ``nstep`` (advantages ``R^(n) - V``).
+        gae_lambda: GAE lambda (``returns: gae``).
+        n_steps: steps summed before bootstrapping (``returns: nstep``).
+        time_horizon: vector steps per rollout (and per update).
+        value_coef: weight of the value loss.
+        entropy_coef: weight of the entropy bonus, constant or scheduled over frames.
+        lr: learning rate of the actor (and of a shared body), constant or scheduled.
+        critic_lr: learning rate of a separate critic; None uses ``lr``.
+        max_grad_norm: clip the global gradient norm to this (None: no clipping).
+        normalize_advantages: normalise advantages over the rollout.
+        actor: actor body.
+        critic: critic body (ignored when ``shared``).
+        shared: one body with a policy head and a value head.
+        log_std_init: initial log std of Gaussian policies.
+        rescale_actions: map Gaussian actions from [-1, 1] onto the Box instead of clipping.
+    """
+
+    def __init__(
+        self,
+        env: EnvSpec,
+        max_frames: int = 1_000_000,
+        gamma: float = 0.99,
+        returns: Literal["gae", "nstep"] = "gae",
+        gae_lambda: float = 0.95,
+        n_steps: int = 5,
+        time_horizon: int = 5,
+        value_coef: float = 0.5,
+        entropy_coef: float | Schedule = 0.0,
+        lr: float | Schedule = 7e-4,
+        critic_lr: float | Schedule | None = None,
+        max_grad_norm: float | None = 0.5,
+        normalize_advantages: bool = False,
+        actor: MLPSpec | None = None,
+        critic: MLPSpec | None = None,
+        shared: bool = False,
+        log_std_init: float = 0.0,
+        rescale_actions: bool = True,
+    ) -> None:
+        super().__init__(env, max_frames, gamma)
+        self.save_hyperparameters()
+        self.check_positive(time_horizon=time_horizon, n_steps=n_steps)
+        if returns not in ("gae", "nstep"):
+            raise ConfigError(f"model.init_args.returns must be gae or nstep, got {returns!r}")
+        if not 0.0 <= gae_lambda <= 1.0:
+            raise ConfigError(f"model.init_args.gae_lambda must be in [0, 1], got {gae_lambda}")
+        self.policy = ActorCritic(
+            self.observation_space,
+            self.action_space,
+            actor or MLPSpec(),
+            critic or MLPSpec(),
+            shared=shared,
+            log_std_init=log_std_init,
+            rescale_actions=rescale_actions,
+        )
+
+    def compute_returns(self, memory: OnPolicyMemory) -> None:
+        hp = self.hparams
+        memory.compute_returns(hp.returns, self.gamma, hp.gae_lambda, hp.n_steps)
+        self.train_metrics["train/explained_variance"] = memory.explained_variance()
+
+    @override
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        hp = self.hparams
+        dist, values = self.policy(batch["obs"])
+        log_probs = self.policy.log_prob(dist, batch["actions"])
+        entropy = self.policy.entropy(dist).mean()
+        advantages = normalize(batch["advantages"]) if hp.normalize_advantages else batch["advantages"]
+        policy_loss = -(log_probs * advantages).mean()
+        value_loss = 0.5 * (values - batch["returns"]).pow(2).mean()
+        entropy_coef = scheduled(hp.entropy_coef, self.frames, self.max_frames)
+        loss = policy_loss + hp.value_coef * value_loss - entropy_coef * entropy
+        self.train_metrics.update({
+            "train/loss": loss.detach(),
+            "train/policy_loss": policy_loss.detach(),
+            "train/value_loss": value_loss.detach(),
+            "train/entropy": entropy.detach(),
+            "train/entropy_coef": entropy_coef,
+        })
+        return loss

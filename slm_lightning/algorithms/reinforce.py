@@ -1,0 +1,83 @@
+"""REINFORCE (Williams 1992): Monte Carlo policy gradient with an entropy bonus."""
+
+from torch import Tensor
+from typing_extensions import override
+
+from slm_lightning.algorithms.base import RLAlgorithm
+from slm_lightning.data.onpolicy import OnPolicyMemory
+from slm_lightning.envs.factory import EnvSpec
+from slm_lightning.nets.actor_critic import ActorCritic
+from slm_lightning.nets.mlp import MLPSpec
+from slm_lightning.schedules import Schedule, scheduled
+
+
+class Reinforce(RLAlgorithm):
+    """REINFORCE: ``-log pi(a|s) G - c_e H`` with ``G`` the discounted reward-to-go.
+
+    There is no critic: an episode still running when the rollout ends contributes the
+    rewards seen so far, so a ``time_horizon`` of about an episode's length keeps that bias small.
+
+    Args:
+        env: the environment spec.
+        max_frames: training budget in frames (all envs, all ranks).
+        gamma: discount factor.
+        time_horizon: vector steps per rollout.
+        training_epochs: passes over each rollout (1 is the textbook algorithm).
+        num_minibatches: minibatches per pass.
+        center_returns: subtract the rollout's mean return (a constant baseline).
+        entropy_coef: weight of the entropy bonus, constant or scheduled over frames.
+        lr: Adam learning rate, constant or scheduled.
+        max_grad_norm: clip the global gradient norm to this (None: no clipping).
+        actor: policy body.
+        log_std_init: initial log std of Gaussian policies.
+        rescale_actions: map Gaussian actions from [-1, 1] onto the Box instead of clipping.
+    """
+
+    def __init__(
+        self,
+        env: EnvSpec,
+        max_frames: int = 1_000_000,
+        gamma: float = 0.99,
+        time_horizon: int = 256,
+        training_epochs: int = 1,
+        num_minibatches: int = 1,
+        center_returns: bool = True,
+        entropy_coef: float | Schedule = 0.01,
+        lr: float | Schedule = 2e-3,
+        max_grad_norm: float | None = None,
+        actor: MLPSpec | None = None,
+        log_std_init: float = 0.0,
+        rescale_actions: bool = True,
+    ) -> None:
+        super().__init__(env, max_frames, gamma)
+        self.save_hyperparameters()
+        self.check_positive(time_horizon=time_horizon, training_epochs=training_epochs, num_minibatches=num_minibatches)
+        self.policy = ActorCritic(
+            self.observation_space,
+            self.action_space,
+            actor or MLPSpec(),
+            critic=None,
+            log_std_init=log_std_init,
+            rescale_actions=rescale_actions,
+        )
+
+    def compute_returns(self, memory: OnPolicyMemory) -> None:
+        memory.compute_returns("monte_carlo", self.gamma)
+        if self.hparams.center_returns:
+            memory.advantages -= memory.advantages[memory.valid].mean()
+
+    @override
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        dist, _ = self.policy(batch["obs"])
+        log_probs = self.policy.log_prob(dist, batch["actions"])
+        entropy = self.policy.entropy(dist).mean()
+        policy_loss = -(log_probs * batch["advantages"]).mean()
+        entropy_coef = scheduled(self.hparams.entropy_coef, self.frames, self.max_frames)
+        loss = policy_loss - entropy_coef * entropy
+        self.train_metrics.update({
+            "train/loss": loss.detach(),
+            "train/policy_loss": policy_loss.detach(),
+            "train/entropy": entropy.detach(),
+            "train/entropy_coef": entropy_coef,
+        })
+        return loss

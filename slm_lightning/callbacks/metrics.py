@@ -1,0 +1,164 @@
+"""MetricsTracker: frames, fps, episode returns and their moving average, training diagnostics."""
+
+import math
+import os
+import time
+from collections import deque
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from loguru import logger
+from typing_extensions import override
+
+# Metric keys, shared by every algorithm (algorithms add their own under train/):
+#   rollout/frames, rollout/fps, rollout/episodes, rollout/updates,
+#   episode/return, episode/length, episode/return_ma, episode/best_return_ma,
+#   train/loss, train/entropy, train/lr, ... (from the algorithm's train_metrics)
+
+
+class MetricsTracker(Callback):
+    """Tracks episodes and training diagnostics on the frame clock and sends them to the loggers.
+
+    After every rollout it collects the episodes that finished; every ``log_frequency``
+    frames it sends one row of metrics, with the frame count as the step, to every
+    Lightning logger (and prints it through loguru when ``LOG_METRICS=true``). The return
+    moving average, best average and the first frame and second at which the average
+    reached the target survive ``--ckpt_path`` resumes.
+
+    Args:
+        log_frequency: frames between two logged rows.
+        window: episodes in the return moving average.
+        target_return: the average return that counts as solved; None uses the env's
+            registered reward threshold (no target if it has none).
+    """
+
+    def __init__(self, log_frequency: int = 10_000, window: int = 100, target_return: float | None = None) -> None:
+        if log_frequency < 1:
+            raise ValueError(f"metrics.log_frequency must be >= 1, got {log_frequency}")
+        if window < 1:
+            raise ValueError(f"metrics.window must be >= 1, got {window}")
+        self.log_frequency = log_frequency
+        self.window = window
+        self.target_return = target_return
+        self.print_metrics = os.environ.get("LOG_METRICS", "false").lower() in ("1", "true", "yes")
+        self.recent: deque[float] = deque(maxlen=window)
+        self.episodes = 0
+        self.history: dict[str, list] = {"frames": [], "returns": [], "seconds": []}
+        self.best_return_ma = -math.inf
+        self.frames_to_target: int | None = None
+        self.seconds_to_target: float | None = None
+        self.seconds_before = 0.0  # training seconds of earlier (resumed-from) sessions
+        self.start_frames = 0
+        self.next_log = 0
+        self._t0 = time.perf_counter()
+        self._last_log_time = self._t0
+        self._last_log_frames = 0
+
+    @property
+    def state_key(self) -> str:
+        return "MetricsTracker"
+
+    @property
+    def return_ma(self) -> float:
+        return float(np.mean(self.recent)) if self.recent else float("nan")
+
+    def seconds(self) -> float:
+        """Training wall time, summed over resumed sessions."""
+        return self.seconds_before + time.perf_counter() - self._t0
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.target_return is None:
+            self.target_return = pl_module.env_spec.reward_threshold()
+        self.start_frames = pl_module.frames
+        self._t0 = self._last_log_time = time.perf_counter()
+        self._last_log_frames = pl_module.frames
+        self.next_log = max(self.next_log, pl_module.frames + self.log_frequency)
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.update(pl_module)
+        if pl_module.frames >= self.next_log or trainer.should_stop:
+            self.log_row(trainer, pl_module)
+            self.next_log = (pl_module.frames // self.log_frequency + 1) * self.log_frequency
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.update(pl_module)
+        if pl_module.frames > self._last_log_frames:
+            self.log_row(trainer, pl_module)
+
+    def update(self, pl_module: L.LightningModule) -> None:
+        """Take the episodes finished since the last call from the rollout."""
+        if pl_module.rollout is None:
+            return
+        frames, returns, _ = pl_module.rollout.episodes.drain()
+        now = self.seconds()
+        for frame, ret in zip(frames, returns, strict=True):
+            self.recent.append(ret)
+            self.episodes += 1
+            self.history["frames"].append(frame)
+            self.history["returns"].append(ret)
+            self.history["seconds"].append(now)
+            if len(self.recent) == self.window:  # a full window before the target counts
+                ma = self.return_ma
+                self.best_return_ma = max(self.best_return_ma, ma)
+                if self.frames_to_target is None and self.target_return is not None and ma >= self.target_return:
+                    self.frames_to_target, self.seconds_to_target = frame, now
+        if self.recent:
+            # callback_metrics lets Lightning's EarlyStopping and checkpoint monitors use it.
+            trainer = pl_module.trainer
+            trainer.callback_metrics["episode/return_ma"] = torch.tensor(self.return_ma)
+
+    def log_row(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Send one row of metrics to the loggers (and to the console when LOG_METRICS=true)."""
+        now = time.perf_counter()
+        frames = pl_module.frames
+        fps = (frames - self._last_log_frames) / max(now - self._last_log_time, 1e-9)
+        self._last_log_time, self._last_log_frames = now, frames
+        metrics: dict[str, float] = {
+            "rollout/frames": frames,
+            "rollout/fps": fps,
+            "rollout/episodes": self.episodes,
+            "rollout/updates": trainer.global_step,
+        }
+        if self.recent:
+            metrics["episode/return"] = self.recent[-1]
+            metrics["episode/return_ma"] = self.return_ma
+        if self.best_return_ma > -math.inf:
+            metrics["episode/best_return_ma"] = self.best_return_ma
+        for key, value in pl_module.train_metrics.items():
+            metrics[key] = float(value.item() if isinstance(value, torch.Tensor) else value)
+        if trainer.is_global_zero:
+            for lg in trainer.loggers:
+                lg.log_metrics(metrics, step=frames)
+        if self.print_metrics and trainer.is_global_zero:
+            shown = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items())
+            logger.info(f"[{type(pl_module).__name__}] {shown}")
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "recent": list(self.recent),
+            "episodes": self.episodes,
+            "history": self.history,
+            "best_return_ma": self.best_return_ma,
+            "frames_to_target": self.frames_to_target,
+            "seconds_to_target": self.seconds_to_target,
+            "seconds": self.seconds(),
+            "next_log": self.next_log,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.recent = deque(state_dict["recent"], maxlen=self.window)
+        self.episodes = state_dict["episodes"]
+        self.history = state_dict["history"]
+        self.best_return_ma = state_dict["best_return_ma"]
+        self.frames_to_target = state_dict["frames_to_target"]
+        self.seconds_to_target = state_dict["seconds_to_target"]
+        self.seconds_before = state_dict["seconds"]
+        self.next_log = state_dict["next_log"]

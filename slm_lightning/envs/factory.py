@@ -1,0 +1,144 @@
+"""Build the gymnasium vector env an algorithm rolls out, from a typed :class:`EnvSpec`."""
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import gymnasium as gym
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.wrappers.vector import NormalizeObservation, NormalizeReward, RecordEpisodeStatistics
+from loguru import logger
+
+from slm_lightning.envs.names import migrate_env_id
+
+Vectorization = Literal["auto", "sync", "async", "vector_entry_point"]
+
+# Envs whose step costs microseconds: subprocess workers only add IPC overhead for them.
+_CHEAP_ENTRY_POINTS = ("gymnasium.envs.classic_control", "gymnasium.envs.toy_text")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and what is allowed."""
+
+
+@dataclass
+class EnvSpec:
+    """Which environment to roll out, how many copies, and how to wrap them.
+
+    Args:
+        name: gymnasium id (``CartPole-v1``, ``ALE/Pong-v5`` …); legacy ids are migrated.
+        num_envs: parallel copies per process (per rank under DDP).
+        vectorization: ``auto`` uses the env's native vectorised implementation when it
+            has one, else sync for cheap envs, few envs or few cores, else async subprocesses.
+        max_episode_steps: override the registered time limit (episodes are truncated there).
+        normalize_obs: running mean/std observation normalisation (statistics checkpointed).
+        normalize_reward: scale rewards by the running std of the discounted return.
+        kwargs: extra keyword arguments for the env constructor.
+    """
+
+    name: str = "CartPole-v1"
+    num_envs: int = 8
+    vectorization: Vectorization = "auto"
+    max_episode_steps: int | None = None
+    normalize_obs: bool = False
+    normalize_reward: bool = False
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_envs < 1:
+            raise ConfigError(f"env.num_envs must be >= 1, got {self.num_envs}")
+        if self.max_episode_steps is not None and self.max_episode_steps < 1:
+            raise ConfigError(f"env.max_episode_steps must be >= 1, got {self.max_episode_steps}")
+
+    @property
+    def env_id(self) -> str:
+        """The gymnasium id after legacy-name migration."""
+        return migrate_env_id(self.name)[0]
+
+    def registry_spec(self) -> gym.envs.registration.EnvSpec:
+        """The registered gymnasium spec; a :class:`ConfigError` naming close matches if unknown."""
+        env_id = self.env_id
+        if env_id.startswith("ALE/"):
+            import ale_py
+
+            gym.register_envs(ale_py)
+        try:
+            return gym.spec(env_id)
+        except gym.error.Error as err:  # NameNotFound / VersionNotFound / NamespaceNotFound
+            raise ConfigError(f"env.name: {err}".replace("\n", " ")) from None
+
+    def reward_threshold(self) -> float | None:
+        """The return at which gymnasium considers the task solved, if it defines one."""
+        return self.registry_spec().reward_threshold
+
+
+def resolve_vectorization(spec: EnvSpec, registry_spec: gym.envs.registration.EnvSpec) -> str:
+    """Pick the vectorization mode for ``auto`` (explicit modes are returned unchanged)."""
+    if spec.vectorization != "auto":
+        return spec.vectorization
+    if registry_spec.vector_entry_point is not None:
+        return "vector_entry_point"
+    entry = registry_spec.entry_point if isinstance(registry_spec.entry_point, str) else ""
+    cheap = entry.startswith(_CHEAP_ENTRY_POINTS)
+    # Async pays only when one step is expensive and there are spare cores for the workers.
+    if spec.num_envs <= 8 or cheap or (os.cpu_count() or 1) <= 2:
+        return "sync"
+    return "async"
+
+
+def make_vector_env(spec: EnvSpec, seed: int | None = None, gamma: float = 0.99) -> VectorEnv:
+    """Create, wrap and reset the vector env described by ``spec``.
+
+    Every sub-env autoresets in gymnasium's NEXT_STEP mode: the step after a ``done`` is a
+    reset whose transition the rollout masks out. Episode statistics are recorded before
+    any normalisation, so reported returns are the raw game returns.
+
+    Args:
+        spec: the environment spec.
+        seed: seed of sub-env 0; sub-env ``i`` gets ``seed + i``.
+        gamma: discount used by reward normalisation.
+    """
+    registry_spec = spec.registry_spec()
+    env_id, migration_kwargs = migrate_env_id(spec.name)
+    mode = resolve_vectorization(spec, registry_spec)
+    if mode == "vector_entry_point" and registry_spec.vector_entry_point is None:
+        raise ConfigError(
+            f"env.vectorization: {env_id} has no vector_entry_point; use auto, sync or async"
+        )
+    kwargs = {**migration_kwargs, **spec.kwargs}
+    if spec.max_episode_steps is not None:
+        kwargs["max_episode_steps"] = spec.max_episode_steps
+    vector_kwargs = {} if mode == "vector_entry_point" else {"autoreset_mode": AutoresetMode.NEXT_STEP}
+    try:
+        env = gym.make_vec(
+            env_id, spec.num_envs, vectorization_mode=mode, vector_kwargs=vector_kwargs, **kwargs
+        )
+    except TypeError as err:
+        raise ConfigError(f"env.kwargs: {env_id} rejected {sorted(kwargs)}: {err}") from None
+    autoreset = env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
+    if autoreset != AutoresetMode.NEXT_STEP:
+        raise ConfigError(f"env.name: {env_id} autoresets in {autoreset}; only NEXT_STEP is supported")
+    logger.info(f"env {env_id}: {spec.num_envs} envs, vectorization={mode}")
+    env = RecordEpisodeStatistics(env)
+    if spec.normalize_obs:
+        env = NormalizeObservation(env)
+    if spec.normalize_reward:
+        env = NormalizeReward(env, gamma=gamma)
+    env.reset(seed=seed)
+    env.action_space.seed(seed)
+    return env
+
+
+def probe_spaces(spec: EnvSpec) -> tuple[gym.Space, gym.Space]:
+    """The single-env observation and action spaces of ``spec``, read off a throwaway env."""
+    registry_spec = spec.registry_spec()
+    env_id, migration_kwargs = migrate_env_id(spec.name)
+    kwargs = {**migration_kwargs, **spec.kwargs}
+    if resolve_vectorization(spec, registry_spec) == "vector_entry_point":
+        env = gym.make_vec(env_id, 1, vectorization_mode="vector_entry_point", **kwargs)
+        spaces = env.single_observation_space, env.single_action_space
+    else:
+        env = gym.make(env_id, **kwargs)
+        spaces = env.observation_space, env.action_space
+    env.close()
+    return spaces
