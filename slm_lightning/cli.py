@@ -50,6 +50,14 @@ class SLMLabCLI(LightningCLI):
         parser.add_lightning_class_args(FrameCheckpoint, "checkpoint")
 
     @override
+    def _parse_ckpt_path(self) -> None:
+        # Lightning 2.6 reloads --ckpt_path with weights_only=True (which rejects the numpy RNG
+        # states the rollout checkpoints) and lets the saved hyperparameters override the
+        # command line, so a resume could not raise max_frames. Here the config and command
+        # line configure the run; the checkpoint restores only the training state.
+        return
+
+    @override
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer

@@ -33,9 +33,16 @@ class MetricsTracker(Callback):
         window: episodes in the return moving average.
         target_return: the average return that counts as solved; None uses the env's
             registered reward threshold (no target if it has none).
+        print_metrics: print each row to the console; None follows ``LOG_METRICS=true``.
     """
 
-    def __init__(self, log_frequency: int = 10_000, window: int = 100, target_return: float | None = None) -> None:
+    def __init__(
+        self,
+        log_frequency: int = 10_000,
+        window: int = 100,
+        target_return: float | None = None,
+        print_metrics: bool | None = None,
+    ) -> None:
         if log_frequency < 1:
             raise ValueError(f"metrics.log_frequency must be >= 1, got {log_frequency}")
         if window < 1:
@@ -43,7 +50,9 @@ class MetricsTracker(Callback):
         self.log_frequency = log_frequency
         self.window = window
         self.target_return = target_return
-        self.print_metrics = os.environ.get("LOG_METRICS", "false").lower() in ("1", "true", "yes")
+        if print_metrics is None:
+            print_metrics = os.environ.get("LOG_METRICS", "false").lower() in ("1", "true", "yes")
+        self.print_metrics = print_metrics
         self.recent: deque[float] = deque(maxlen=window)
         self.episodes = 0
         self.history: dict[str, list] = {"frames": [], "returns": [], "seconds": []}
