@@ -7,6 +7,8 @@ import re
 import sys
 import time
 import typing
+import warnings
+import zipfile
 from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
@@ -71,10 +73,20 @@ class SLMLabCLI(LightningCLI):
                 class_path="lightning.pytorch.loggers.CSVLogger",
                 init_args=Namespace(save_dir=trainer.default_root_dir, name="", version=""),
             )
-        if self.subcommand == "fit" and config.get("ckpt_path"):
+        if self.subcommand == "validate" and not trainer.limit_val_batches:
+            trainer.limit_val_batches = 1.0  # fit runs no validation loop; validate must
+        if config.get("ckpt_path"):
             ckpt = Path(config.ckpt_path)
             if not ckpt.is_file():
                 raise ConfigError(f"ckpt_path: no checkpoint file at {ckpt}")
+            if not zipfile.is_zipfile(ckpt):  # torch.save writes a zip archive; catches truncation
+                raise ConfigError(
+                    f"ckpt_path: {ckpt} is not a readable checkpoint (corrupt or truncated)"
+                )
+            if (
+                config.get("weights_only") is None
+            ):  # torch's default (True) rejects our numpy RNG states
+                config.weights_only = False
 
 
 def _config_error_in_chain(err: BaseException) -> ConfigError | None:
@@ -94,10 +106,19 @@ def _unknown_key_message(class_path: str, key: str) -> str:
     *parents, leaf = key.split(".")
     for parent in parents:  # walk into dataclass-typed arguments such as env.*
         hints = typing.get_type_hints(owner.__init__)
-        owner = next((t for t in typing.get_args(hints.get(parent)) or (hints.get(parent),) if inspect.isclass(t)), None)
+        owner = next(
+            (
+                t
+                for t in typing.get_args(hints.get(parent)) or (hints.get(parent),)
+                if inspect.isclass(t)
+            ),
+            None,
+        )
         if owner is None:
             break
-    params = [p for p in inspect.signature(owner).parameters if p != "self"] if owner is not None else []
+    params = (
+        [p for p in inspect.signature(owner).parameters if p != "self"] if owner is not None else []
+    )
     close = difflib.get_close_matches(leaf, params, n=3)
     hint = f"did you mean {', '.join(close)}?" if close else f"accepted: {', '.join(params)}"
     return f"model.init_args.{key}: unknown key for {getattr(owner, '__name__', name)}; {hint}"
@@ -113,11 +134,13 @@ def explain(err: BaseException) -> str:
     text = str(config_error) if config_error is not None else str(err)
     if config_error is None and isinstance(err, ArgumentError):
         for line in text.splitlines():
-            if (match := re.search(r"ConfigError: (.*)", line)) or (match := re.search(r"ValueError: (.*)", line)):
+            if (match := re.search(r"ConfigError: (.*)", line)) or (
+                match := re.search(r"ValueError: (.*)", line)
+            ):
                 return match.group(1)
-        unknown = re.search(r"(?:Option|Key) ['\"]([\w.]+)['\"] is not (?:accepted|expected)", text) or re.search(
-            r"unrecognized arguments: --([\w.]+)", text
-        )
+        unknown = re.search(
+            r"(?:Option|Key) ['\"]([\w.]+)['\"] is not (?:accepted|expected)", text
+        ) or re.search(r"unrecognized arguments: --([\w.]+)", text)
         class_path = re.search(r"class_path '([\w.]+)'", text)
         if unknown and class_path:
             return _unknown_key_message(class_path.group(1), unknown.group(1))
@@ -128,10 +151,17 @@ def explain(err: BaseException) -> str:
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``slm-lab``; bad configuration exits with one line and status 2."""
     logger.remove()
-    logger.add(sys.stderr, format="<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> {message}", level="INFO")
+    logger.add(
+        sys.stderr,
+        format="<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> {message}",
+        level="INFO",
+    )
     # Small policy networks run faster on one intra-op thread than split across cores
     # that are also stepping the environments.
     torch.set_num_threads(1)
+    # Noise that does not apply to RL runs: we log on the frame clock, not every N steps.
+    warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     try:
         SLMLabCLI(
             RLAlgorithm,

@@ -27,9 +27,13 @@ class Schedule:
 
     def __post_init__(self) -> None:
         if self.kind == "exponential" and (self.start <= 0 or self.end <= 0):
-            raise ValueError(f"an exponential schedule needs start and end > 0, got {self.start}, {self.end}")
+            raise ValueError(
+                f"an exponential schedule needs start and end > 0, got {self.start}, {self.end}"
+            )
         if self.end_frame is not None and self.end_frame <= self.start_frame:
-            raise ValueError(f"schedule end_frame ({self.end_frame}) must exceed start_frame ({self.start_frame})")
+            raise ValueError(
+                f"schedule end_frame ({self.end_frame}) must exceed start_frame ({self.start_frame})"
+            )
 
     def value(self, frames: int, max_frames: int) -> float:
         end_frame = max_frames if self.end_frame is None else self.end_frame

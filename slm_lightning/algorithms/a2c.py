@@ -36,6 +36,8 @@ class A2C(RLAlgorithm):
         shared: one body with a policy head and a value head.
         log_std_init: initial log std of Gaussian policies.
         rescale_actions: map Gaussian actions from [-1, 1] onto the Box instead of clipping.
+        eval_episodes: episodes played by ``slm-lab validate`` / ``test``.
+        eval_greedy: evaluate the greedy policy instead of sampling.
     """
 
     def __init__(
@@ -58,8 +60,10 @@ class A2C(RLAlgorithm):
         shared: bool = False,
         log_std_init: float = 0.0,
         rescale_actions: bool = True,
+        eval_episodes: int = 10,
+        eval_greedy: bool = True,
     ) -> None:
-        super().__init__(env, max_frames, gamma)
+        super().__init__(env, max_frames, gamma, eval_episodes, eval_greedy)
         self.save_hyperparameters()
         self.check_positive(time_horizon=time_horizon, n_steps=n_steps)
         if returns not in ("gae", "nstep"):
@@ -87,16 +91,20 @@ class A2C(RLAlgorithm):
         dist, values = self.policy(batch["obs"])
         log_probs = self.policy.log_prob(dist, batch["actions"])
         entropy = self.policy.entropy(dist).mean()
-        advantages = normalize(batch["advantages"]) if hp.normalize_advantages else batch["advantages"]
+        advantages = (
+            normalize(batch["advantages"]) if hp.normalize_advantages else batch["advantages"]
+        )
         policy_loss = -(log_probs * advantages).mean()
         value_loss = 0.5 * (values - batch["returns"]).pow(2).mean()
         entropy_coef = scheduled(hp.entropy_coef, self.frames, self.max_frames)
         loss = policy_loss + hp.value_coef * value_loss - entropy_coef * entropy
-        self.train_metrics.update({
-            "train/loss": loss.detach(),
-            "train/policy_loss": policy_loss.detach(),
-            "train/value_loss": value_loss.detach(),
-            "train/entropy": entropy.detach(),
-            "train/entropy_coef": entropy_coef,
-        })
+        self.train_metrics.update(
+            {
+                "train/loss": loss.detach(),
+                "train/policy_loss": policy_loss.detach(),
+                "train/value_loss": value_loss.detach(),
+                "train/entropy": entropy.detach(),
+                "train/entropy_coef": entropy_coef,
+            }
+        )
         return loss

@@ -10,8 +10,10 @@ from gymnasium import spaces
 from torch import Tensor
 from typing_extensions import override
 
+from slm_lightning.data.evaluation import EvaluationEpisodes
 from slm_lightning.data.rollout import OnPolicyRollout
 from slm_lightning.envs.factory import ConfigError, EnvSpec, probe_spaces
+from slm_lightning.envs.normalization import normalizer_state
 from slm_lightning.schedules import scheduled
 
 
@@ -27,23 +29,41 @@ class RLAlgorithm(L.LightningModule):
     family, whose ``policy`` is an :class:`~slm_lightning.nets.ActorCritic` and whose
     hyperparameters include ``lr``, ``critic_lr`` and ``max_grad_norm``.
 
+    ``slm-lab validate`` / ``test`` play ``eval_episodes`` whole episodes with the
+    trained policy (normalisers frozen at their checkpointed statistics) and report the
+    mean, std, min and max raw return.
+
     Args:
         env: the environment spec.
         max_frames: training budget in environment frames (all envs, all ranks).
         gamma: discount factor.
+        eval_episodes: episodes played by ``validate`` / ``test``.
+        eval_greedy: evaluate the greedy policy (argmax / Gaussian mean) instead of sampling.
     """
 
     action_spaces: tuple[type[spaces.Space], ...] = (spaces.Discrete, spaces.Box)
 
-    def __init__(self, env: EnvSpec, max_frames: int, gamma: float) -> None:
+    def __init__(
+        self,
+        env: EnvSpec,
+        max_frames: int,
+        gamma: float,
+        eval_episodes: int = 10,
+        eval_greedy: bool = True,
+    ) -> None:
         super().__init__()
         name = type(self).__name__
         if max_frames <= 0:
             raise ConfigError(f"model.init_args.max_frames must be > 0, got {max_frames}")
         if not 0.0 <= gamma <= 1.0:
             raise ConfigError(f"model.init_args.gamma must be in [0, 1], got {gamma}")
+        if eval_episodes < 1:
+            raise ConfigError(f"model.init_args.eval_episodes must be >= 1, got {eval_episodes}")
         self.env_spec = env
         self.max_frames = max_frames
+        self.eval_episodes = eval_episodes
+        self.eval_greedy = eval_greedy
+        self._checkpoint_normalizers: dict | None = None
         self.gamma = gamma
         self.observation_space, self.action_space = probe_spaces(env)
         if not isinstance(self.action_space, self.action_spaces):
@@ -58,6 +78,7 @@ class RLAlgorithm(L.LightningModule):
                 f"{env.env_id} has {type(self.observation_space).__name__}"
             )
         self.rollout: Any = None
+        self._rollout_state: dict[str, Any] | None = None
         self.stop_update = False
         # Latest training diagnostics (detached tensors); MetricsTracker reads them when it logs.
         self.train_metrics: dict[str, Tensor | float] = {}
@@ -77,8 +98,14 @@ class RLAlgorithm(L.LightningModule):
         ``time_horizon`` / ``training_epochs`` / ``num_minibatches`` hyperparameters."""
         hp = self.hparams
         return OnPolicyRollout(
-            self, self.env_spec, self.env_seed(), hp.time_horizon, hp.get("training_epochs", 1),
-            hp.get("num_minibatches", 1), world_size=self.trainer.world_size, gamma=self.gamma,
+            self,
+            self.env_spec,
+            self.env_seed(),
+            hp.time_horizon,
+            hp.get("training_epochs", 1),
+            hp.get("num_minibatches", 1),
+            world_size=self.trainer.world_size,
+            gamma=self.gamma,
         )
 
     @staticmethod
@@ -92,7 +119,62 @@ class RLAlgorithm(L.LightningModule):
     def train_dataloader(self) -> Any:
         if self.rollout is None:
             self.rollout = self.build_rollout()
+            if self._rollout_state is not None:
+                self.rollout.load_state_dict(self._rollout_state)
+                self._rollout_state = None
         return self.rollout
+
+    def _evaluation(self) -> EvaluationEpisodes:
+        normalizers = self._checkpoint_normalizers
+        if self.rollout is not None and self.rollout.env is not None:
+            normalizers = normalizer_state(self.rollout.env)
+        # A seed apart from training's, so evaluation episodes are not training's first ones.
+        seed = self.env_seed() + 1_000_003
+        return EvaluationEpisodes(
+            self, self.env_spec, seed, self.eval_episodes, self.eval_greedy, normalizers
+        )
+
+    @override
+    def val_dataloader(self) -> EvaluationEpisodes:
+        return self._evaluation()
+
+    @override
+    def test_dataloader(self) -> EvaluationEpisodes:
+        return self._evaluation()
+
+    @override
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        returns = batch["returns"].double()
+        self.log_dict(
+            {
+                "eval/return_mean": returns.mean(),
+                "eval/return_std": returns.std(unbiased=False),
+                "eval/return_min": returns.min(),
+                "eval/return_max": returns.max(),
+                "eval/length_mean": batch["lengths"].double().mean(),
+                "eval/episodes": float(len(returns)),
+            },
+            batch_size=1,
+        )
+
+    @override
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Also kept with the rollout state, but evaluation from a checkpoint has no rollout.
+        if self.rollout is not None and self.rollout.env is not None:
+            checkpoint["normalizers"] = normalizer_state(self.rollout.env)
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._checkpoint_normalizers = checkpoint.get("normalizers")
+        # Lightning reloads the dataloader (rollout) state only when resuming mid-epoch; from a
+        # checkpoint written at the end of training the frame clock would restart at 0.
+        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+        states = fit_loop.get("combined_loader") or [None]
+        self._rollout_state = states[0]
 
     def env_actions(self, actions: np.ndarray) -> np.ndarray:
         return self.policy.env_actions(actions)
@@ -111,7 +193,9 @@ class RLAlgorithm(L.LightningModule):
         if self.policy.critic_parameters():
             groups.append({"params": self.policy.critic_parameters()})
         # fused: one kernel for all parameters, ~20% faster on the small nets of classic control.
-        return torch.optim.Adam(groups, lr=scheduled(self.hparams.lr, 0, self.max_frames), eps=1e-5, fused=True)
+        return torch.optim.Adam(
+            groups, lr=scheduled(self.hparams.lr, 0, self.max_frames), eps=1e-5, fused=True
+        )
 
     @override
     def on_train_epoch_start(self) -> None:
@@ -124,10 +208,16 @@ class RLAlgorithm(L.LightningModule):
         self.train_metrics["train/lr"] = lr
 
     @override
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        max_norm = self.hparams.get("max_grad_norm") if gradient_clip_val is None else gradient_clip_val
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        max_norm = (
+            self.hparams.get("max_grad_norm") if gradient_clip_val is None else gradient_clip_val
+        )
         if max_norm is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+            self.clip_gradients(
+                optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm"
+            )
 
     @override
     def on_train_start(self) -> None:

@@ -12,7 +12,9 @@ from slm_lightning.nets.mlp import MLPSpec
 from slm_lightning.schedules import Schedule, scheduled
 
 
-def clipped_surrogate_loss(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, clip_eps: float) -> Tensor:
+def clipped_surrogate_loss(
+    log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, clip_eps: float
+) -> Tensor:
     """PPO's clipped policy loss ``-E[min(r A, clip(r, 1-eps, 1+eps) A)]``."""
     ratio = (log_probs - old_log_probs).exp()
     unclipped = ratio * advantages
@@ -20,7 +22,9 @@ def clipped_surrogate_loss(log_probs: Tensor, old_log_probs: Tensor, advantages:
     return -torch.min(unclipped, clipped).mean()
 
 
-def value_loss(values: Tensor, returns: Tensor, old_values: Tensor, clip_range: float | None) -> Tensor:
+def value_loss(
+    values: Tensor, returns: Tensor, old_values: Tensor, clip_range: float | None
+) -> Tensor:
     """``0.5 * (V - R)^2``, optionally with PPO2's value clipping around the rollout values."""
     loss = (values - returns).pow(2)
     if clip_range is not None:
@@ -61,6 +65,8 @@ class PPO(RLAlgorithm):
         shared: one body with a policy head and a value head.
         log_std_init: initial log std of Gaussian policies.
         rescale_actions: map Gaussian actions from [-1, 1] onto the Box instead of clipping.
+        eval_episodes: episodes played by ``slm-lab validate`` / ``test``.
+        eval_greedy: evaluate the greedy policy instead of sampling.
     """
 
     def __init__(
@@ -86,10 +92,16 @@ class PPO(RLAlgorithm):
         shared: bool = False,
         log_std_init: float = 0.0,
         rescale_actions: bool = True,
+        eval_episodes: int = 10,
+        eval_greedy: bool = True,
     ) -> None:
-        super().__init__(env, max_frames, gamma)
+        super().__init__(env, max_frames, gamma, eval_episodes, eval_greedy)
         self.save_hyperparameters()
-        self.check_positive(time_horizon=time_horizon, training_epochs=training_epochs, num_minibatches=num_minibatches)
+        self.check_positive(
+            time_horizon=time_horizon,
+            training_epochs=training_epochs,
+            num_minibatches=num_minibatches,
+        )
         if not 0.0 <= gae_lambda <= 1.0:
             raise ConfigError(f"model.init_args.gae_lambda must be in [0, 1], got {gae_lambda}")
         if isinstance(clip_eps, float) and not 0.0 < clip_eps < 1.0:
@@ -119,7 +131,9 @@ class PPO(RLAlgorithm):
         hp = self.hparams
         self.clip_eps = scheduled(hp.clip_eps, self.frames, self.max_frames)
         self.entropy_coef = scheduled(hp.entropy_coef, self.frames, self.max_frames)
-        self.train_metrics.update({"train/clip_eps": self.clip_eps, "train/entropy_coef": self.entropy_coef})
+        self.train_metrics.update(
+            {"train/clip_eps": self.clip_eps, "train/entropy_coef": self.entropy_coef}
+        )
 
     @override
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
@@ -127,8 +141,12 @@ class PPO(RLAlgorithm):
         dist, values = self.policy(batch["obs"])
         log_probs = self.policy.log_prob(dist, batch["actions"])
         entropy = self.policy.entropy(dist).mean()
-        advantages = normalize(batch["advantages"]) if hp.normalize_advantages else batch["advantages"]
-        policy_loss = clipped_surrogate_loss(log_probs, batch["log_probs"], advantages, self.clip_eps)
+        advantages = (
+            normalize(batch["advantages"]) if hp.normalize_advantages else batch["advantages"]
+        )
+        policy_loss = clipped_surrogate_loss(
+            log_probs, batch["log_probs"], advantages, self.clip_eps
+        )
         v_loss = value_loss(values, batch["returns"], batch["values"], hp.clip_value)
         loss = policy_loss + hp.value_coef * v_loss - self.entropy_coef * entropy
         with torch.no_grad():
@@ -136,14 +154,16 @@ class PPO(RLAlgorithm):
             # Unbiased, non-negative KL estimator (Schulman, "Approximating KL divergence").
             approx_kl = ((log_ratio.exp() - 1) - log_ratio).mean()
             clipfrac = ((log_ratio.exp() - 1.0).abs() > self.clip_eps).float().mean()
-        self.train_metrics.update({
-            "train/loss": loss.detach(),
-            "train/policy_loss": policy_loss.detach(),
-            "train/value_loss": v_loss.detach(),
-            "train/entropy": entropy.detach(),
-            "train/approx_kl": approx_kl,
-            "train/clipfrac": clipfrac,
-        })
+        self.train_metrics.update(
+            {
+                "train/loss": loss.detach(),
+                "train/policy_loss": policy_loss.detach(),
+                "train/value_loss": v_loss.detach(),
+                "train/entropy": entropy.detach(),
+                "train/approx_kl": approx_kl,
+                "train/clipfrac": clipfrac,
+            }
+        )
         if hp.target_kl is not None and approx_kl > hp.target_kl:
             self.stop_update = True  # the rollout yields no more minibatches
             return None  # and Lightning skips this optimizer step

@@ -31,6 +31,8 @@ class Reinforce(RLAlgorithm):
         actor: policy body.
         log_std_init: initial log std of Gaussian policies.
         rescale_actions: map Gaussian actions from [-1, 1] onto the Box instead of clipping.
+        eval_episodes: episodes played by ``slm-lab validate`` / ``test``.
+        eval_greedy: evaluate the greedy policy instead of sampling.
     """
 
     def __init__(
@@ -48,10 +50,16 @@ class Reinforce(RLAlgorithm):
         actor: MLPSpec | None = None,
         log_std_init: float = 0.0,
         rescale_actions: bool = True,
+        eval_episodes: int = 10,
+        eval_greedy: bool = True,
     ) -> None:
-        super().__init__(env, max_frames, gamma)
+        super().__init__(env, max_frames, gamma, eval_episodes, eval_greedy)
         self.save_hyperparameters()
-        self.check_positive(time_horizon=time_horizon, training_epochs=training_epochs, num_minibatches=num_minibatches)
+        self.check_positive(
+            time_horizon=time_horizon,
+            training_epochs=training_epochs,
+            num_minibatches=num_minibatches,
+        )
         self.policy = ActorCritic(
             self.observation_space,
             self.action_space,
@@ -74,10 +82,12 @@ class Reinforce(RLAlgorithm):
         policy_loss = -(log_probs * batch["advantages"]).mean()
         entropy_coef = scheduled(self.hparams.entropy_coef, self.frames, self.max_frames)
         loss = policy_loss - entropy_coef * entropy
-        self.train_metrics.update({
-            "train/loss": loss.detach(),
-            "train/policy_loss": policy_loss.detach(),
-            "train/entropy": entropy.detach(),
-            "train/entropy_coef": entropy_coef,
-        })
+        self.train_metrics.update(
+            {
+                "train/loss": loss.detach(),
+                "train/policy_loss": policy_loss.detach(),
+                "train/entropy": entropy.detach(),
+                "train/entropy_coef": entropy_coef,
+            }
+        )
         return loss

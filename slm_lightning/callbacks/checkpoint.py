@@ -24,7 +24,9 @@ class FrameCheckpoint(Callback):
         save_best: also keep ``best.ckpt``.
     """
 
-    def __init__(self, every_n_frames: int = 50_000, dirpath: str | None = None, save_best: bool = True) -> None:
+    def __init__(
+        self, every_n_frames: int = 50_000, dirpath: str | None = None, save_best: bool = True
+    ) -> None:
         if every_n_frames < 1:
             raise ValueError(f"checkpoint.every_n_frames must be >= 1, got {every_n_frames}")
         self.every_n_frames = every_n_frames
@@ -53,7 +55,9 @@ class FrameCheckpoint(Callback):
         self.save(trainer)
 
     @override
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
         if pl_module.frames > 0:
             self.save(trainer, best=False)
 

@@ -115,7 +115,11 @@ class MetricsTracker(Callback):
             if len(self.recent) == self.window:  # a full window before the target counts
                 ma = self.return_ma
                 self.best_return_ma = max(self.best_return_ma, ma)
-                if self.frames_to_target is None and self.target_return is not None and ma >= self.target_return:
+                if (
+                    self.frames_to_target is None
+                    and self.target_return is not None
+                    and ma >= self.target_return
+                ):
                     self.frames_to_target, self.seconds_to_target = frame, now
         if self.recent:
             # callback_metrics lets Lightning's EarlyStopping and checkpoint monitors use it.

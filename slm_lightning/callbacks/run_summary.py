@@ -18,13 +18,17 @@ from slm_lightning.callbacks.metrics import MetricsTracker
 def git_sha() -> str:
     """The commit of the working directory, or ``unknown`` outside a git checkout."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        )
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
-def plot_returns(path: Path, frames: list[int], returns: list[float], window: int, title: str) -> None:
+def plot_returns(
+    path: Path, frames: list[int], returns: list[float], window: int, title: str
+) -> None:
     """Episode returns (dots) and their moving average (line) against frames."""
     import matplotlib
 
@@ -76,7 +80,11 @@ class RunSummary(Callback):
         if trainer.is_global_zero:
             run_dir = self.run_dir(trainer)
             run_dir.mkdir(parents=True, exist_ok=True)
-            info = {"git_sha": git_sha(), "algorithm": type(pl_module).__name__, "env": pl_module.env_spec.env_id}
+            info = {
+                "git_sha": git_sha(),
+                "algorithm": type(pl_module).__name__,
+                "env": pl_module.env_spec.env_id,
+            }
             (run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
 
     @override
@@ -84,7 +92,9 @@ class RunSummary(Callback):
         self.write(trainer, pl_module)
 
     @override
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
         self.write(trainer, pl_module)
 
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -117,6 +127,20 @@ class RunSummary(Callback):
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
         title = f"{self.summary['algorithm']} {self.summary['env']}"
-        plot_returns(run_dir / "returns.png", tracker.history["frames"], tracker.history["returns"], tracker.window, title)
-        keys = ("frames", "seconds", "fps", "return_ma", "best_return_ma", "frames_to_target", "seconds_to_target")
+        plot_returns(
+            run_dir / "returns.png",
+            tracker.history["frames"],
+            tracker.history["returns"],
+            tracker.window,
+            title,
+        )
+        keys = (
+            "frames",
+            "seconds",
+            "fps",
+            "return_ma",
+            "best_return_ma",
+            "frames_to_target",
+            "seconds_to_target",
+        )
         logger.info("summary: " + " ".join(f"{k}={self.summary[k]}" for k in keys))

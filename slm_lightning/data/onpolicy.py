@@ -63,16 +63,26 @@ class OnPolicyMemory:
         dones = self.terminated | self.truncated
         if estimator == "gae":
             self.advantages, self.returns = gae(
-                self.rewards, self.values, self.next_values, self.terminated, dones, gamma, gae_lambda
+                self.rewards,
+                self.values,
+                self.next_values,
+                self.terminated,
+                dones,
+                gamma,
+                gae_lambda,
             )
         elif estimator == "nstep":
-            self.returns = nstep_returns(self.rewards, self.next_values, self.terminated, dones, gamma, n_steps)
+            self.returns = nstep_returns(
+                self.rewards, self.next_values, self.terminated, dones, gamma, n_steps
+            )
             self.advantages = self.returns - self.values
         elif estimator == "monte_carlo":
             self.returns = monte_carlo_returns(self.rewards, dones, gamma)
             self.advantages = self.returns.copy()
         else:
-            raise ValueError(f"returns estimator must be gae, nstep or monte_carlo, got {estimator!r}")
+            raise ValueError(
+                f"returns estimator must be gae, nstep or monte_carlo, got {estimator!r}"
+            )
 
     def explained_variance(self) -> float:
         """``1 - Var(returns - values) / Var(returns)`` over valid slots (1 is a perfect critic)."""
@@ -90,4 +100,6 @@ class OnPolicyMemory:
             "advantages": self.advantages,
             "returns": self.returns,
         }
-        return {key: torch.from_numpy(arr.reshape(-1, *arr.shape[2:])) for key, arr in fields.items()}
+        return {
+            key: torch.from_numpy(arr.reshape(-1, *arr.shape[2:])) for key, arr in fields.items()
+        }

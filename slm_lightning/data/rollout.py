@@ -112,7 +112,9 @@ class OnPolicyRollout(IterableDataset):
         obs_dtype = np.float32 if np.issubdtype(obs_space.dtype, np.floating) else obs_space.dtype
         act_dtype = np.int64 if act_space.shape == () else np.float32
         n = self.env.num_envs
-        self.memory = OnPolicyMemory(self.time_horizon, n, obs_space.shape, obs_dtype, act_space.shape, act_dtype)
+        self.memory = OnPolicyMemory(
+            self.time_horizon, n, obs_space.shape, obs_dtype, act_space.shape, act_dtype
+        )
         obs, _ = self.env.reset(seed=seed)
         self.obs = np.asarray(obs, dtype=obs_dtype)
         self.prev_done = np.zeros(n, dtype=bool)
@@ -141,7 +143,9 @@ class OnPolicyRollout(IterableDataset):
             self.frames += frames_per_step
             if "_episode" in info:
                 done = info["_episode"]
-                self.episodes.add(self.frames, info["episode"]["r"][done], info["episode"]["l"][done])
+                self.episodes.add(
+                    self.frames, info["episode"]["r"][done], info["episode"]["l"][done]
+                )
             prev_done = terminated | truncated
             obs = np.asarray(next_obs, dtype=mem.obs.dtype)
         bootstrap = agent.bootstrap_values(torch.as_tensor(obs, device=agent.device))
@@ -189,7 +193,9 @@ class OnPolicyRollout(IterableDataset):
             "torch_rng": torch.get_rng_state(),
             "numpy_rng": np.random.get_state(),
             "python_rng": random.getstate(),
-            "normalizers": normalizer_state(self.env) if self.env is not None else self._saved_normalizers,
+            "normalizers": normalizer_state(self.env)
+            if self.env is not None
+            else self._saved_normalizers,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

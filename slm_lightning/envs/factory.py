@@ -108,7 +108,9 @@ def make_vector_env(spec: EnvSpec, seed: int | None = None, gamma: float = 0.99)
     kwargs = {**migration_kwargs, **spec.kwargs}
     if spec.max_episode_steps is not None:
         kwargs["max_episode_steps"] = spec.max_episode_steps
-    vector_kwargs = {} if mode == "vector_entry_point" else {"autoreset_mode": AutoresetMode.NEXT_STEP}
+    vector_kwargs = (
+        {} if mode == "vector_entry_point" else {"autoreset_mode": AutoresetMode.NEXT_STEP}
+    )
     try:
         env = gym.make_vec(
             env_id, spec.num_envs, vectorization_mode=mode, vector_kwargs=vector_kwargs, **kwargs
@@ -117,7 +119,9 @@ def make_vector_env(spec: EnvSpec, seed: int | None = None, gamma: float = 0.99)
         raise ConfigError(f"env.kwargs: {env_id} rejected {sorted(kwargs)}: {err}") from None
     autoreset = env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
     if autoreset != AutoresetMode.NEXT_STEP:
-        raise ConfigError(f"env.name: {env_id} autoresets in {autoreset}; only NEXT_STEP is supported")
+        raise ConfigError(
+            f"env.name: {env_id} autoresets in {autoreset}; only NEXT_STEP is supported"
+        )
     logger.info(f"env {env_id}: {spec.num_envs} envs, vectorization={mode}")
     env = RecordEpisodeStatistics(env)
     if spec.normalize_obs:

@@ -128,4 +128,3 @@ class ActorCritic(nn.Module):
             unit = np.clip(actions, -1.0, 1.0)
             return self._low + (unit + 1.0) * 0.5 * (self._high - self._low)
         return np.clip(actions, self._low, self._high)
-

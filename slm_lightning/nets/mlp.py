@@ -33,7 +33,9 @@ class MLPSpec:
         if any(size < 1 for size in self.hidden_sizes):
             raise ValueError(f"net.hidden_sizes must all be >= 1, got {self.hidden_sizes}")
         if self.activation not in _ACTIVATIONS:
-            raise ValueError(f"net.activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}")
+            raise ValueError(
+                f"net.activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}"
+            )
 
 
 def orthogonal_init(layer: nn.Linear, gain: float) -> nn.Linear:
@@ -49,6 +51,9 @@ def mlp_body(in_features: int, spec: MLPSpec) -> tuple[nn.Sequential, int]:
     layers: list[nn.Module] = []
     width = in_features
     for size in spec.hidden_sizes:
-        layers += [orthogonal_init(nn.Linear(width, size), math.sqrt(2)), _ACTIVATIONS[spec.activation]()]
+        layers += [
+            orthogonal_init(nn.Linear(width, size), math.sqrt(2)),
+            _ACTIVATIONS[spec.activation](),
+        ]
         width = size
     return nn.Sequential(*layers), width

@@ -1,0 +1,83 @@
+"""Evaluation episodes for ``slm-lab validate`` / ``test``: whole episodes, frozen normalisers."""
+
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from slm_lightning.envs.factory import EnvSpec, make_vector_env
+from slm_lightning.envs.normalization import freeze_normalizers, load_normalizer_state
+
+
+class EvaluationEpisodes:
+    """Plays ``num_episodes`` complete episodes and yields their raw returns as one batch.
+
+    Episodes are spread evenly over the envs (env ``i`` plays ``(n + i) // num_envs`` of
+    them) so that short episodes, which finish first, do not crowd out long ones.
+
+    Args:
+        agent: the algorithm; needs ``policy`` (an ActorCritic-like module with
+            ``forward``/``greedy``/``act``), ``env_actions`` and ``device``.
+        env_spec: the training env spec; ``num_envs`` is capped at ``num_episodes``.
+        seed: seed of the first evaluation env.
+        num_episodes: episodes to play.
+        greedy: act with the most likely action (the Gaussian mean) instead of sampling.
+        normalizers: observation statistics from training, frozen during evaluation.
+    """
+
+    def __init__(
+        self,
+        agent: Any,
+        env_spec: EnvSpec,
+        seed: int,
+        num_episodes: int,
+        greedy: bool,
+        normalizers: dict | None = None,
+    ) -> None:
+        self.agent = agent
+        self.env_spec = replace(env_spec, num_envs=min(env_spec.num_envs, num_episodes))
+        self.seed = seed
+        self.num_episodes = num_episodes
+        self.greedy = greedy
+        self.normalizers = normalizers
+
+    def __len__(self) -> int:
+        return 1
+
+    @torch.inference_mode()
+    def play(self) -> tuple[np.ndarray, np.ndarray]:
+        env = make_vector_env(self.env_spec, seed=self.seed)
+        if self.normalizers:
+            load_normalizer_state(env, self.normalizers)
+        freeze_normalizers(env)
+        n = env.num_envs
+        targets = np.array([(self.num_episodes + i) // n for i in range(n)])
+        counts = np.zeros(n, dtype=int)
+        returns: list[float] = []
+        lengths: list[int] = []
+        obs, _ = env.reset(seed=self.seed)
+        try:
+            while (counts < targets).any():
+                obs_t = torch.as_tensor(np.asarray(obs, dtype=np.float32), device=self.agent.device)
+                if self.greedy:
+                    dist, _ = self.agent.policy(obs_t)
+                    actions = self.agent.policy.greedy(dist)
+                else:
+                    actions = self.agent.policy.act(obs_t)[0]
+                obs, _, _, _, info = env.step(self.agent.env_actions(actions.cpu().numpy()))
+                if "_episode" in info:
+                    for i in np.flatnonzero(info["_episode"]):
+                        if counts[i] < targets[i]:
+                            counts[i] += 1
+                            returns.append(float(info["episode"]["r"][i]))
+                            lengths.append(int(info["episode"]["l"][i]))
+        finally:
+            env.close()
+        return np.asarray(returns), np.asarray(lengths)
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        returns, lengths = self.play()
+        yield {"returns": torch.as_tensor(returns), "lengths": torch.as_tensor(lengths)}
