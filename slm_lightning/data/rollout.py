@@ -205,6 +205,7 @@ class OnPolicyRollout(IterableDataset):
         torch.set_rng_state(state["torch_rng"])
         np.random.set_state(state["numpy_rng"])
         random.setstate(state["python_rng"])
-        self._saved_normalizers = state["normalizers"] or {}
+        # None: saved before the first rollout built the env, so there is nothing to restore.
+        self._saved_normalizers = state["normalizers"]
         if self.env is not None:  # envs restart from a fresh reset at the restored clock
             self.close()
