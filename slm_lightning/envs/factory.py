@@ -139,6 +139,10 @@ def probe_spaces(spec: EnvSpec) -> tuple[gym.Space, gym.Space]:
     env_id, migration_kwargs = migrate_env_id(spec.name)
     kwargs = {**migration_kwargs, **spec.kwargs}
     if resolve_vectorization(spec, registry_spec) == "vector_entry_point":
+        if registry_spec.vector_entry_point is None:
+            raise ConfigError(
+                f"env.vectorization: {env_id} has no vector_entry_point; use auto, sync or async"
+            )
         env = gym.make_vec(env_id, 1, vectorization_mode="vector_entry_point", **kwargs)
         spaces = env.single_observation_space, env.single_action_space
     else:
