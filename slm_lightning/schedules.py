@@ -4,7 +4,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 
-@dataclass
+@dataclass(frozen=True)
 class Schedule:
     """A value that moves from ``start`` to ``end`` between two frame counts.
 
@@ -44,6 +44,12 @@ class Schedule:
         return self.start + (self.end - self.start) * progress
 
 
-def scheduled(value: "float | Schedule", frames: int, max_frames: int) -> float:
-    """The current value of a hyperparameter that is either constant or a :class:`Schedule`."""
+def scheduled(value: "float | Schedule | dict", frames: int, max_frames: int) -> float:
+    """The current value of a hyperparameter that is either constant or a :class:`Schedule`.
+
+    A ``dict`` is a schedule as it arrives from a config file (jsonargparse validates the
+    keys against :class:`Schedule` but may hand the value over unconverted).
+    """
+    if isinstance(value, dict):
+        value = Schedule(**value)
     return value.value(frames, max_frames) if isinstance(value, Schedule) else float(value)

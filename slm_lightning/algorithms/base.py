@@ -42,6 +42,7 @@ class RLAlgorithm(L.LightningModule):
     """
 
     action_spaces: tuple[type[spaces.Space], ...] = (spaces.Discrete, spaces.Box)
+    adam_eps: float = 1e-5
 
     def __init__(
         self,
@@ -182,20 +183,24 @@ class RLAlgorithm(L.LightningModule):
     def act(self, obs: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         return self.policy.act(obs)
 
+    def eval_actions(self, obs: Tensor, greedy: bool) -> Tensor:
+        """Actions for evaluation: the most likely one, or a sample from the policy."""
+        if greedy:
+            dist, _ = self.policy(obs)
+            return self.policy.greedy(dist)
+        return self.policy.act(obs)[0]
+
     def bootstrap_values(self, obs: Tensor) -> Tensor | None:
         return self.policy.value(obs) if self.policy.has_critic else None
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        # One Adam, one parameter group per network: the actor (with any shared body) and a
-        # separate critic each get their own learning rate and their own moment estimates.
-        groups = [{"params": self.policy.actor_parameters()}]
-        if self.policy.critic_parameters():
-            groups.append({"params": self.policy.critic_parameters()})
+        # One Adam, one parameter group per network (e.g. actor and a separate critic): each
+        # gets its own learning rate, and Adam keeps per-parameter moments anyway.
+        groups = [{"params": params} for params in self.policy.param_groups()]
+        lr = scheduled(self.hparams.lr, 0, self.max_frames)
         # fused: one kernel for all parameters, ~20% faster on the small nets of classic control.
-        return torch.optim.Adam(
-            groups, lr=scheduled(self.hparams.lr, 0, self.max_frames), eps=1e-5, fused=True
-        )
+        return torch.optim.Adam(groups, lr=lr, eps=self.adam_eps, fused=True)
 
     @override
     def on_train_epoch_start(self) -> None:

@@ -148,6 +148,7 @@ class MetricsTracker(Callback):
         if trainer.is_global_zero:
             for lg in trainer.loggers:
                 lg.log_metrics(metrics, step=frames)
+                lg.save()  # rows reach metrics.csv while a long run is still going
         if self.print_metrics and trainer.is_global_zero:
             shown = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items())
             logger.info(f"[{type(pl_module).__name__}] {shown}")

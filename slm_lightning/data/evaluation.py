@@ -19,8 +19,7 @@ class EvaluationEpisodes:
     them) so that short episodes, which finish first, do not crowd out long ones.
 
     Args:
-        agent: the algorithm; needs ``policy`` (an ActorCritic-like module with
-            ``forward``/``greedy``/``act``), ``env_actions`` and ``device``.
+        agent: the algorithm; needs ``eval_actions(obs, greedy)``, ``env_actions`` and ``device``.
         env_spec: the training env spec; ``num_envs`` is capped at ``num_episodes``.
         seed: seed of the first evaluation env.
         num_episodes: episodes to play.
@@ -62,11 +61,7 @@ class EvaluationEpisodes:
         try:
             while (counts < targets).any():
                 obs_t = torch.as_tensor(np.asarray(obs, dtype=np.float32), device=self.agent.device)
-                if self.greedy:
-                    dist, _ = self.agent.policy(obs_t)
-                    actions = self.agent.policy.greedy(dist)
-                else:
-                    actions = self.agent.policy.act(obs_t)[0]
+                actions = self.agent.eval_actions(obs_t, self.greedy)
                 obs, _, _, _, info = env.step(self.agent.env_actions(actions.cpu().numpy()))
                 if "_episode" in info:
                     for i in np.flatnonzero(info["_episode"]):

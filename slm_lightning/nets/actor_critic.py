@@ -67,6 +67,11 @@ class ActorCritic(nn.Module):
     def has_critic(self) -> bool:
         return self.critic_head is not None
 
+    def param_groups(self) -> list[list[nn.Parameter]]:
+        """Optimizer parameter groups: the actor (with any shared body), then a separate critic."""
+        critic = self.critic_parameters()
+        return [self.actor_parameters(), critic] if critic else [self.actor_parameters()]
+
     def actor_parameters(self) -> list[nn.Parameter]:
         """Parameters trained by the policy loss (the shared body included)."""
         params = [*self.actor_body.parameters(), *self.actor_head.parameters()]
