@@ -1,0 +1,273 @@
+"""Off-policy replay memory: preallocated circular storage with n-step returns."""
+
+from typing import Any
+
+import numpy as np
+from numpy.typing import DTypeLike
+
+# Storage arrays, each shaped ``(capacity, …)``; a checkpoint saves their filled prefix.
+FIELDS = ("obs", "actions", "rewards", "next_obs", "terminated", "discounts")
+# Per-env pending n-step windows, each shaped ``(num_envs, n_steps, …)``.
+PENDING = ("obs", "actions", "rewards", "steps")
+
+
+class ReplayMemory:
+    """Circular memory of (possibly n-step) transitions from a gymnasium vector env.
+
+    One stored transition is ``(obs, action, reward, next_obs, terminated, discount)`` with the
+    TD target ``reward + discount * (1 - terminated) * Q(next_obs)``. With ``n_steps = k > 1``
+    ``reward = sum_i gamma^i r_{t+i}`` over the window, ``next_obs`` is the observation after
+    its last step and ``discount = gamma^len(window)`` (Sutton & Barto 2018, sec. 7.1; Rainbow,
+    Hessel et al. 2018). A window is cut short at an episode end: a termination stores
+    ``terminated = True``; a truncation stores ``terminated = False`` so that the target
+    bootstraps from the final observation (Pardo et al. 2018, "Time Limits in RL").
+
+    ``next_obs`` is stored explicitly rather than read from the next slot: with vector envs,
+    autoreset and n-step windows the next slot is rarely the next observation.
+
+    Args:
+        capacity: transitions kept; the oldest are overwritten first.
+        num_envs: envs per :meth:`add` call (leading dimension of its arrays).
+        obs_shape, obs_dtype: single observation shape and dtype; float observations are
+            stored as float32, any other dtype (uint8 frames) is kept.
+        action_shape, action_dtype: single action shape and dtype.
+        n_steps: steps aggregated into one transition (1: plain one-step transitions).
+        gamma: discount of the n-step reward sum and of ``discounts``.
+        combined: combined experience replay (Zhang & Sutton 2017, "A Deeper Look at
+            Experience Replay"): every batch contains the transitions written by the last
+            :meth:`add`, which removes the delay before new data is first learnt from.
+        seed: seed of the memory's own sampling generator.
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        num_envs: int,
+        obs_shape: tuple[int, ...],
+        obs_dtype: DTypeLike,
+        action_shape: tuple[int, ...],
+        action_dtype: DTypeLike,
+        n_steps: int = 1,
+        gamma: float = 0.99,
+        combined: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"memory.capacity must be >= 1, got {capacity}")
+        if num_envs < 1:
+            raise ValueError(f"memory.num_envs must be >= 1, got {num_envs}")
+        if n_steps < 1:
+            raise ValueError(f"memory.n_steps must be >= 1, got {n_steps}")
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"memory.gamma must be in [0, 1], got {gamma}")
+        self.capacity, self.num_envs, self.n_steps = capacity, num_envs, n_steps
+        self.gamma, self.combined = gamma, combined
+        obs_dtype = np.dtype(obs_dtype)
+        if np.issubdtype(obs_dtype, np.floating):
+            obs_dtype = np.dtype(np.float32)
+        self.obs = np.zeros((capacity, *obs_shape), dtype=obs_dtype)
+        self.next_obs = np.zeros_like(self.obs)
+        self.actions = np.zeros((capacity, *action_shape), dtype=action_dtype)
+        self.rewards = np.zeros(capacity, dtype=np.float32)
+        self.terminated = np.zeros(capacity, dtype=bool)
+        self.discounts = np.zeros(capacity, dtype=np.float32)
+        self.cursor = 0  # next slot to write
+        self.size = 0
+        self.last_indices = np.zeros(0, dtype=np.int64)  # slots written by the last add
+        self.rng = np.random.default_rng(seed)
+        # Pending windows, oldest first: rewards accumulate sum_i gamma^i r_i in float64,
+        # steps counts the steps each window has aggregated so far.
+        pend = (num_envs, n_steps)
+        self.pending_obs = np.zeros((*pend, *obs_shape), dtype=obs_dtype)
+        self.pending_actions = np.zeros((*pend, *action_shape), dtype=action_dtype)
+        self.pending_rewards = np.zeros(pend, dtype=np.float64)
+        self.pending_steps = np.zeros(pend, dtype=np.int64)
+        self.pending_count = np.zeros(num_envs, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add(
+        self,
+        obs: np.ndarray,
+        actions: np.ndarray,
+        rewards: np.ndarray,
+        next_obs: np.ndarray,
+        terminated: np.ndarray,
+        truncated: np.ndarray,
+        valid: np.ndarray,
+    ) -> None:
+        """Store one vector step (arrays with leading dimension ``num_envs``).
+
+        Args:
+            obs: observations the actions were taken in.
+            actions: actions taken.
+            rewards: rewards received.
+            next_obs: the true next observations: the final observation where an episode
+                ended (``info["final_obs"]``), not the reset observation.
+            terminated, truncated: episode-end flags of this step.
+            valid: false for gymnasium's NEXT_STEP autoreset steps (the step after a done),
+                whose transition is not real; those slots are skipped.
+        """
+        valid = np.asarray(valid, dtype=bool)
+        terminated = np.asarray(terminated, dtype=bool)
+        rewards = np.asarray(rewards)
+        if self.n_steps == 1:
+            discounts = np.full(int(valid.sum()), self.gamma, dtype=np.float32)
+            self.last_indices = self._write(
+                obs[valid], actions[valid], rewards[valid], next_obs[valid],
+                terminated[valid], discounts,
+            )  # fmt: skip
+            return
+        done = valid & (terminated | np.asarray(truncated, dtype=bool))
+        self._add_nstep(obs, actions, rewards, next_obs, terminated, done, valid)
+
+    def _add_nstep(
+        self,
+        obs: np.ndarray,
+        actions: np.ndarray,
+        rewards: np.ndarray,
+        next_obs: np.ndarray,
+        terminated: np.ndarray,
+        done: np.ndarray,
+        valid: np.ndarray,
+    ) -> None:
+        # Vectorised over envs: open a window for each valid env, add this step's reward to
+        # every open window, then emit the windows that are complete (full or episode end).
+        env = np.flatnonzero(valid)
+        slot = self.pending_count[env]
+        self.pending_obs[env, slot] = obs[env]
+        self.pending_actions[env, slot] = actions[env]
+        self.pending_rewards[env, slot] = 0.0
+        self.pending_steps[env, slot] = 0
+        self.pending_count[env] += 1
+        open_ = (np.arange(self.n_steps) < self.pending_count[:, None]) & valid[:, None]
+        # np.where, not a product: invalid slots may carry NaN rewards.
+        step_rewards = np.where(valid, rewards, 0.0).astype(np.float64)
+        self.pending_rewards += open_ * (self.gamma**self.pending_steps) * step_rewards[:, None]
+        self.pending_steps += open_
+        full = valid & ~done & (self.pending_count == self.n_steps)
+        emit = open_ & (done[:, None] | (full[:, None] & (np.arange(self.n_steps) == 0)))
+        env, slot = np.nonzero(emit)  # env-major, oldest window first
+        self.last_indices = self._write(
+            self.pending_obs[env, slot],
+            self.pending_actions[env, slot],
+            self.pending_rewards[env, slot],
+            next_obs[env],
+            terminated[env],
+            self.gamma ** self.pending_steps[env, slot],
+        )
+        self.pending_count[done] = 0
+        shift = np.flatnonzero(full)  # drop the emitted oldest window
+        for name in PENDING:
+            arr = getattr(self, f"pending_{name}")
+            arr[shift, :-1] = arr[shift, 1:]
+        self.pending_count[shift] -= 1
+
+    def _write(
+        self,
+        obs: np.ndarray,
+        actions: np.ndarray,
+        rewards: np.ndarray,
+        next_obs: np.ndarray,
+        terminated: np.ndarray,
+        discounts: np.ndarray,
+    ) -> np.ndarray:
+        """Write a batch of transitions at the cursor; return the slots written."""
+        count = len(rewards)
+        if count > self.capacity:  # only the newest ``capacity`` would survive anyway
+            obs, actions, rewards, next_obs, terminated, discounts = (
+                x[-self.capacity :]
+                for x in (obs, actions, rewards, next_obs, terminated, discounts)
+            )
+            count = self.capacity
+        index = (self.cursor + np.arange(count)) % self.capacity
+        self.obs[index] = obs
+        self.actions[index] = actions
+        self.rewards[index] = rewards
+        self.next_obs[index] = next_obs
+        self.terminated[index] = terminated
+        self.discounts[index] = discounts
+        self.cursor = (self.cursor + count) % self.capacity
+        self.size = min(self.size + count, self.capacity)
+        return index
+
+    def _check_sample(self, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"memory batch_size must be >= 1, got {batch_size}")
+        if self.size == 0:
+            raise RuntimeError("cannot sample from an empty replay memory: add transitions first")
+
+    def batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """The transitions at ``indices`` (copies), with ``terminated`` as float32 0/1.
+
+        Args:
+            indices: slots in ``[0, len(self))``.
+        """
+        return {
+            "obs": self.obs[indices],
+            "actions": self.actions[indices],
+            "rewards": self.rewards[indices],
+            "next_obs": self.next_obs[indices],
+            "terminated": self.terminated[indices].astype(np.float32),
+            "discounts": self.discounts[indices],
+            "indices": indices,
+        }
+
+    def sample(self, batch_size: int) -> dict[str, np.ndarray]:
+        """Sample ``batch_size`` transitions uniformly with replacement.
+
+        With ``combined``, the batch starts with the transitions written by the last
+        :meth:`add` (the newest ``batch_size`` of them if there are more) and the rest is
+        uniform.
+
+        Args:
+            batch_size: transitions in the batch.
+
+        Returns:
+            ``obs``, ``actions``, ``rewards``, ``next_obs``, ``terminated``, ``discounts``
+            and ``indices`` (the slots, as passed to ``update_priorities``).
+        """
+        self._check_sample(batch_size)
+        newest = self.last_indices[-batch_size:] if self.combined else self.last_indices[:0]
+        uniform = self.rng.integers(0, self.size, batch_size - len(newest))
+        return self.batch(np.concatenate([newest, uniform]))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Filled storage, cursor, pending n-step windows and the sampling generator.
+
+        Storage arrays are views, not copies (a checkpoint serialises them at once, and a
+        copy of a full memory would double its footprint): copy them to keep a snapshot.
+        """
+        return {
+            "capacity": self.capacity,
+            "num_envs": self.num_envs,
+            "n_steps": self.n_steps,
+            **{name: getattr(self, name)[: self.size] for name in FIELDS},
+            "cursor": self.cursor,
+            "size": self.size,
+            "last_indices": self.last_indices.copy(),
+            **{f"pending_{n}": getattr(self, f"pending_{n}").copy() for n in PENDING},
+            "pending_count": self.pending_count.copy(),
+            "rng": self.rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; capacity, num_envs and n_steps must match.
+
+        Args:
+            state: a :meth:`state_dict`.
+        """
+        for key in ("capacity", "num_envs", "n_steps"):
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"memory.{key} of the saved memory ({state[key]}) differs from this "
+                    f"memory's ({getattr(self, key)}); they must match to restore it"
+                )
+        self.size, self.cursor = int(state["size"]), int(state["cursor"])
+        for name in FIELDS:
+            getattr(self, name)[: self.size] = state[name]
+        self.last_indices = np.asarray(state["last_indices"], dtype=np.int64)
+        for name in (*(f"pending_{n}" for n in PENDING), "pending_count"):
+            getattr(self, name)[...] = state[name]
+        self.rng.bit_generator.state = state["rng"]
