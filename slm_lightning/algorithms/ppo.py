@@ -140,26 +140,34 @@ class PPO(RLAlgorithm):
         hp = self.hparams
         dist, values = self.policy(batch["obs"])
         log_probs = self.policy.log_prob(dist, batch["actions"])
-        entropy = self.policy.entropy(dist).mean()
-        advantages = (
-            normalize(batch["advantages"]) if hp.normalize_advantages else batch["advantages"]
-        )
+        advantages = batch["advantages"]
+        if hp.normalize_advantages:
+            advantages = normalize(advantages)
         policy_loss = clipped_surrogate_loss(
             log_probs, batch["log_probs"], advantages, self.clip_eps
         )
         v_loss = value_loss(values, batch["returns"], batch["values"], hp.clip_value)
-        loss = policy_loss + hp.value_coef * v_loss - self.entropy_coef * entropy
+        loss = policy_loss + hp.value_coef * v_loss
+        if self.entropy_coef:
+            entropy = self.policy.entropy(dist).mean()
+            loss = loss - self.entropy_coef * entropy
+        # Diagnostics cost a dozen small ops: compute them for the rollout's last minibatch
+        # (what the logged row shows) and every minibatch only when target_kl needs them.
+        last = batch_idx == len(self.rollout) - 1
+        if hp.target_kl is None and not last:
+            return loss
         with torch.no_grad():
             log_ratio = log_probs - batch["log_probs"]
             # Unbiased, non-negative KL estimator (Schulman, "Approximating KL divergence").
             approx_kl = ((log_ratio.exp() - 1) - log_ratio).mean()
             clipfrac = ((log_ratio.exp() - 1.0).abs() > self.clip_eps).float().mean()
+            entropy = self.policy.entropy(dist).mean()
         self.train_metrics.update(
             {
                 "train/loss": loss.detach(),
                 "train/policy_loss": policy_loss.detach(),
                 "train/value_loss": v_loss.detach(),
-                "train/entropy": entropy.detach(),
+                "train/entropy": entropy,
                 "train/approx_kl": approx_kl,
                 "train/clipfrac": clipfrac,
             }

@@ -1,0 +1,124 @@
+"""SARSA (Rummery & Niranjan 1994): on-policy TD control with a Q-network."""
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from gymnasium import spaces
+from torch import Tensor
+from typing_extensions import override
+
+from slm_lightning.algorithms.base import RLAlgorithm
+from slm_lightning.data.onpolicy import OnPolicyMemory
+from slm_lightning.envs.factory import ConfigError, EnvSpec
+from slm_lightning.nets.mlp import MLPSpec
+from slm_lightning.nets.q_network import QNetwork, boltzmann, epsilon_greedy
+from slm_lightning.schedules import Schedule, scheduled
+
+
+class SARSA(RLAlgorithm):
+    """SARSA: regress ``Q(s, a)`` on ``r + gamma Q(s', a')`` where ``a'`` is the action the
+    exploring policy really took next.
+
+    The on-policy rollout stores ``Q(s_t, a_t)`` as each slot's value, so the target for slot
+    ``t`` is the TD(0) return over the next slot's value; on truncation that next slot is the
+    autoreset step, whose stored value is ``Q(final_obs, a')``. The rollout's last step
+    bootstraps from ``Q(s_T, a')`` with a freshly sampled ``a'``.
+
+    Args:
+        env: the environment spec.
+        max_frames: training budget in frames (all envs, all ranks).
+        gamma: discount factor.
+        net: the Q-network body.
+        lr: Adam learning rate, constant or scheduled over frames.
+        time_horizon: vector steps per rollout.
+        training_epochs: passes over each rollout.
+        num_minibatches: minibatches per pass.
+        exploration: ``epsilon_greedy`` or ``boltzmann``.
+        epsilon: exploration rate, constant or scheduled over frames.
+        temperature: Boltzmann temperature, constant or scheduled over frames.
+        loss: ``huber`` or ``mse`` on the TD error.
+        max_grad_norm: clip the global gradient norm to this (None: no clipping).
+        eval_episodes: episodes played by ``slm-lab validate`` / ``test``.
+        eval_greedy: evaluate the greedy policy instead of exploring.
+    """
+
+    action_spaces = (spaces.Discrete,)
+
+    def __init__(
+        self,
+        env: EnvSpec,
+        max_frames: int = 200_000,
+        gamma: float = 0.99,
+        net: MLPSpec | None = None,
+        lr: float | Schedule = 1e-3,
+        time_horizon: int = 32,
+        training_epochs: int = 1,
+        num_minibatches: int = 1,
+        exploration: Literal["epsilon_greedy", "boltzmann"] = "epsilon_greedy",
+        epsilon: float | Schedule = Schedule(1.0, 0.05, end_frame=50_000),
+        temperature: float | Schedule = 1.0,
+        loss: Literal["huber", "mse"] = "huber",
+        max_grad_norm: float | None = 10.0,
+        eval_episodes: int = 10,
+        eval_greedy: bool = True,
+    ) -> None:
+        super().__init__(env, max_frames, gamma, eval_episodes, eval_greedy)
+        self.save_hyperparameters()
+        self.check_positive(
+            time_horizon=time_horizon,
+            training_epochs=training_epochs,
+            num_minibatches=num_minibatches,
+        )
+        if exploration not in ("epsilon_greedy", "boltzmann"):
+            raise ConfigError(
+                f"model.init_args.exploration must be epsilon_greedy or boltzmann, got {exploration!r}"
+            )
+        if loss not in ("huber", "mse"):
+            raise ConfigError(f"model.init_args.loss must be huber or mse, got {loss!r}")
+        self.policy = QNetwork(self.observation_space, self.action_space, net or MLPSpec())
+
+    def explore(self, q: Tensor) -> Tensor:
+        hp = self.hparams
+        if hp.exploration == "boltzmann":
+            return boltzmann(q, scheduled(hp.temperature, self.frames, self.max_frames))
+        return epsilon_greedy(q, scheduled(hp.epsilon, self.frames, self.max_frames))
+
+    @override
+    def act(self, obs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        q = self.policy(obs)
+        actions = self.explore(q)
+        return actions, torch.zeros_like(q[:, 0]), q.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+
+    @override
+    def bootstrap_values(self, obs: Tensor) -> Tensor:
+        return self.act(obs)[2]
+
+    @override
+    def eval_actions(self, obs: Tensor, greedy: bool) -> Tensor:
+        q = self.policy(obs)
+        return q.argmax(-1) if greedy else self.explore(q)
+
+    def compute_returns(self, memory: OnPolicyMemory) -> None:
+        memory.compute_returns("gae", self.gamma, gae_lambda=0.0)  # lambda 0: TD(0) targets
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        hp = self.hparams
+        key, value = (
+            ("epsilon", hp.epsilon)
+            if hp.exploration == "epsilon_greedy"
+            else ("temperature", hp.temperature)
+        )
+        self.train_metrics[f"train/{key}"] = scheduled(value, self.frames, self.max_frames)
+
+    @override
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        q = self.policy(batch["obs"]).gather(-1, batch["actions"].unsqueeze(-1)).squeeze(-1)
+        if self.hparams.loss == "huber":
+            loss = F.smooth_l1_loss(q, batch["returns"])
+        else:
+            loss = 0.5 * (q - batch["returns"]).pow(2).mean()
+        self.train_metrics.update({"train/loss": loss.detach(), "train/q_mean": q.detach().mean()})
+        return loss

@@ -1,0 +1,162 @@
+"""The off-policy rollout dataset: step the envs, write replay memory, yield sampled batches."""
+
+import math
+import random
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import IterableDataset
+
+from slm_lightning.data.replay import ReplayMemory
+from slm_lightning.data.rollout import EpisodeLog
+from slm_lightning.envs.factory import EnvSpec, make_vector_env
+from slm_lightning.envs.normalization import load_normalizer_state, normalizer_state
+
+
+class OffPolicyAgent(Protocol):
+    """What the off-policy rollout needs from an algorithm."""
+
+    device: torch.device
+    max_frames: int
+    learning_starts: int
+
+    def explore(self, obs: Tensor) -> Tensor: ...
+    def env_actions(self, actions: np.ndarray) -> np.ndarray: ...
+    def sample_batch(self, memory: ReplayMemory) -> dict[str, np.ndarray]: ...
+
+
+class OffPolicyRollout(IterableDataset):
+    """Alternates ``training_frequency`` vector steps with ``updates_per_step`` sampled batches.
+
+    One ``iter()`` (one Lightning epoch) runs enough such cycles to cover about
+    ``epoch_frames`` frames, so per-epoch hooks (metrics, checkpoints) stay off the
+    per-step path. No batch is yielded before the frame clock reaches the agent's
+    ``learning_starts``. Because the dataset has a length, Lightning does not prefetch:
+    every update happens before the next env step, as in the sequential algorithm.
+
+    Args:
+        agent: the algorithm (see :class:`OffPolicyAgent`).
+        env_spec: which env to build.
+        memory: the replay memory the rollout writes and the agent samples.
+        seed: seed of this process's first sub-env.
+        training_frequency: vector steps between two rounds of updates.
+        updates_per_step: sampled batches (gradient steps) per round.
+        epoch_frames: frames per Lightning epoch (rounded up to whole cycles).
+        world_size: processes rolling out in lockstep; the frame clock counts all of them.
+        gamma: discount for reward normalisation.
+        checkpoint_memory: put the whole replay memory into checkpoints.
+    """
+
+    def __init__(
+        self,
+        agent: OffPolicyAgent,
+        env_spec: EnvSpec,
+        memory: ReplayMemory,
+        seed: int,
+        training_frequency: int = 1,
+        updates_per_step: int = 1,
+        epoch_frames: int = 1000,
+        world_size: int = 1,
+        gamma: float = 0.99,
+        checkpoint_memory: bool = True,
+    ) -> None:
+        super().__init__()
+        self.agent = agent
+        self.env_spec = env_spec
+        self.memory = memory
+        self.seed = seed
+        self.training_frequency = training_frequency
+        self.updates_per_step = updates_per_step
+        self.world_size = world_size
+        self.gamma = gamma
+        self.checkpoint_memory = checkpoint_memory
+        frames_per_cycle = training_frequency * env_spec.num_envs * world_size
+        self.cycles_per_epoch = max(1, math.ceil(epoch_frames / frames_per_cycle))
+        self.frames = 0
+        self.episodes = EpisodeLog()
+        self.env: Any = None
+        self.obs: np.ndarray | None = None
+        self.prev_done: np.ndarray | None = None
+        self._saved_normalizers: dict | None = None
+
+    def __len__(self) -> int:
+        return self.cycles_per_epoch * self.updates_per_step
+
+    def _start(self) -> None:
+        seed = self.seed + self.frames  # a resumed run does not replay the first episodes
+        self.env = make_vector_env(self.env_spec, seed=seed, gamma=self.gamma)
+        if self._saved_normalizers is not None:
+            load_normalizer_state(self.env, self._saved_normalizers)
+        obs, _ = self.env.reset(seed=seed)
+        self.obs = np.asarray(obs, dtype=self.memory.obs.dtype)
+        self.prev_done = np.zeros(self.env.num_envs, dtype=bool)
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One vector step with the agent's exploration policy, written to memory."""
+        if self.env is None:
+            self._start()
+        obs = self.obs
+        actions = self.agent.explore(torch.as_tensor(obs, device=self.agent.device)).cpu().numpy()
+        next_obs, rewards, terminated, truncated, info = self.env.step(
+            self.agent.env_actions(actions)
+        )
+        next_obs = np.asarray(next_obs, dtype=self.memory.obs.dtype)
+        # NEXT_STEP autoreset: the step after a done only resets; it is not a transition.
+        # On the done step itself next_obs is the true final observation.
+        self.memory.add(obs, actions, rewards, next_obs, terminated, truncated, ~self.prev_done)
+        self.frames += self.env.num_envs * self.world_size
+        if "_episode" in info:
+            done = info["_episode"]
+            self.episodes.add(self.frames, info["episode"]["r"][done], info["episode"]["l"][done])
+        if np.issubdtype(next_obs.dtype, np.floating) and not np.isfinite(next_obs).all():
+            env_index = int(np.argwhere(~np.isfinite(next_obs))[0][0])
+            raise FloatingPointError(
+                f"env {self.env_spec.name} (sub-env {env_index}) returned a non-finite observation "
+                f"at frame {self.frames}"
+            )
+        self.prev_done = terminated | truncated
+        self.obs = next_obs
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        for _ in range(self.cycles_per_epoch):
+            if self.frames >= self.agent.max_frames:
+                return
+            for _ in range(self.training_frequency):
+                self.step()
+            if self.frames < self.agent.learning_starts or len(self.memory) == 0:
+                continue
+            for _ in range(self.updates_per_step):
+                batch = self.agent.sample_batch(self.memory)
+                yield {key: torch.from_numpy(value) for key, value in batch.items()}
+
+    def close(self) -> None:
+        if self.env is not None:
+            self.env.close()
+            self.env = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Frame clock, RNG states, normaliser statistics and (optionally) the replay memory."""
+        return {
+            "frames": self.frames,
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": np.random.get_state(),
+            "python_rng": random.getstate(),
+            "normalizers": normalizer_state(self.env)
+            if self.env is not None
+            else self._saved_normalizers,
+            "memory": self.memory.state_dict() if self.checkpoint_memory else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.frames = int(state["frames"])
+        torch.set_rng_state(state["torch_rng"])
+        np.random.set_state(state["numpy_rng"])
+        random.setstate(state["python_rng"])
+        self._saved_normalizers = state["normalizers"]
+        if state["memory"] is not None:
+            self.memory.load_state_dict(state["memory"])
+        self.close()  # envs restart from a fresh reset at the restored clock
