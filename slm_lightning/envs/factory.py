@@ -2,10 +2,12 @@
 
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import gymnasium as gym
 from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.wrappers import FrameStackObservation
 from gymnasium.wrappers.vector import NormalizeObservation, NormalizeReward, RecordEpisodeStatistics
 from loguru import logger
 
@@ -33,6 +35,8 @@ class EnvSpec:
         max_episode_steps: override the registered time limit (episodes are truncated there).
         normalize_obs: running mean/std observation normalisation (statistics checkpointed).
         normalize_reward: scale rewards by the running std of the discounted return.
+        frame_stack: stack the last N observations (gymnasium's FrameStackObservation,
+            zero-padded after a reset); 1 disables it.
         kwargs: extra keyword arguments for the env constructor.
     """
 
@@ -42,11 +46,14 @@ class EnvSpec:
     max_episode_steps: int | None = None
     normalize_obs: bool = False
     normalize_reward: bool = False
+    frame_stack: int = 1
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.num_envs < 1:
             raise ConfigError(f"env.num_envs must be >= 1, got {self.num_envs}")
+        if self.frame_stack < 1:
+            raise ConfigError(f"env.frame_stack must be >= 1, got {self.frame_stack}")
         if self.max_episode_steps is not None and self.max_episode_steps < 1:
             raise ConfigError(f"env.max_episode_steps must be >= 1, got {self.max_episode_steps}")
 
@@ -76,7 +83,7 @@ def resolve_vectorization(spec: EnvSpec, registry_spec: gym.envs.registration.En
     """Pick the vectorization mode for ``auto`` (explicit modes are returned unchanged)."""
     if spec.vectorization != "auto":
         return spec.vectorization
-    if registry_spec.vector_entry_point is not None:
+    if registry_spec.vector_entry_point is not None and spec.frame_stack == 1:
         return "vector_entry_point"
     entry = registry_spec.entry_point if isinstance(registry_spec.entry_point, str) else ""
     cheap = entry.startswith(_CHEAP_ENTRY_POINTS)
@@ -105,6 +112,15 @@ def make_vector_env(spec: EnvSpec, seed: int | None = None, gamma: float = 0.99)
         raise ConfigError(
             f"env.vectorization: {env_id} has no vector_entry_point; use auto, sync or async"
         )
+    if mode == "vector_entry_point" and spec.frame_stack > 1:
+        raise ConfigError(
+            "env.frame_stack needs vectorization sync, async or auto, not vector_entry_point"
+        )
+    wrappers = (
+        []
+        if spec.frame_stack == 1
+        else [partial(FrameStackObservation, stack_size=spec.frame_stack)]
+    )
     kwargs = {**migration_kwargs, **spec.kwargs}
     if spec.max_episode_steps is not None:
         kwargs["max_episode_steps"] = spec.max_episode_steps
@@ -113,7 +129,12 @@ def make_vector_env(spec: EnvSpec, seed: int | None = None, gamma: float = 0.99)
     )
     try:
         env = gym.make_vec(
-            env_id, spec.num_envs, vectorization_mode=mode, vector_kwargs=vector_kwargs, **kwargs
+            env_id,
+            spec.num_envs,
+            vectorization_mode=mode,
+            vector_kwargs=vector_kwargs,
+            wrappers=wrappers or None,
+            **kwargs,
         )
     except TypeError as err:
         raise ConfigError(f"env.kwargs: {env_id} rejected {sorted(kwargs)}: {err}") from None
@@ -147,6 +168,8 @@ def probe_spaces(spec: EnvSpec) -> tuple[gym.Space, gym.Space]:
         spaces = env.single_observation_space, env.single_action_space
     else:
         env = gym.make(env_id, **kwargs)
+        if spec.frame_stack > 1:
+            env = FrameStackObservation(env, stack_size=spec.frame_stack)
         spaces = env.observation_space, env.action_space
     env.close()
     return spaces
