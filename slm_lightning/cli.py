@@ -3,6 +3,7 @@
 import difflib
 import importlib
 import inspect
+import os
 import re
 import sys
 import time
@@ -159,6 +160,13 @@ def main(args: list[str] | None = None) -> None:
     # Small policy networks run faster on one intra-op thread than split across cores
     # that are also stepping the environments.
     torch.set_num_threads(1)
+    # Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1 at import so that checking for GPUs does not
+    # initialise CUDA before a fork. Torch then answers every torch.cuda.is_available() with a
+    # fresh NVML probe (~0.1 ms), and every optimizer.step() asks: 10% of a small update. Our
+    # fork-based children (async env workers) never use CUDA, so the plain check is safe.
+    # For the fork-based DDP strategies (ddp_fork, ddp_notebook) set SLM_NVML_CUDA_CHECK=1.
+    if os.environ.get("SLM_NVML_CUDA_CHECK") != "1":
+        os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"
     # Noise that does not apply to RL runs: we log on the frame clock, not every N steps.
     warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")

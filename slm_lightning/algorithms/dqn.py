@@ -201,12 +201,18 @@ class DQN(RLAlgorithm):
     @override
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         hp = self.hparams
-        q = self.policy(batch["obs"]).gather(-1, batch["actions"].long().unsqueeze(-1)).squeeze(-1)
+        obs, next_obs = batch["obs"], batch["next_obs"]
+        if hp.double:  # one forward pass of the online net over s and s' together
+            q_all = self.policy(torch.cat([obs, next_obs]))
+            q_values, next_q_online = q_all[: len(obs)], q_all[len(obs) :].detach()
+        else:
+            q_values = self.policy(obs)
+        q = q_values.gather(-1, batch["actions"].long().unsqueeze(-1)).squeeze(-1)
         with torch.no_grad():
-            next_q_target = self.target(batch["next_obs"])
+            next_q_target = self.target(next_obs)
             args = (batch["rewards"], batch["discounts"], batch["terminated"])
             if hp.double:
-                target = double_dqn_target(self.policy(batch["next_obs"]), next_q_target, *args)
+                target = double_dqn_target(next_q_online, next_q_target, *args)
             else:
                 target = dqn_target(next_q_target, *args)
         td_error = q - target
