@@ -95,7 +95,10 @@ class RunSummary(Callback):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        self.write(trainer, pl_module)
+        # Only a session that trained something has a summary worth writing; a crash at
+        # start-up must not overwrite the summary of the run it was pointed at.
+        if pl_module.frames > self.tracker(trainer).start_frames:
+            self.write(trainer, pl_module)
 
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         tracker = self.tracker(trainer)
