@@ -126,6 +126,11 @@ class DQN(RLAlgorithm):
             )
         if loss not in ("huber", "mse"):
             raise ConfigError(f"model.init_args.loss must be huber or mse, got {loss!r}")
+        if combined_replay and prioritized:
+            raise ConfigError(
+                "model.init_args.combined_replay must be false with prioritized: true "
+                "(prioritized replay already gives new transitions the maximal priority)"
+            )
         if tau is not None and not 0.0 < tau <= 1.0:
             raise ConfigError(f"model.init_args.tau must be in (0, 1], got {tau}")
         self.learning_starts = learning_starts

@@ -91,6 +91,9 @@ class OffPolicyRollout(IterableDataset):
         if self._saved_normalizers is not None:
             load_normalizer_state(self.env, self._saved_normalizers)
         obs, _ = self.env.reset(seed=seed)
+        # Fresh episodes: n-step windows left open by a restored memory (a resume) belong to
+        # episodes that no longer exist and must not be continued with the new ones' steps.
+        self.memory.pending_count[:] = 0
         self.obs = np.asarray(obs, dtype=self.memory.obs.dtype)
         self.prev_done = np.zeros(self.env.num_envs, dtype=bool)
 
