@@ -58,7 +58,7 @@ class SARSA(RLAlgorithm):
         exploration: Literal["epsilon_greedy", "boltzmann"] = "epsilon_greedy",
         epsilon: float | Schedule = Schedule(1.0, 0.05, end_frame=50_000),
         temperature: float | Schedule = 1.0,
-        loss: Literal["huber", "mse"] = "huber",
+        loss: Literal["huber", "mse"] = "mse",
         max_grad_norm: float | None = 10.0,
         eval_episodes: int = 10,
         eval_greedy: bool = True,
