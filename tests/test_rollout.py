@@ -14,7 +14,7 @@ import torch
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 from gymnasium.wrappers.vector import NormalizeObservation, RecordEpisodeStatistics
 
-from slm_lightning.data import rollout as rollout_module
+from slm_lightning.data import vector_rollout as rollout_module
 from slm_lightning.data.rollout import OnPolicyRollout
 from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.envs.normalization import normalizer_state

@@ -1,19 +1,17 @@
 """The off-policy rollout dataset: step the envs, write replay memory, yield sampled batches."""
 
 import math
-import random
 from collections.abc import Iterator
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+from gymnasium.vector import VectorEnv
 from torch import Tensor
-from torch.utils.data import IterableDataset
 
 from slm_lightning.data.replay import ReplayMemory
-from slm_lightning.data.rollout import EpisodeLog
-from slm_lightning.envs.factory import EnvSpec, make_vector_env
-from slm_lightning.envs.normalization import load_normalizer_state, normalizer_state
+from slm_lightning.data.vector_rollout import VectorRollout
+from slm_lightning.envs.factory import EnvSpec
 
 
 class OffPolicyAgent(Protocol):
@@ -28,7 +26,7 @@ class OffPolicyAgent(Protocol):
     def sample_batch(self, memory: ReplayMemory) -> dict[str, np.ndarray]: ...
 
 
-class OffPolicyRollout(IterableDataset):
+class OffPolicyRollout(VectorRollout):
     """Alternates ``training_frequency`` vector steps with ``updates_per_step`` sampled batches.
 
     One ``iter()`` (one Lightning epoch) runs enough such cycles to cover about
@@ -63,64 +61,38 @@ class OffPolicyRollout(IterableDataset):
         gamma: float = 0.99,
         checkpoint_memory: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(env_spec, seed, world_size, gamma)
         self.agent = agent
-        self.env_spec = env_spec
         self.memory = memory
-        self.seed = seed
         self.training_frequency = training_frequency
         self.updates_per_step = updates_per_step
-        self.world_size = world_size
-        self.gamma = gamma
         self.checkpoint_memory = checkpoint_memory
         frames_per_cycle = training_frequency * env_spec.num_envs * world_size
         self.cycles_per_epoch = max(1, math.ceil(epoch_frames / frames_per_cycle))
-        self.frames = 0
-        self.episodes = EpisodeLog()
-        self.env: Any = None
-        self.obs: np.ndarray | None = None
-        self.prev_done: np.ndarray | None = None
-        self._saved_normalizers: dict | None = None
 
     def __len__(self) -> int:
         return self.cycles_per_epoch * self.updates_per_step
 
-    def _start(self) -> None:
-        seed = self.seed + self.frames  # a resumed run does not replay the first episodes
-        self.env = make_vector_env(self.env_spec, seed=seed, gamma=self.gamma)
-        if self._saved_normalizers is not None:
-            load_normalizer_state(self.env, self._saved_normalizers)
-        obs, _ = self.env.reset(seed=seed)
+    def on_env_created(self, env: VectorEnv) -> None:
         # Fresh episodes: n-step windows left open by a restored memory (a resume) belong to
         # episodes that no longer exist and must not be continued with the new ones' steps.
         self.memory.pending_count[:] = 0
-        self.obs = np.asarray(obs, dtype=self.memory.obs.dtype)
-        self.prev_done = np.zeros(self.env.num_envs, dtype=bool)
 
     @torch.inference_mode()
     def step(self) -> None:
         """One vector step with the agent's exploration policy, written to memory."""
         if self.env is None:
-            self._start()
+            self.start()
         obs = self.obs
         actions = self.agent.explore(torch.as_tensor(obs, device=self.agent.device)).cpu().numpy()
         next_obs, rewards, terminated, truncated, info = self.env.step(
             self.agent.env_actions(actions)
         )
         next_obs = np.asarray(next_obs, dtype=self.memory.obs.dtype)
+        self.record_step(next_obs, info)
         # NEXT_STEP autoreset: the step after a done only resets; it is not a transition.
         # On the done step itself next_obs is the true final observation.
         self.memory.add(obs, actions, rewards, next_obs, terminated, truncated, ~self.prev_done)
-        self.frames += self.env.num_envs * self.world_size
-        if "_episode" in info:
-            done = info["_episode"]
-            self.episodes.add(self.frames, info["episode"]["r"][done], info["episode"]["l"][done])
-        if np.issubdtype(next_obs.dtype, np.floating) and not np.isfinite(next_obs).all():
-            env_index = int(np.argwhere(~np.isfinite(next_obs))[0][0])
-            raise FloatingPointError(
-                f"env {self.env_spec.name} (sub-env {env_index}) returned a non-finite observation "
-                f"at frame {self.frames}"
-            )
         self.prev_done = terminated | truncated
         self.obs = next_obs
 
@@ -136,30 +108,14 @@ class OffPolicyRollout(IterableDataset):
                 batch = self.agent.sample_batch(self.memory)
                 yield {key: torch.from_numpy(value) for key, value in batch.items()}
 
-    def close(self) -> None:
-        if self.env is not None:
-            self.env.close()
-            self.env = None
-
     def state_dict(self) -> dict[str, Any]:
-        """Frame clock, RNG states, normaliser statistics and (optionally) the replay memory."""
+        """The base state plus (unless ``checkpoint_memory`` is off) the whole replay memory."""
         return {
-            "frames": self.frames,
-            "torch_rng": torch.get_rng_state(),
-            "numpy_rng": np.random.get_state(),
-            "python_rng": random.getstate(),
-            "normalizers": normalizer_state(self.env)
-            if self.env is not None
-            else self._saved_normalizers,
+            **super().state_dict(),
             "memory": self.memory.state_dict() if self.checkpoint_memory else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.frames = int(state["frames"])
-        torch.set_rng_state(state["torch_rng"])
-        np.random.set_state(state["numpy_rng"])
-        random.setstate(state["python_rng"])
-        self._saved_normalizers = state["normalizers"]
+        super().load_state_dict(state)
         if state["memory"] is not None:
             self.memory.load_state_dict(state["memory"])
-        self.close()  # envs restart from a fresh reset at the restored clock

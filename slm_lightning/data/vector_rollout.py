@@ -1,0 +1,127 @@
+"""What every rollout dataset shares: the vector env, its current observations, the frame
+clock, finished episodes, and the state a resume needs."""
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium.vector import VectorEnv
+from torch.utils.data import IterableDataset
+
+from slm_lightning.envs.factory import EnvSpec, make_vector_env
+from slm_lightning.envs.normalization import load_normalizer_state, normalizer_state
+
+
+class EpisodeLog:
+    """Episodes finished since the last :meth:`drain`, as parallel lists."""
+
+    def __init__(self) -> None:
+        self.frames: list[int] = []
+        self.returns: list[float] = []
+        self.lengths: list[int] = []
+
+    def add(self, frames: int, returns: np.ndarray, lengths: np.ndarray) -> None:
+        self.frames.extend([frames] * len(returns))
+        self.returns.extend(returns.tolist())
+        self.lengths.extend(lengths.tolist())
+
+    def drain(self) -> tuple[list[int], list[float], list[int]]:
+        out = self.frames, self.returns, self.lengths
+        self.frames, self.returns, self.lengths = [], [], []
+        return out
+
+
+class VectorRollout(IterableDataset):
+    """Base of the on- and off-policy rollout datasets.
+
+    Lightning calls ``iter()`` once per epoch, so everything that outlives one epoch (envs,
+    current observations, the frame clock, RNGs) lives on this object. The envs are built
+    lazily on the first ``iter()`` and rebuilt from a fresh reset after
+    :meth:`load_state_dict`: env internals cannot be checkpointed, so a resumed run starts
+    new episodes, seeded ``seed + frames`` so they differ from the first run's.
+
+    Subclasses provide ``memory`` (with an ``obs`` array whose dtype the observations are
+    stored in) by the end of :meth:`on_env_created`.
+
+    Args:
+        env_spec: which env to build.
+        seed: seed of this process's first sub-env.
+        world_size: processes rolling out in lockstep; the frame clock counts all of them.
+        gamma: discount for reward normalisation.
+    """
+
+    memory: Any
+
+    def __init__(
+        self, env_spec: EnvSpec, seed: int, world_size: int = 1, gamma: float = 0.99
+    ) -> None:
+        super().__init__()
+        self.env_spec = env_spec
+        self.seed = seed
+        self.world_size = world_size
+        self.gamma = gamma
+        self.frames = 0
+        self.episodes = EpisodeLog()
+        self.env: VectorEnv | None = None
+        self.obs: np.ndarray | None = None
+        self.prev_done: np.ndarray | None = None
+        self._saved_normalizers: dict | None = None
+
+    def on_env_created(self, env: VectorEnv) -> None:
+        """Hook: the env exists (normalisers restored) and is about to be reset."""
+
+    def start(self) -> None:
+        """Build, seed and reset the envs (on first use and after a resume)."""
+        seed = self.seed + self.frames
+        self.env = make_vector_env(self.env_spec, seed=seed, gamma=self.gamma)
+        if self._saved_normalizers is not None:
+            load_normalizer_state(self.env, self._saved_normalizers)
+        self.on_env_created(self.env)
+        obs, _ = self.env.reset(seed=seed)
+        self.obs = np.asarray(obs, dtype=self.memory.obs.dtype)
+        self.prev_done = np.zeros(self.env.num_envs, dtype=bool)
+
+    def record_step(self, next_obs: np.ndarray, info: dict[str, Any]) -> None:
+        """Advance the frame clock by one vector step, log finished episodes, and stop on a
+        non-finite observation with the sub-env that produced it."""
+        self.frames += self.env.num_envs * self.world_size
+        if "_episode" in info:
+            done = info["_episode"]
+            self.episodes.add(self.frames, info["episode"]["r"][done], info["episode"]["l"][done])
+        if np.issubdtype(next_obs.dtype, np.floating) and not np.isfinite(next_obs).all():
+            env_index = int(np.argwhere(~np.isfinite(next_obs.reshape(len(next_obs), -1)))[0][0])
+            raise FloatingPointError(
+                f"env {self.env_spec.name} (sub-env {env_index}) returned a non-finite observation "
+                f"at frame {self.frames}"
+            )
+
+    def close(self) -> None:
+        if self.env is not None:
+            self.env.close()
+            self.env = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Frame clock, RNG states and normaliser statistics.
+
+        The global torch / numpy / python RNGs drive action sampling and exploration;
+        Lightning does not checkpoint them, so they are saved here with the clock.
+        """
+        return {
+            "frames": self.frames,
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": np.random.get_state(),
+            "python_rng": random.getstate(),
+            "normalizers": normalizer_state(self.env)
+            if self.env is not None
+            else self._saved_normalizers,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.frames = int(state["frames"])
+        torch.set_rng_state(state["torch_rng"])
+        np.random.set_state(state["numpy_rng"])
+        random.setstate(state["python_rng"])
+        # None: saved before the first rollout built the env, so there is nothing to restore.
+        self._saved_normalizers = state["normalizers"]
+        self.close()  # envs restart from a fresh reset at the restored clock
