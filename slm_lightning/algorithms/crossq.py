@@ -1,0 +1,211 @@
+"""CrossQ (Bhatt et al. 2024, "CrossQ: Batch Normalization in Deep Reinforcement Learning for
+Greater Sample Efficiency and Simplicity", ICLR, arXiv:1902.05605): SAC without target
+networks, with batch-(re)normalised critics. Reuses SAC's losses, actor and temperature."""
+
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from torch import Tensor
+from typing_extensions import override
+
+from slm_lightning.algorithms.base import RLAlgorithm
+from slm_lightning.algorithms.sac import (
+    DEFAULT_NET,
+    EntropyTemperature,
+    check_sac_args,
+    default_target_entropy,
+    replay_rollout,
+    sac_critic_target,
+    sac_optimizers,
+    twin_critic_loss,
+    update_actor_and_alpha,
+)
+from slm_lightning.data.offpolicy import OffPolicyRollout
+from slm_lightning.data.replay import ReplayMemory
+from slm_lightning.envs.factory import ConfigError, EnvSpec
+from slm_lightning.nets.mlp import MLPSpec
+from slm_lightning.nets.sac_nets import BatchRenormSpec, TwinQ, make_actor
+
+# The paper's critics are wide: two layers of 2048 ReLU units (Bhatt et al. 2024, table 1).
+WIDE_CRITIC = MLPSpec([2048, 2048], "relu")
+
+
+class CrossQ(RLAlgorithm):
+    """CrossQ: SAC whose critics carry Batch Renormalization and have no target networks.
+
+    The bootstrap target comes from the critics themselves. The batch's current pairs
+    ``(s, a)`` and next pairs ``(s', a' ~ pi(s'))`` go through the critics in one forward
+    pass, concatenated, so the normalisation statistics are those of both distributions
+    (with separate passes the next pairs, whose actions come from the policy rather than
+    the memory, would be normalised with mismatched statistics: Bhatt et al. 2024, sec. 3).
+    The actor update evaluates the critics in eval mode (running statistics, untouched).
+    Box actions only.
+
+    Args:
+        env: the environment spec.
+        max_frames: training budget in frames (all envs, all ranks).
+        gamma: discount factor.
+        actor: the actor body; None is two layers of 256 ReLU units.
+        critic: the body of each critic; None is two layers of 2048 ReLU units.
+        actor_lr: Adam learning rate of the actor.
+        critic_lr: Adam learning rate of the critics.
+        alpha_lr: Adam learning rate of log(alpha) (automatic tuning only).
+        adam_beta1: Adam's first-moment decay for actor and critics (the paper's 0.5).
+        batch_size: transitions per gradient step (the joint critic pass sees twice as many rows).
+        memory_size: replay capacity in transitions.
+        learning_starts: frames of uniformly random actions before the first update.
+        training_frequency: vector steps between two rounds of updates.
+        updates_per_step: gradient steps (sampled batches) per round.
+        policy_delay: critic updates per actor (and alpha) update.
+        alpha: a fixed entropy coefficient; None tunes it towards target_entropy.
+        initial_alpha: starting entropy coefficient of automatic tuning.
+        target_entropy: entropy automatic tuning aims for; None is -dim(A).
+        batch_renorm: the critics' Batch Renormalization (momentum, warm-up, r_max, d_max).
+        checkpoint_memory: save the whole replay memory in checkpoints (off for huge memories).
+        eval_episodes: episodes played by ``slm-lab validate`` / ``test``.
+        eval_greedy: evaluate tanh(mean) actions instead of sampling.
+    """
+
+    action_spaces = (spaces.Box,)
+
+    def __init__(
+        self,
+        env: EnvSpec,
+        max_frames: int = 1_000_000,
+        gamma: float = 0.99,
+        actor: MLPSpec | None = None,
+        critic: MLPSpec | None = None,
+        actor_lr: float = 1e-3,
+        critic_lr: float = 1e-3,
+        alpha_lr: float = 1e-3,
+        adam_beta1: float = 0.5,
+        batch_size: int = 256,
+        memory_size: int = 1_000_000,
+        learning_starts: int = 5_000,
+        training_frequency: int = 1,
+        updates_per_step: int = 1,
+        policy_delay: int = 3,
+        alpha: float | None = None,
+        initial_alpha: float = 1.0,
+        target_entropy: float | None = None,
+        batch_renorm: BatchRenormSpec | None = None,
+        checkpoint_memory: bool = True,
+        eval_episodes: int = 10,
+        eval_greedy: bool = True,
+    ) -> None:
+        super().__init__(env, max_frames, gamma, eval_episodes, eval_greedy)
+        self.save_hyperparameters()
+        self.check_positive(
+            batch_size=batch_size,
+            memory_size=memory_size,
+            training_frequency=training_frequency,
+            updates_per_step=updates_per_step,
+            policy_delay=policy_delay,
+        )
+        check_sac_args(
+            actor_lr=actor_lr,
+            critic_lr=critic_lr,
+            alpha_lr=alpha_lr,
+            learning_starts=learning_starts,
+            alpha=alpha,
+            initial_alpha=initial_alpha,
+        )
+        if not 0.0 <= adam_beta1 < 1.0:
+            raise ConfigError(f"model.init_args.adam_beta1 must be in [0, 1), got {adam_beta1}")
+        if batch_size < 2:  # batch statistics of one row are undefined
+            raise ConfigError(f"model.init_args.batch_size must be >= 2, got {batch_size}")
+        self.automatic_optimization = False
+        self.learning_starts = learning_starts
+        self.actor = make_actor(
+            self.observation_space, self.action_space, actor or DEFAULT_NET, type(self).__name__
+        )
+        self.critic = TwinQ(
+            self.observation_space,
+            self.action_space,
+            critic or WIDE_CRITIC,
+            batch_renorm=batch_renorm or BatchRenormSpec(),
+        )
+        if target_entropy is None:
+            target_entropy = default_target_entropy(self.action_space)
+        self.temperature = EntropyTemperature(alpha, target_entropy, initial_alpha)
+        self.critic_updates = 0  # drives policy_delay; checkpointed
+
+    @override
+    def build_rollout(self) -> OffPolicyRollout:
+        return replay_rollout(self)
+
+    def explore(self, obs: Tensor) -> Tensor:
+        """Uniform actions before ``learning_starts``, then samples from the policy."""
+        if self.frames < self.learning_starts:
+            return self.actor.uniform(len(obs), obs.device)
+        return self.actor.sample(obs)
+
+    @override
+    def eval_actions(self, obs: Tensor, greedy: bool) -> Tensor:
+        return self.actor.greedy(obs) if greedy else self.actor.sample(obs)
+
+    @override
+    def env_actions(self, actions: np.ndarray) -> np.ndarray:
+        return self.actor.env_actions(actions)
+
+    def sample_batch(self, memory: ReplayMemory) -> dict[str, np.ndarray]:
+        return memory.sample(self.hparams.batch_size)
+
+    @override
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        betas = (self.hparams.adam_beta1, 0.999)
+        return sac_optimizers(self.actor, self.critic, self.temperature, self.hparams, betas)
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        # Constant learning rates: nothing to schedule (the base hook assumes an ``lr``).
+        pass
+
+    def joint_q(self, batch: dict[str, Tensor], next_actions: Tensor) -> tuple[Tensor, Tensor]:
+        """``Q_i(s, a)`` and ``Q_i(s', a')``, each ``(num_critics, B)``, from ONE forward pass
+        over the concatenated batch (in train mode: both halves share its BN statistics)."""
+        obs = torch.cat([batch["obs"], batch["next_obs"]])
+        actions = torch.cat([batch["actions"], next_actions])
+        q, next_q = self.critic(obs, actions).chunk(2, dim=1)
+        return q, next_q
+
+    @override
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        critic_opt, *policy_opts = self.optimizers()
+        with torch.no_grad():
+            nxt = self.actor.evaluate(batch["next_obs"])
+        q, next_q = self.joint_q(batch, nxt.actions)
+        terms = batch["rewards"], batch["discounts"], batch["terminated"]
+        # No target network: the bootstrap is the critics' own, with its gradient stopped.
+        next_q = next_q.detach().min(0).values
+        target = sac_critic_target(next_q, nxt.log_probs, *terms, self.temperature.alpha)
+        critic_loss = twin_critic_loss(q, target)
+        critic_opt.zero_grad(set_to_none=True)
+        self.manual_backward(critic_loss)
+        critic_opt.step()
+        self.critic_updates += 1
+        self.train_metrics["train/critic_loss"] = critic_loss.detach()
+        self.train_metrics["train/q_mean"] = q.detach().mean()
+        if self.critic_updates % self.hparams.policy_delay == 0:
+            metrics = update_actor_and_alpha(
+                self.actor,
+                self.critic,
+                self.temperature,
+                batch["obs"],
+                policy_opts,
+                self.manual_backward,
+                critic_eval=True,
+            )
+            self.train_metrics.update(metrics)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["critic_updates"] = self.critic_updates
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.critic_updates = checkpoint.get("critic_updates", 0)

@@ -1,0 +1,408 @@
+"""Soft Actor-Critic (Haarnoja et al. 2018a, arXiv:1801.01290; 2018b, arXiv:1812.05905) for
+Box actions, and its Discrete-action form (Christodoulou 2019, arXiv:1910.07207).
+
+The loss math is in small pure functions below; CrossQ (``crossq.py``) reuses them together
+with :class:`EntropyTemperature`, :func:`replay_rollout` and :func:`update_actor_and_alpha`.
+"""
+
+import copy
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from torch import Tensor, nn
+from typing_extensions import override
+
+from slm_lightning.algorithms.base import RLAlgorithm
+from slm_lightning.data.offpolicy import OffPolicyRollout
+from slm_lightning.data.replay import ReplayMemory
+from slm_lightning.envs.factory import ConfigError, EnvSpec
+from slm_lightning.nets.mlp import MLPSpec
+from slm_lightning.nets.sac_nets import Actor, TwinQ, make_actor
+
+# Haarnoja et al. (2018b) use two hidden layers of 256 ReLU units for actor and critics.
+DEFAULT_NET = MLPSpec([256, 256], "relu")
+# Bounds on log(alpha) (alpha in [4.5e-5, 7.4]): automatic tuning can drive alpha towards 0
+# or infinity when the target entropy is out of reach (often in discrete SAC), from where
+# it needs many steps to come back.
+LOG_ALPHA_MIN, LOG_ALPHA_MAX = -10.0, 2.0
+
+
+def default_target_entropy(action_space: spaces.Space) -> float:
+    """``-dim(A)`` for Box actions (Haarnoja et al. 2018b, sec. 5); ``0.98 log|A|`` for
+    Discrete ones, 98% of the uniform policy's entropy (Christodoulou 2019, sec. 4)."""
+    if isinstance(action_space, spaces.Discrete):
+        return 0.98 * math.log(int(action_space.n))
+    return -float(np.prod(action_space.shape))
+
+
+def soft_value(
+    q: Tensor, log_probs: Tensor, alpha: Tensor | float, probs: Tensor | None = None
+) -> Tensor:
+    """``V(s) = E_{a~pi}[Q(s, a) - alpha log pi(a|s)]``: from one sampled action (``probs``
+    None, ``q`` and ``log_probs`` shaped ``(B,)``) or the exact expectation over all discrete
+    actions (``q``, ``log_probs``, ``probs`` shaped ``(B, n)``)."""
+    soft = q - alpha * log_probs
+    return soft if probs is None else (probs * soft).sum(-1)
+
+
+def sac_critic_target(
+    next_q: Tensor,
+    next_log_probs: Tensor,
+    rewards: Tensor,
+    discounts: Tensor,
+    terminated: Tensor,
+    alpha: Tensor | float,
+    next_probs: Tensor | None = None,
+) -> Tensor:
+    """``r + gamma^k (1 - terminated) V(s')``, with the soft value :func:`soft_value` of
+    ``min_i Q_i(s', .)`` under the current policy.
+
+    Args:
+        next_q: ``min_i Q_i`` at ``s'``: of the sampled ``a'`` ``(B,)``, or of every action
+            ``(B, n)``.
+        next_log_probs: ``log pi(a'|s')`` ``(B,)``, or of every action ``(B, n)``.
+        rewards: (n-step) rewards ``(B,)``.
+        discounts: ``gamma^k`` of each transition ``(B,)``.
+        terminated: 1 where ``s'`` is terminal (no bootstrap), 0 otherwise (truncations too).
+        alpha: entropy coefficient.
+        next_probs: ``pi(.|s')`` for discrete actions; None for a sampled continuous ``a'``.
+    """
+    next_value = soft_value(next_q, next_log_probs, alpha, next_probs)
+    return rewards + discounts * (1.0 - terminated) * next_value
+
+
+def twin_critic_loss(q: Tensor, target: Tensor) -> Tensor:
+    """``sum_i 0.5 * mean (Q_i - target)^2`` over the critics: ``q`` ``(num_critics, B)``."""
+    return 0.5 * (q - target.detach()).pow(2).mean(-1).sum()
+
+
+def sac_actor_loss(
+    q: Tensor, log_probs: Tensor, alpha: Tensor | float, probs: Tensor | None = None
+) -> Tensor:
+    """``E_s[alpha log pi(a|s) - Q(s, a)]`` = ``-E_s V(s)``: reparameterised (continuous) or
+    the exact expectation over actions (discrete, where ``q`` must carry no gradient)."""
+    return -soft_value(q, log_probs, alpha, probs).mean()
+
+
+def alpha_loss(log_alpha: Tensor, entropy: Tensor, target_entropy: float) -> Tensor:
+    """``E_s[log(alpha) (H(s) - H_target)]``: its gradient lowers alpha while the policy's
+    entropy exceeds the target and raises it below (Haarnoja et al. 2018b, eq. 18, in
+    ``log(alpha)`` as in their code and SB3)."""
+    return (log_alpha * (entropy - target_entropy).detach()).mean()
+
+
+class EntropyTemperature(nn.Module):
+    """The entropy coefficient ``alpha``: fixed, or tuned towards ``target_entropy``.
+
+    ``log_alpha`` is a parameter (trained when ``alpha`` is None), so it is checkpointed.
+
+    Args:
+        alpha: a fixed coefficient; None tunes it automatically.
+        target_entropy: the entropy automatic tuning aims for.
+        initial_alpha: the starting value when tuned.
+    """
+
+    def __init__(self, alpha: float | None, target_entropy: float, initial_alpha: float = 1.0):
+        super().__init__()
+        self.auto = alpha is None
+        self.target_entropy = target_entropy
+        start = math.log(initial_alpha if alpha is None else alpha)
+        self.log_alpha = nn.Parameter(torch.tensor(start), requires_grad=self.auto)
+
+    @property
+    def alpha(self) -> Tensor:
+        """The current coefficient, detached."""
+        return self.log_alpha.detach().exp()
+
+    def loss(self, entropy: Tensor) -> Tensor:
+        return alpha_loss(self.log_alpha, entropy, self.target_entropy)
+
+    def clamp_(self) -> None:
+        with torch.no_grad():
+            self.log_alpha.clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+
+
+def check_sac_args(**values: float | None) -> None:
+    """Raise a :class:`ConfigError` naming the first of these hyperparameters out of range."""
+    for key, value in values.items():
+        if key == "tau" and not 0.0 < value <= 1.0:
+            raise ConfigError(f"model.init_args.tau must be in (0, 1], got {value}")
+        if key == "learning_starts" and value < 0:
+            raise ConfigError(f"model.init_args.learning_starts must be >= 0, got {value}")
+        if key.endswith(("_lr", "alpha")) and value is not None and value <= 0:
+            raise ConfigError(f"model.init_args.{key} must be > 0, got {value}")
+
+
+def replay_rollout(agent: RLAlgorithm) -> OffPolicyRollout:
+    """A uniform replay memory and the off-policy rollout over the agent's ``memory_size``,
+    ``training_frequency``, ``updates_per_step`` and ``checkpoint_memory`` hyperparameters.
+    Box actions are stored as the actor's ``[-1, 1]`` actions, not the env's."""
+    hp = agent.hparams
+    discrete = isinstance(agent.action_space, spaces.Discrete)
+    obs_dtype = agent.observation_space.dtype
+    memory = ReplayMemory(
+        capacity=hp.memory_size,
+        num_envs=agent.env_spec.num_envs,
+        obs_shape=agent.observation_space.shape,
+        obs_dtype=np.float32 if np.issubdtype(obs_dtype, np.floating) else obs_dtype,
+        action_shape=() if discrete else agent.action_space.shape,
+        action_dtype=np.int64 if discrete else np.float32,
+        gamma=agent.gamma,
+        seed=agent.env_seed(),
+    )
+    return OffPolicyRollout(
+        agent,
+        agent.env_spec,
+        memory,
+        agent.env_seed(),
+        training_frequency=hp.training_frequency,
+        updates_per_step=hp.updates_per_step,
+        world_size=agent.trainer.world_size,
+        gamma=agent.gamma,
+        checkpoint_memory=hp.checkpoint_memory,
+    )
+
+
+def sac_optimizers(
+    actor: nn.Module,
+    critic: nn.Module,
+    temperature: EntropyTemperature,
+    hp: Any,
+    betas: tuple[float, float] = (0.9, 0.999),
+) -> list[torch.optim.Optimizer]:
+    """Adam for the critics, the actor and (when tuned) ``log_alpha``, in that order."""
+    optimizers = [
+        torch.optim.Adam(critic.parameters(), lr=hp.critic_lr, betas=betas, fused=True),
+        torch.optim.Adam(actor.parameters(), lr=hp.actor_lr, betas=betas, fused=True),
+    ]
+    if temperature.auto:
+        optimizers.append(torch.optim.Adam([temperature.log_alpha], lr=hp.alpha_lr, fused=True))
+    return optimizers
+
+
+@contextmanager
+def frozen(module: nn.Module, eval_mode: bool = False) -> Iterator[nn.Module]:
+    """No parameter gradients for ``module`` (and eval mode if asked) inside the block: the
+    actor loss backpropagates through the critics to the actions only."""
+    training = module.training
+    module.requires_grad_(False)
+    if eval_mode:
+        module.eval()
+    try:
+        yield module
+    finally:
+        module.requires_grad_(True)
+        module.train(training)
+
+
+def update_actor_and_alpha(
+    actor: Actor,
+    critic: TwinQ,
+    temperature: EntropyTemperature,
+    obs: Tensor,
+    optimizers: list,
+    backward: Callable[[Tensor], None],
+    critic_eval: bool = False,
+) -> dict[str, Tensor]:
+    """One actor step (and one temperature step when tuned) on ``obs``; returns diagnostics.
+
+    Args:
+        actor: the policy.
+        critic: the critics, frozen (and in eval mode with ``critic_eval``) meanwhile.
+        temperature: the entropy coefficient.
+        obs: a batch of states.
+        optimizers: the actor's optimizer, then the temperature's if it is tuned.
+        backward: the LightningModule's ``manual_backward``.
+        critic_eval: evaluate the critics in eval mode (CrossQ: running BN statistics).
+    """
+    pi = actor.evaluate(obs)
+    with frozen(critic, eval_mode=critic_eval):
+        q = critic(obs, pi.actions).min(0).values
+    actor_loss = sac_actor_loss(q, pi.log_probs, temperature.alpha, pi.probs)
+    actor_opt, *alpha_opt = optimizers
+    actor_opt.zero_grad(set_to_none=True)
+    backward(actor_loss)
+    actor_opt.step()
+    entropy = pi.entropy().detach()
+    if alpha_opt:
+        loss = temperature.loss(entropy)
+        alpha_opt[0].zero_grad(set_to_none=True)
+        backward(loss)
+        alpha_opt[0].step()
+        temperature.clamp_()
+    return {
+        "train/actor_loss": actor_loss.detach(),
+        "train/entropy": entropy.mean(),
+        "train/alpha": temperature.alpha,
+    }
+
+
+class SAC(RLAlgorithm):
+    """Soft Actor-Critic: twin critics with Polyak-averaged targets, a maximum-entropy actor,
+    and an automatically tuned entropy coefficient; Box or Discrete actions.
+
+    Box actions use a tanh-squashed Gaussian and the reparameterised actor loss; Discrete
+    actions a softmax policy, with the exact expectation over actions in the critic target,
+    the actor loss and the entropy (Christodoulou 2019). Each sampled batch is one critic
+    update; every ``policy_delay`` critic updates the actor and alpha update once.
+
+    Args:
+        env: the environment spec.
+        max_frames: training budget in frames (all envs, all ranks).
+        gamma: discount factor.
+        actor: the actor body; None is two layers of 256 ReLU units.
+        critic: the body of each critic; None is two layers of 256 ReLU units.
+        actor_lr: Adam learning rate of the actor.
+        critic_lr: Adam learning rate of the critics.
+        alpha_lr: Adam learning rate of log(alpha) (automatic tuning only).
+        batch_size: transitions per gradient step.
+        memory_size: replay capacity in transitions.
+        learning_starts: frames of uniformly random actions before the first update.
+        training_frequency: vector steps between two rounds of updates.
+        updates_per_step: gradient steps (sampled batches) per round.
+        tau: Polyak averaging rate of the target critics per critic update.
+        policy_delay: critic updates per actor (and alpha) update.
+        alpha: a fixed entropy coefficient; None tunes it towards target_entropy.
+        initial_alpha: starting entropy coefficient of automatic tuning.
+        target_entropy: entropy automatic tuning aims for; None is -dim(A) (Box) or
+            0.98 log|A| (Discrete).
+        checkpoint_memory: save the whole replay memory in checkpoints (off for huge memories).
+        eval_episodes: episodes played by ``slm-lab validate`` / ``test``.
+        eval_greedy: evaluate tanh(mean) / argmax actions instead of sampling.
+    """
+
+    action_spaces = (spaces.Box, spaces.Discrete)
+
+    def __init__(
+        self,
+        env: EnvSpec,
+        max_frames: int = 1_000_000,
+        gamma: float = 0.99,
+        actor: MLPSpec | None = None,
+        critic: MLPSpec | None = None,
+        actor_lr: float = 3e-4,
+        critic_lr: float = 3e-4,
+        alpha_lr: float = 3e-4,
+        batch_size: int = 256,
+        memory_size: int = 1_000_000,
+        learning_starts: int = 5_000,
+        training_frequency: int = 1,
+        updates_per_step: int = 1,
+        tau: float = 0.005,
+        policy_delay: int = 1,
+        alpha: float | None = None,
+        initial_alpha: float = 1.0,
+        target_entropy: float | None = None,
+        checkpoint_memory: bool = True,
+        eval_episodes: int = 10,
+        eval_greedy: bool = True,
+    ) -> None:
+        super().__init__(env, max_frames, gamma, eval_episodes, eval_greedy)
+        self.save_hyperparameters()
+        self.check_positive(
+            batch_size=batch_size,
+            memory_size=memory_size,
+            training_frequency=training_frequency,
+            updates_per_step=updates_per_step,
+            policy_delay=policy_delay,
+        )
+        check_sac_args(
+            actor_lr=actor_lr,
+            critic_lr=critic_lr,
+            alpha_lr=alpha_lr,
+            tau=tau,
+            learning_starts=learning_starts,
+            alpha=alpha,
+            initial_alpha=initial_alpha,
+        )
+        # Several optimizers stepped at different rates: Lightning's manual optimization.
+        self.automatic_optimization = False
+        self.learning_starts = learning_starts
+        self.actor = make_actor(
+            self.observation_space, self.action_space, actor or DEFAULT_NET, type(self).__name__
+        )
+        self.critic = TwinQ(self.observation_space, self.action_space, critic or DEFAULT_NET)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        if target_entropy is None:
+            target_entropy = default_target_entropy(self.action_space)
+        self.temperature = EntropyTemperature(alpha, target_entropy, initial_alpha)
+        self.critic_updates = 0  # drives policy_delay; checkpointed
+
+    @override
+    def build_rollout(self) -> OffPolicyRollout:
+        return replay_rollout(self)
+
+    def explore(self, obs: Tensor) -> Tensor:
+        """Uniform actions before ``learning_starts``, then samples from the policy."""
+        if self.frames < self.learning_starts:
+            return self.actor.uniform(len(obs), obs.device)
+        return self.actor.sample(obs)
+
+    @override
+    def eval_actions(self, obs: Tensor, greedy: bool) -> Tensor:
+        return self.actor.greedy(obs) if greedy else self.actor.sample(obs)
+
+    @override
+    def env_actions(self, actions: np.ndarray) -> np.ndarray:
+        return self.actor.env_actions(actions)
+
+    def sample_batch(self, memory: ReplayMemory) -> dict[str, np.ndarray]:
+        return memory.sample(self.hparams.batch_size)
+
+    @override
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return sac_optimizers(self.actor, self.critic, self.temperature, self.hparams)
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        # Constant learning rates: nothing to schedule (the base hook assumes an ``lr``).
+        pass
+
+    @override
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        critic_opt, *policy_opts = self.optimizers()
+        with torch.no_grad():
+            nxt = self.actor.evaluate(batch["next_obs"])
+            next_q = self.critic_target(batch["next_obs"], nxt.actions).min(0).values
+            terms = batch["rewards"], batch["discounts"], batch["terminated"]
+            alpha = self.temperature.alpha
+            target = sac_critic_target(next_q, nxt.log_probs, *terms, alpha, nxt.probs)
+        q = self.critic.taken(batch["obs"], batch["actions"])
+        critic_loss = twin_critic_loss(q, target)
+        critic_opt.zero_grad(set_to_none=True)
+        self.manual_backward(critic_loss)
+        critic_opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(
+                list(self.critic_target.parameters()),
+                list(self.critic.parameters()),
+                self.hparams.tau,
+            )
+        self.critic_updates += 1
+        self.train_metrics["train/critic_loss"] = critic_loss.detach()
+        self.train_metrics["train/q_mean"] = q.detach().mean()
+        if self.critic_updates % self.hparams.policy_delay == 0:
+            metrics = update_actor_and_alpha(
+                self.actor,
+                self.critic,
+                self.temperature,
+                batch["obs"],
+                policy_opts,
+                self.manual_backward,
+            )
+            self.train_metrics.update(metrics)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["critic_updates"] = self.critic_updates
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.critic_updates = checkpoint.get("critic_updates", 0)
