@@ -24,8 +24,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def run_one(config: str, seed: int, extra: list[str], out_root: Path) -> dict:
     run_dir = out_root / config / f"seed{seed}"
     cmd = [
-        sys.executable, "-m", "slm_lightning.cli", "fit",
-        "--config", str(ROOT / "configs" / f"{config}.yaml"),
+        sys.executable,
+        "-m",
+        "slm_lightning.cli",
+        "fit",
+        "--config",
+        str(ROOT / "configs" / f"{config}.yaml"),
         f"--seed_everything={seed}",
         f"--trainer.default_root_dir={run_dir}",
         *extra,
@@ -47,20 +51,26 @@ def fmt(value: object) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("configs", nargs="+", help="config names in configs/, without .yaml")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "benchmarks")
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
-    print("| config | seed | frames | seconds | fps | return_ma | target | frames_to_target | seconds_to_target |")
+    print(
+        "| config | seed | frames | seconds | fps | return_ma | target | frames_to_target | seconds_to_target |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     medians = []
     for config in args.configs:
         to_target = []
         for seed in args.seeds:
             s = run_one(config, seed, extra, args.out)
-            to_target.append(s["seconds_to_target"] if s["seconds_to_target"] is not None else math.inf)
+            to_target.append(
+                s["seconds_to_target"] if s["seconds_to_target"] is not None else math.inf
+            )
             print(
                 f"| {config} | {seed} | {s['frames']} | {fmt(s['seconds'])} | {s['fps']} | {fmt(s['return_ma'])} "
                 f"| {fmt(s['target_return'])} | {fmt(s['frames_to_target'])} | {fmt(s['seconds_to_target'])} |",
@@ -68,7 +78,9 @@ def main() -> None:
             )
         medians.append((config, statistics.median(to_target)))
     for config, median in medians:
-        print(f"median seconds_to_target {config}: {'never' if math.isinf(median) else f'{median:.1f}'}")
+        print(
+            f"median seconds_to_target {config}: {'never' if math.isinf(median) else f'{median:.1f}'}"
+        )
 
 
 if __name__ == "__main__":
