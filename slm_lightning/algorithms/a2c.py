@@ -66,8 +66,7 @@ class A2C(RLAlgorithm):
         super().__init__(env, max_frames, gamma, eval_episodes, eval_greedy)
         self.save_hyperparameters()
         self.check_positive(time_horizon=time_horizon, n_steps=n_steps)
-        if returns not in ("gae", "nstep"):
-            raise ConfigError(f"model.init_args.returns must be gae or nstep, got {returns!r}")
+        self.check_choice("returns", returns, ("gae", "nstep"))
         if not 0.0 <= gae_lambda <= 1.0:
             raise ConfigError(f"model.init_args.gae_lambda must be in [0, 1], got {gae_lambda}")
         self.policy = ActorCritic(

@@ -110,6 +110,14 @@ class RLAlgorithm(L.LightningModule):
         )
 
     @staticmethod
+    def check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+        """Raise a :class:`ConfigError` naming ``key`` and the allowed values."""
+        if value not in allowed:
+            raise ConfigError(
+                f"model.init_args.{key} must be one of {', '.join(allowed)}, got {value!r}"
+            )
+
+    @staticmethod
     def check_positive(**values: int) -> None:
         """Raise a :class:`ConfigError` naming the first hyperparameter that is < 1."""
         for key, value in values.items():

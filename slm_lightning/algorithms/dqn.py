@@ -120,12 +120,8 @@ class DQN(RLAlgorithm):
             n_steps=n_steps,
             target_update_frequency=target_update_frequency,
         )
-        if exploration not in ("epsilon_greedy", "boltzmann"):
-            raise ConfigError(
-                f"model.init_args.exploration must be epsilon_greedy or boltzmann, got {exploration!r}"
-            )
-        if loss not in ("huber", "mse"):
-            raise ConfigError(f"model.init_args.loss must be huber or mse, got {loss!r}")
+        self.check_choice("exploration", exploration, ("epsilon_greedy", "boltzmann"))
+        self.check_choice("loss", loss, ("huber", "mse"))
         if combined_replay and prioritized:
             raise ConfigError(
                 "model.init_args.combined_replay must be false with prioritized: true "

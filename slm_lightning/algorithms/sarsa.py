@@ -10,7 +10,7 @@ from typing_extensions import override
 
 from slm_lightning.algorithms.base import RLAlgorithm
 from slm_lightning.data.onpolicy import OnPolicyMemory
-from slm_lightning.envs.factory import ConfigError, EnvSpec
+from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.nets.mlp import MLPSpec
 from slm_lightning.nets.q_network import QNetwork, boltzmann, epsilon_greedy
 from slm_lightning.schedules import Schedule, scheduled
@@ -70,12 +70,8 @@ class SARSA(RLAlgorithm):
             training_epochs=training_epochs,
             num_minibatches=num_minibatches,
         )
-        if exploration not in ("epsilon_greedy", "boltzmann"):
-            raise ConfigError(
-                f"model.init_args.exploration must be epsilon_greedy or boltzmann, got {exploration!r}"
-            )
-        if loss not in ("huber", "mse"):
-            raise ConfigError(f"model.init_args.loss must be huber or mse, got {loss!r}")
+        self.check_choice("exploration", exploration, ("epsilon_greedy", "boltzmann"))
+        self.check_choice("loss", loss, ("huber", "mse"))
         self.policy = QNetwork(self.observation_space, self.action_space, net or MLPSpec())
 
     def explore(self, q: Tensor) -> Tensor:
