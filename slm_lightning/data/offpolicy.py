@@ -88,7 +88,7 @@ class OffPolicyRollout(VectorRollout):
         next_obs, rewards, terminated, truncated, info = self.env.step(
             self.agent.env_actions(actions)
         )
-        next_obs = np.asarray(next_obs, dtype=self.memory.obs.dtype)
+        next_obs = np.asarray(next_obs, dtype=self.memory.obs_dtype)
         self.record_step(next_obs, info)
         # NEXT_STEP autoreset: the step after a done only resets; it is not a transition.
         # On the done step itself next_obs is the true final observation.

@@ -213,8 +213,9 @@ class PrioritizedReplay(ReplayMemory):
             td_errors: the batch's TD errors (any sign), one per index.
         """
         indices = np.asarray(indices, dtype=np.int64)
-        if indices.size and indices.max() >= self.size:
-            raise IndexError(f"memory indices must be < len(memory) = {self.size}")
+        stored = self.is_stored(indices)
+        if not stored.all():
+            raise IndexError(f"memory indices must be filled slots, got {indices[~stored]}")
         priorities = (np.abs(np.asarray(td_errors, dtype=np.float64)) + self.eps) ** self.alpha
         self.tree.update(indices, priorities)
         if priorities.size:

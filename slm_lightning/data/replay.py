@@ -65,6 +65,7 @@ class ReplayMemory:
         obs_dtype = np.dtype(obs_dtype)
         if np.issubdtype(obs_dtype, np.floating):
             obs_dtype = np.dtype(np.float32)
+        self.obs_dtype = obs_dtype  # of the observations that add takes and sample returns
         self.obs = np.zeros((capacity, *obs_shape), dtype=obs_dtype)
         self.next_obs = np.zeros_like(self.obs)
         self.actions = np.zeros((capacity, *action_shape), dtype=action_dtype)
@@ -198,6 +199,19 @@ class ReplayMemory:
         if self.size == 0:
             raise RuntimeError("cannot sample from an empty replay memory: add transitions first")
 
+    def is_stored(self, indices: np.ndarray) -> np.ndarray:
+        """Whether each slot in ``indices`` holds a transition that can be sampled.
+
+        Args:
+            indices: slots in ``[0, capacity)``.
+        """
+        indices = np.asarray(indices)
+        return (indices >= 0) & (indices < self.size)
+
+    def _uniform_indices(self, count: int) -> np.ndarray:
+        """``count`` stored slots drawn uniformly with replacement."""
+        return self.rng.integers(0, self.size, count)
+
     def batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """The transitions at ``indices`` (copies), with ``terminated`` as float32 0/1.
 
@@ -230,7 +244,7 @@ class ReplayMemory:
         """
         self._check_sample(batch_size)
         newest = self.last_indices[-batch_size:] if self.combined else self.last_indices[:0]
-        uniform = self.rng.integers(0, self.size, batch_size - len(newest))
+        uniform = self._uniform_indices(batch_size - len(newest))
         return self.batch(np.concatenate([newest, uniform]))
 
     def state_dict(self) -> dict[str, Any]:
@@ -266,7 +280,7 @@ class ReplayMemory:
                 )
         self.size, self.cursor = int(state["size"]), int(state["cursor"])
         for name in FIELDS:
-            getattr(self, name)[: self.size] = state[name]
+            getattr(self, name)[: len(state[name])] = state[name]
         self.last_indices = np.asarray(state["last_indices"], dtype=np.int64)
         for name in (*(f"pending_{n}" for n in PENDING), "pending_count"):
             getattr(self, name)[...] = state[name]

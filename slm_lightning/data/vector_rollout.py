@@ -41,8 +41,8 @@ class VectorRollout(IterableDataset):
     :meth:`load_state_dict`: env internals cannot be checkpointed, so a resumed run starts
     new episodes, seeded ``seed + frames`` so they differ from the first run's.
 
-    Subclasses provide ``memory`` (with an ``obs`` array whose dtype the observations are
-    stored in) by the end of :meth:`on_env_created`.
+    Subclasses provide ``memory`` (with an ``obs_dtype`` attribute or an ``obs`` array whose
+    dtype the observations are stored in) by the end of :meth:`on_env_created`.
 
     Args:
         env_spec: which env to build.
@@ -79,7 +79,9 @@ class VectorRollout(IterableDataset):
             load_normalizer_state(self.env, self._saved_normalizers)
         self.on_env_created(self.env)
         obs, _ = self.env.reset(seed=seed)
-        self.obs = np.asarray(obs, dtype=self.memory.obs.dtype)
+        # The dtype observations are stored in (a frame replay's ``obs`` holds frame numbers).
+        obs_dtype = getattr(self.memory, "obs_dtype", self.memory.obs.dtype)
+        self.obs = np.asarray(obs, dtype=obs_dtype)
         self.prev_done = np.zeros(self.env.num_envs, dtype=bool)
 
     def record_step(self, next_obs: np.ndarray, info: dict[str, Any]) -> None:
