@@ -10,6 +10,7 @@ from slm_lightning.algorithms.ppo import normalize
 from slm_lightning.data.onpolicy import OnPolicyMemory
 from slm_lightning.envs.factory import ConfigError, EnvSpec
 from slm_lightning.nets.actor_critic import ActorCritic
+from slm_lightning.nets.conv import ConvSpec
 from slm_lightning.nets.mlp import MLPSpec
 from slm_lightning.schedules import Schedule, scheduled
 
@@ -34,6 +35,8 @@ class A2C(RLAlgorithm):
         actor: actor body.
         critic: critic body (ignored when ``shared``).
         shared: one body with a policy head and a value head.
+        conv: conv trunk shared by actor and critic, before their bodies; None uses the
+            Nature CNN for image observations (e.g. Atari) and none otherwise.
         log_std_init: initial log std of Gaussian policies.
         rescale_actions: map Gaussian actions from [-1, 1] onto the Box instead of clipping.
         eval_episodes: episodes played by ``slm-lab validate`` / ``test``.
@@ -60,6 +63,7 @@ class A2C(RLAlgorithm):
         shared: bool = False,
         log_std_init: float = 0.0,
         rescale_actions: bool = True,
+        conv: ConvSpec | None = None,
         eval_episodes: int = 10,
         eval_greedy: bool = True,
     ) -> None:
@@ -77,6 +81,7 @@ class A2C(RLAlgorithm):
             shared=shared,
             log_std_init=log_std_init,
             rescale_actions=rescale_actions,
+            conv=conv,
         )
 
     def compute_returns(self, memory: OnPolicyMemory) -> None:

@@ -6,9 +6,12 @@ from typing_extensions import override
 
 from slm_lightning.algorithms.base import RLAlgorithm
 from slm_lightning.data.onpolicy import OnPolicyMemory
+from slm_lightning.data.rollout import OnPolicyRollout
 from slm_lightning.envs.factory import ConfigError, EnvSpec
 from slm_lightning.nets.actor_critic import ActorCritic
+from slm_lightning.nets.conv import ConvSpec
 from slm_lightning.nets.mlp import MLPSpec
+from slm_lightning.nets.recurrent import RecurrentActorCritic, RecurrentSpec
 from slm_lightning.schedules import Schedule, scheduled
 
 
@@ -40,6 +43,10 @@ def normalize(advantages: Tensor, eps: float = 1e-8) -> Tensor:
     return (advantages - advantages.mean()) / (advantages.std() + eps)
 
 
+# Per-step fields of a recurrent minibatch that the loss reads.
+_STEP_FIELDS = ("actions", "log_probs", "values", "advantages", "returns")
+
+
 class PPO(RLAlgorithm):
     """PPO with the clipped surrogate objective and GAE, for discrete and continuous actions.
 
@@ -63,8 +70,13 @@ class PPO(RLAlgorithm):
         actor: actor body.
         critic: critic body (ignored when ``shared``).
         shared: one body with a policy head and a value head.
+        conv: conv trunk shared by actor and critic, before their bodies; None uses the
+            Nature CNN for image observations (e.g. Atari) and none otherwise.
         log_std_init: initial log std of Gaussian policies.
         rescale_actions: map Gaussian actions from [-1, 1] onto the Box instead of clipping.
+        recurrent: a GRU / LSTM core before the actor and critic bodies (which then run on
+            its outputs); training minibatches become whole sequences of
+            ``recurrent.sequence_length`` steps. None: no recurrence.
         eval_episodes: episodes played by ``slm-lab validate`` / ``test``.
         eval_greedy: evaluate the greedy policy instead of sampling.
     """
@@ -92,6 +104,8 @@ class PPO(RLAlgorithm):
         shared: bool = False,
         log_std_init: float = 0.0,
         rescale_actions: bool = True,
+        conv: ConvSpec | None = None,
+        recurrent: RecurrentSpec | None = None,
         eval_episodes: int = 10,
         eval_greedy: bool = True,
     ) -> None:
@@ -111,19 +125,87 @@ class PPO(RLAlgorithm):
                 f"model.init_args.num_minibatches ({num_minibatches}) exceeds the rollout size "
                 f"time_horizon x env.num_envs = {time_horizon * env.num_envs}"
             )
-        self.policy = ActorCritic(
-            self.observation_space,
-            self.action_space,
-            actor or MLPSpec(),
-            critic or MLPSpec(),
-            shared=shared,
-            log_std_init=log_std_init,
-            rescale_actions=rescale_actions,
-        )
+        self.recurrent = recurrent
+        if recurrent is not None:
+            self.sequence_length = recurrent.sequence_length or time_horizon
+            sequences = time_horizon // self.sequence_length * env.num_envs
+            if time_horizon % self.sequence_length:
+                raise ConfigError(
+                    f"model.init_args.time_horizon ({time_horizon}) must be a multiple of "
+                    f"recurrent.sequence_length ({self.sequence_length})"
+                )
+            if num_minibatches > sequences:
+                raise ConfigError(
+                    f"model.init_args.num_minibatches ({num_minibatches}) exceeds the "
+                    f"{sequences} training sequences per rollout "
+                    "(time_horizon / recurrent.sequence_length x env.num_envs)"
+                )
+            self.policy = RecurrentActorCritic(
+                self.observation_space,
+                self.action_space,
+                recurrent,
+                actor or MLPSpec(),
+                critic or MLPSpec(),
+                shared=shared,
+                log_std_init=log_std_init,
+                rescale_actions=rescale_actions,
+                conv=conv,
+            )
+        else:
+            self.policy = ActorCritic(
+                self.observation_space,
+                self.action_space,
+                actor or MLPSpec(),
+                critic or MLPSpec(),
+                shared=shared,
+                log_std_init=log_std_init,
+                rescale_actions=rescale_actions,
+                conv=conv,
+            )
 
     def compute_returns(self, memory: OnPolicyMemory) -> None:
         memory.compute_returns("gae", self.gamma, self.hparams.gae_lambda)
         self.train_metrics["train/explained_variance"] = memory.explained_variance()
+
+    @override
+    def build_rollout(self) -> OnPolicyRollout:
+        if self.recurrent is None:
+            return super().build_rollout()
+        hp = self.hparams
+        return OnPolicyRollout(
+            self,
+            self.env_spec,
+            self.env_seed(),
+            hp.time_horizon,
+            hp.training_epochs,
+            hp.num_minibatches,
+            world_size=self.trainer.world_size,
+            gamma=self.gamma,
+            sequence_length=self.sequence_length,
+        )
+
+    def initial_state(self, num_envs: int) -> Tensor | None:
+        """The zero hidden state of ``num_envs`` envs; None for a feed-forward policy."""
+        if self.recurrent is None:
+            return None
+        return self.policy.initial_state(num_envs, self.device)
+
+    def recurrent_act(
+        self, obs: Tensor, state: Tensor, episode_starts: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One rollout step of the recurrent policy: actions, log-probs, values, next state."""
+        return self.policy.act(obs, state, episode_starts)
+
+    def recurrent_values(self, obs: Tensor, state: Tensor, episode_starts: Tensor) -> Tensor:
+        """Bootstrap values after the rollout's last step, from the carried state."""
+        return self.policy.value(obs, state, episode_starts)
+
+    def recurrent_eval_actions(
+        self, obs: Tensor, state: Tensor, episode_starts: Tensor, greedy: bool
+    ) -> tuple[Tensor, Tensor]:
+        """Evaluation actions (greedy or sampled) and the next hidden state."""
+        dist, _, state = self.policy.step(obs, state, episode_starts)
+        return (self.policy.greedy(dist) if greedy else dist.sample()), state
 
     @override
     def on_train_epoch_start(self) -> None:
@@ -138,7 +220,15 @@ class PPO(RLAlgorithm):
     @override
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         hp = self.hparams
-        dist, values = self.policy(batch["obs"])
+        if self.recurrent is None:
+            dist, values = self.policy(batch["obs"])
+        else:
+            # Sequences (B, L): run the cell through them, then keep only the valid steps.
+            valid = batch["valid"]
+            dist, values, _ = self.policy(
+                batch["obs"], batch["states"], batch["episode_starts"], mask=valid
+            )
+            batch = {key: batch[key][valid] for key in _STEP_FIELDS}
         log_probs = self.policy.log_prob(dist, batch["actions"])
         advantages = batch["advantages"]
         if hp.normalize_advantages:

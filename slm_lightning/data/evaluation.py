@@ -18,6 +18,10 @@ class EvaluationEpisodes:
     Episodes are spread evenly over the envs (env ``i`` plays ``(n + i) // num_envs`` of
     them) so that short episodes, which finish first, do not crowd out long ones.
 
+    A recurrent agent (one whose ``initial_state(num_envs)`` returns a tensor) acts through
+    ``recurrent_eval_actions(obs, state, episode_starts, greedy) -> (actions, state)``; its
+    hidden state is carried from step to step and zeroed where an episode starts.
+
     Args:
         agent: the algorithm; needs ``eval_actions(obs, greedy)``, ``env_actions`` and ``device``.
         env_spec: the training env spec; ``num_envs`` is capped at ``num_episodes``.
@@ -57,12 +61,27 @@ class EvaluationEpisodes:
         counts = np.zeros(n, dtype=int)
         returns: list[float] = []
         lengths: list[int] = []
+        initial_state = getattr(self.agent, "initial_state", None)
+        state = None if initial_state is None else initial_state(n)
+        starts = np.ones(n, dtype=bool)
+        prev_done = np.zeros(n, dtype=bool)
         obs, _ = env.reset(seed=self.seed)
         try:
             while (counts < targets).any():
                 obs_t = torch.as_tensor(np.asarray(obs, dtype=np.float32), device=self.agent.device)
-                actions = self.agent.eval_actions(obs_t, self.greedy)
-                obs, _, _, _, info = env.step(self.agent.env_actions(actions.cpu().numpy()))
+                if state is None:
+                    actions = self.agent.eval_actions(obs_t, self.greedy)
+                else:
+                    starts_t = torch.as_tensor(starts, device=self.agent.device)
+                    actions, state = self.agent.recurrent_eval_actions(
+                        obs_t, state, starts_t, self.greedy
+                    )
+                    # NEXT_STEP autoreset: the step after a done returns a first observation.
+                    starts = prev_done
+                obs, _, terminated, truncated, info = env.step(
+                    self.agent.env_actions(actions.cpu().numpy())
+                )
+                prev_done = terminated | truncated
                 if "_episode" in info:
                     for i in np.flatnonzero(info["_episode"]):
                         if counts[i] < targets[i]:

@@ -19,11 +19,17 @@ class OnPolicyMemory:
     ``values[t + 1, i]`` of such a step is ``V(final_obs)``, which is exactly the bootstrap
     value a truncated step ``t`` needs.
 
+    A recurrent policy's memory (``state_size > 0``) also keeps ``states[t, i]``, the hidden
+    state sub-env ``i`` carried into step ``t`` (before any reset), and ``episode_starts[t,
+    i]``, true where ``obs[t, i]`` is an episode's first observation (the state is zeroed
+    there); :meth:`sequence_tensors` cuts the rollout into training sequences.
+
     Args:
         time_horizon: vector steps per rollout (``T``).
         num_envs: envs per process (``N``).
         obs_shape, obs_dtype: single observation shape and dtype (uint8 stays uint8).
         action_shape, action_dtype: single action shape and dtype.
+        state_size: width of a recurrent policy's flat hidden state; 0 for none.
     """
 
     def __init__(
@@ -34,6 +40,7 @@ class OnPolicyMemory:
         obs_dtype: np.dtype,
         action_shape: tuple[int, ...],
         action_dtype: np.dtype,
+        state_size: int = 0,
     ) -> None:
         shape = (time_horizon, num_envs)
         self.obs = np.zeros((*shape, *obs_shape), dtype=obs_dtype)
@@ -47,6 +54,8 @@ class OnPolicyMemory:
         self.last_values = np.zeros(num_envs, dtype=np.float32)
         self.advantages = np.zeros(shape, dtype=np.float32)
         self.returns = np.zeros(shape, dtype=np.float32)
+        self.states = np.zeros((*shape, state_size), dtype=np.float32)
+        self.episode_starts = np.zeros(shape, dtype=bool)
 
     @property
     def next_values(self) -> np.ndarray:
@@ -103,3 +112,38 @@ class OnPolicyMemory:
         return {
             key: torch.from_numpy(arr.reshape(-1, *arr.shape[2:])) for key, arr in fields.items()
         }
+
+    def sequence_tensors(self, length: int) -> dict[str, Tensor]:
+        """The rollout cut into ``(T // length) * N`` sequences of ``length`` steps, for a
+        recurrent policy: fields shaped ``(sequences, length, …)`` plus ``states``, the
+        ``(sequences, state_size)`` hidden state each sequence began with.
+
+        Sequence ``k * N + i`` is sub-env ``i``'s steps ``k * length`` to
+        ``(k + 1) * length - 1``. ``valid`` and ``episode_starts`` come along so training
+        can mask the NEXT_STEP autoreset slots and zero the state where episodes start.
+        """
+        horizon, num_envs = self.valid.shape
+        if horizon % length:
+            raise ValueError(f"time_horizon {horizon} is not a multiple of sequence {length}")
+        fields = {
+            "obs": self.obs,
+            "actions": self.actions,
+            "log_probs": self.log_probs,
+            "values": self.values,
+            "advantages": self.advantages,
+            "returns": self.returns,
+            "valid": self.valid,
+            "episode_starts": self.episode_starts,
+        }
+        chunks = horizon // length
+
+        def cut(arr: np.ndarray) -> Tensor:
+            # (T, N, …) -> (T/L, L, N, …) -> (T/L, N, L, …) -> (T/L * N, L, …)
+            arr = arr.reshape(chunks, length, num_envs, *arr.shape[2:]).swapaxes(1, 2)
+            return torch.from_numpy(np.ascontiguousarray(arr).reshape(-1, *arr.shape[2:]))
+
+        out = {key: cut(arr) for key, arr in fields.items()}
+        out["states"] = torch.from_numpy(
+            self.states[::length].reshape(chunks * num_envs, self.states.shape[-1])
+        )
+        return out

@@ -11,6 +11,7 @@ from gymnasium.wrappers import FrameStackObservation
 from gymnasium.wrappers.vector import NormalizeObservation, NormalizeReward, RecordEpisodeStatistics
 from loguru import logger
 
+from slm_lightning.envs.atari import AtariSpec, is_atari, make_atari_env
 from slm_lightning.envs.names import migrate_env_id
 
 Vectorization = Literal["auto", "sync", "async", "vector_entry_point"]
@@ -38,6 +39,9 @@ class EnvSpec:
         frame_stack: stack the last N observations (gymnasium's FrameStackObservation,
             zero-padded after a reset); 1 disables it.
         kwargs: extra keyword arguments for the env constructor.
+        atari: ale-py vector env options (sticky actions, episodic life, frame skip, stack
+            size, threads …), used only for ``ALE/...`` ids, which always run in ale-py's
+            native vector env; see :class:`~slm_lightning.envs.atari.AtariSpec`.
     """
 
     name: str = "CartPole-v1"
@@ -48,6 +52,7 @@ class EnvSpec:
     normalize_reward: bool = False
     frame_stack: int = 1
     kwargs: dict[str, Any] = field(default_factory=dict)
+    atari: AtariSpec = field(default_factory=AtariSpec)
 
     def __post_init__(self) -> None:
         if self.num_envs < 1:
@@ -79,6 +84,19 @@ class EnvSpec:
         return self.registry_spec().reward_threshold
 
 
+def route_mujoco_warnings(registry_spec: gym.envs.registration.EnvSpec) -> None:
+    """Send MuJoCo's compiler warnings to the log instead of a ``MUJOCO_LOG.TXT`` that MuJoCo
+    would otherwise write into the working directory (e.g. HalfCheetah-v5's deprecated
+    ``settotalmass``). Fork-started workers inherit the handler."""
+    entry = registry_spec.entry_point if isinstance(registry_spec.entry_point, str) else ""
+    if not entry.startswith("gymnasium.envs.mujoco"):
+        return
+    import mujoco
+
+    if mujoco.get_mju_user_warning() is None:
+        mujoco.set_mju_user_warning(lambda message: logger.debug(f"MuJoCo: {message}"))
+
+
 def resolve_vectorization(spec: EnvSpec, registry_spec: gym.envs.registration.EnvSpec) -> str:
     """Pick the vectorization mode for ``auto`` (explicit modes are returned unchanged)."""
     if spec.vectorization != "auto":
@@ -106,6 +124,9 @@ def make_vector_env(spec: EnvSpec, seed: int | None = None, gamma: float = 0.99)
         gamma: discount used by reward normalisation.
     """
     registry_spec = spec.registry_spec()
+    route_mujoco_warnings(registry_spec)
+    if is_atari(spec.name):
+        return _wrap_and_reset(make_atari_env(spec, registry_spec), spec, seed, gamma)
     env_id, migration_kwargs = migrate_env_id(spec.name)
     mode = resolve_vectorization(spec, registry_spec)
     if mode == "vector_entry_point" and registry_spec.vector_entry_point is None:
@@ -144,7 +165,12 @@ def make_vector_env(spec: EnvSpec, seed: int | None = None, gamma: float = 0.99)
             f"env.name: {env_id} autoresets in {autoreset}; only NEXT_STEP is supported"
         )
     logger.info(f"env {env_id}: {spec.num_envs} envs, vectorization={mode}")
-    env = RecordEpisodeStatistics(env)
+    return _wrap_and_reset(RecordEpisodeStatistics(env), spec, seed, gamma)
+
+
+def _wrap_and_reset(env: VectorEnv, spec: EnvSpec, seed: int | None, gamma: float) -> VectorEnv:
+    """Add the normalisers ``spec`` asks for on top of an env that records raw episode
+    statistics, then reset and seed it."""
     if spec.normalize_obs:
         env = NormalizeObservation(env)
     if spec.normalize_reward:
@@ -157,6 +183,12 @@ def make_vector_env(spec: EnvSpec, seed: int | None = None, gamma: float = 0.99)
 def probe_spaces(spec: EnvSpec) -> tuple[gym.Space, gym.Space]:
     """The single-env observation and action spaces of ``spec``, read off a throwaway env."""
     registry_spec = spec.registry_spec()
+    route_mujoco_warnings(registry_spec)
+    if is_atari(spec.name):
+        env = make_atari_env(spec, registry_spec, num_envs=1)
+        spaces = env.single_observation_space, env.single_action_space
+        env.close()
+        return spaces
     env_id, migration_kwargs = migrate_env_id(spec.name)
     kwargs = {**migration_kwargs, **spec.kwargs}
     if resolve_vectorization(spec, registry_spec) == "vector_entry_point":
@@ -167,9 +199,25 @@ def probe_spaces(spec: EnvSpec) -> tuple[gym.Space, gym.Space]:
         env = gym.make_vec(env_id, 1, vectorization_mode="vector_entry_point", **kwargs)
         spaces = env.single_observation_space, env.single_action_space
     else:
-        env = gym.make(env_id, **kwargs)
-        if spec.frame_stack > 1:
-            env = FrameStackObservation(env, stack_size=spec.frame_stack)
+        env = make_single_env(spec)
         spaces = env.observation_space, env.action_space
     env.close()
     return spaces
+
+
+def make_single_env(spec: EnvSpec) -> gym.Env:
+    """One sub-env of ``spec`` as the sync and async vector envs build each of theirs
+    (migrated id, constructor kwargs, time limit, frame stacking), unseeded and not reset.
+    Not for ``ALE/...`` ids, which only run in ale-py's native vector env."""
+    if is_atari(spec.name):
+        raise ConfigError(f"env.name: {spec.name} runs only in ale-py's native vector env")
+    registry_spec = spec.registry_spec()
+    route_mujoco_warnings(registry_spec)
+    env_id, migration_kwargs = migrate_env_id(spec.name)
+    kwargs = {**migration_kwargs, **spec.kwargs}
+    if spec.max_episode_steps is not None:
+        kwargs["max_episode_steps"] = spec.max_episode_steps
+    env = gym.make(env_id, **kwargs)
+    if spec.frame_stack > 1:
+        env = FrameStackObservation(env, stack_size=spec.frame_stack)
+    return env

@@ -1,4 +1,5 @@
-"""Policy and value networks over flat observations, for discrete and continuous actions."""
+"""Policy and value networks over flat or image observations, for discrete and continuous
+actions."""
 
 import numpy as np
 import torch
@@ -6,6 +7,7 @@ from gymnasium import spaces
 from torch import Tensor, nn
 from torch.distributions import Categorical, Distribution, Normal
 
+from slm_lightning.nets.conv import ConvSpec, full_precision, observation_encoder
 from slm_lightning.nets.mlp import MLPSpec, mlp_body, orthogonal_init
 
 # Distribution argument validation costs more than the tiny forward passes of RL policies.
@@ -19,14 +21,20 @@ class ActorCritic(nn.Module):
     :meth:`env_actions` clips them there and rescales them to the env's Box (or clips them
     to the Box when ``rescale_actions`` is false or the Box is unbounded).
 
+    Observations first go through an encoder shared by actor and critic: a conv trunk for
+    image observations (trained by both losses, in the actor's parameter group), else a plain
+    flatten. The actor and critic MLP bodies then run on its features.
+
     Args:
-        observation_space: a Box of observations (flattened).
+        observation_space: a Box of observations (flattened, or an image for the conv trunk).
         action_space: Discrete or Box.
-        actor: the actor body.
+        actor: the actor body (after the encoder).
         critic: the critic body; ignored when ``shared``; ``None`` for an actor-only policy.
         shared: the critic head sits on the actor body (one body, two heads).
         log_std_init: initial log standard deviation of Gaussian policies.
         rescale_actions: map ``[-1, 1]`` onto the Box bounds instead of clipping to them.
+        conv: the conv trunk; None uses the Nature CNN for image observations (``(C, H, W)``
+            Boxes, uint8 pixels scaled by 1/255) and no trunk otherwise.
     """
 
     def __init__(
@@ -38,9 +46,11 @@ class ActorCritic(nn.Module):
         shared: bool = False,
         log_std_init: float = 0.0,
         rescale_actions: bool = True,
+        conv: ConvSpec | None = None,
     ) -> None:
         super().__init__()
-        obs_dim = int(np.prod(observation_space.shape))
+        self.encoder = observation_encoder(observation_space, conv)
+        obs_dim = self.encoder.out_features
         self.discrete = isinstance(action_space, spaces.Discrete)
         self.action_space = action_space
         self.shared = shared
@@ -74,7 +84,11 @@ class ActorCritic(nn.Module):
 
     def actor_parameters(self) -> list[nn.Parameter]:
         """Parameters trained by the policy loss (the shared body included)."""
-        params = [*self.actor_body.parameters(), *self.actor_head.parameters()]
+        params = [
+            *self.encoder.parameters(),
+            *self.actor_body.parameters(),
+            *self.actor_head.parameters(),
+        ]
         return [*params, self.log_std] if not self.discrete else params
 
     def critic_parameters(self) -> list[nn.Parameter]:
@@ -86,17 +100,18 @@ class ActorCritic(nn.Module):
 
     def forward(self, obs: Tensor) -> tuple[Distribution, Tensor | None]:
         """Action distribution and value estimate (``None`` without a critic) for ``obs``."""
-        obs = obs.flatten(1).float()
-        hidden = self.actor_body(obs)
-        out = self.actor_head(hidden)
-        if self.discrete:
-            dist: Distribution = Categorical(logits=out)
-        else:
-            dist = Normal(out, self.log_std.exp().expand_as(out))
-        value = None
-        if self.critic_head is not None:
-            critic_in = hidden if self.shared else self.critic_body(obs)
-            value = self.critic_head(critic_in).squeeze(-1)
+        obs = self.encoder(obs)
+        with full_precision(obs):
+            hidden = self.actor_body(obs)
+            out = self.actor_head(hidden)
+            if self.discrete:
+                dist: Distribution = Categorical(logits=out)
+            else:
+                dist = Normal(out, self.log_std.exp().expand_as(out))
+            value = None
+            if self.critic_head is not None:
+                critic_in = hidden if self.shared else self.critic_body(obs)
+                value = self.critic_head(critic_in).squeeze(-1)
         return dist, value
 
     def act(self, obs: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -107,10 +122,10 @@ class ActorCritic(nn.Module):
 
     def value(self, obs: Tensor) -> Tensor:
         """``V(s)`` only; cheaper than :meth:`forward` with a separate critic."""
-        obs = obs.flatten(1).float()
-        if self.shared:
-            return self.critic_head(self.actor_body(obs)).squeeze(-1)
-        return self.critic_head(self.critic_body(obs)).squeeze(-1)
+        obs = self.encoder(obs)
+        with full_precision(obs):
+            body = self.actor_body if self.shared else self.critic_body
+            return self.critic_head(body(obs)).squeeze(-1)
 
     def log_prob(self, dist: Distribution, actions: Tensor) -> Tensor:
         """Log-likelihood of ``actions``, summed over action dimensions for Gaussians."""

@@ -1,0 +1,241 @@
+"""Atari through ale-py's native C++ vector env, with raw full-game scores as episode returns.
+
+``ale_py.vector_env.AtariVectorEnv`` steps its sub-envs in C++ threads and does the standard
+preprocessing itself (Mnih et al. 2015; Machado et al. 2018): frame skip with a max-pool over
+the last two frames, 84x84 grayscale, a stack of the last frames, up to ``noop_max`` no-ops
+and FIRE after a reset. Observations are uint8 ``(num_envs, stack_num, 84, 84)``; the nets
+convert them to float and divide by 255 on the training device.
+
+:class:`AtariGameEpisodes` sits directly on the native env and
+
+* records each episode's raw game score and length, summed over all lives, into
+  ``info["episode"]`` / ``info["_episode"]`` at game over (what gymnasium's
+  ``RecordEpisodeStatistics`` would write), so the reported return is the game score;
+* then clips the training reward to its sign (ale-py's own clipping would hide the raw score);
+* with ``episodic_life`` also signals ``terminated`` on each life lost while the game goes on.
+"""
+
+import inspect
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.vector import AutoresetMode, VectorEnv, VectorWrapper
+from loguru import logger
+
+from slm_lightning.envs.names import migrate_env_id
+
+if TYPE_CHECKING:  # factory.py imports this module for EnvSpec.atari
+    from slm_lightning.envs.factory import EnvSpec
+
+# Constructor arguments of AtariVectorEnv that AtariSpec or the wrapper own, or that our
+# rollout cannot work with; every other keyword may be given through env.kwargs.
+_RESERVED_KWARGS = {
+    "game": "it comes from env.name",
+    "num_envs": "use env.num_envs",
+    "autoreset_mode": "the rollout needs NEXT_STEP",
+    "batch_size": "the rollout steps all envs together",
+    "reward_clipping": "use env.atari.reward_clipping",
+    "episodic_life": "use env.atari.episodic_life",
+    "life_loss_info": "use env.atari.episodic_life",
+    "max_num_frames_per_episode": "use env.max_episode_steps",
+    "continuous": "only discrete Atari actions are supported",
+    "grayscale": "the conv nets take (stack, height, width) grayscale frames",
+    "stack_num": "use env.atari.stack_num",
+    "frameskip": "use env.atari.frameskip",
+    "noop_max": "use env.atari.noop_max",
+    "num_threads": "use env.atari.num_threads",
+    "repeat_action_probability": "use env.atari.repeat_action_probability",
+    "full_action_space": "use env.atari.full_action_space",
+}
+
+
+@dataclass
+class AtariSpec:
+    """Options of ale-py's vector env, used when ``env.name`` is an ``ALE/...`` id.
+
+    The defaults are the ``-v5`` settings (Machado et al. 2018) with the DQN preprocessing.
+    Rarer constructor arguments of ``AtariVectorEnv`` (``img_height``, ``img_width``,
+    ``maxpool``, ``use_fire_reset``, ``thread_affinity_offset``) go in ``env.kwargs``.
+
+    Args:
+        repeat_action_probability: sticky actions: each emulator frame repeats the previous
+            action with this probability (v5 default 0.25; 0 for the deterministic v4 setting).
+        full_action_space: all 18 joystick actions instead of the game's minimal set.
+        frameskip: emulator frames per agent step; observations max-pool the last two.
+        stack_num: frames stacked into one observation.
+        noop_max: a reset plays a random number of no-ops, at most this many.
+        episodic_life: signal ``terminated`` when a life is lost (Mnih et al. 2015) so the
+            value is not bootstrapped across it; the game goes on, and the reported episode
+            still ends at game over. The rollout masks the step after a life loss like an
+            autoreset step, dropping one transition per life.
+        reward_clipping: train on ``sign(reward)``; reported returns are always raw scores.
+        num_threads: C++ threads stepping the envs; 0 lets ale-py choose.
+    """
+
+    repeat_action_probability: float = 0.25
+    full_action_space: bool = False
+    frameskip: int = 4
+    stack_num: int = 4
+    noop_max: int = 30
+    episodic_life: bool = False
+    reward_clipping: bool = True
+    num_threads: int = 0
+
+    def __post_init__(self) -> None:
+        # A ConfigError subclass would import factory.py, which imports this module.
+        from slm_lightning.envs.factory import ConfigError
+
+        if not 0.0 <= self.repeat_action_probability <= 1.0:
+            raise ConfigError(
+                "env.atari.repeat_action_probability must be in [0, 1], "
+                f"got {self.repeat_action_probability}"
+            )
+        for key in ("frameskip", "stack_num"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"env.atari.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("noop_max", "num_threads"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"env.atari.{key} must be >= 0, got {getattr(self, key)}")
+
+
+def is_atari(env_id: str) -> bool:
+    """Whether ``env_id`` (after migration) is an ale-py id built by :func:`make_atari_env`."""
+    return migrate_env_id(env_id)[0].startswith("ALE/")
+
+
+class AtariGameEpisodes(VectorWrapper):
+    """Raw full-game episode statistics, sign-clipped training rewards and life-loss signals.
+
+    Must wrap the native env directly: it reads the raw rewards and ``info["lives"]``, and
+    relies on NEXT_STEP autoreset (the step after a game over is the reset; its reward is 0
+    and it is not counted in the episode length).
+
+    Args:
+        env: an ``AtariVectorEnv`` created with ``reward_clipping=False``.
+        episodic_life: also set ``terminated`` on steps where a life was lost.
+        reward_clipping: return ``sign(reward)`` instead of the raw reward.
+    """
+
+    def __init__(self, env: VectorEnv, episodic_life: bool, reward_clipping: bool) -> None:
+        super().__init__(env)
+        self.episodic_life = episodic_life
+        self.reward_clipping = reward_clipping
+        n = env.num_envs
+        self.episode_returns = np.zeros(n, dtype=np.float64)
+        self.episode_lengths = np.zeros(n, dtype=np.int64)
+        self.lives = np.zeros(n, dtype=np.int64)
+        self.prev_game_over = np.zeros(n, dtype=bool)
+
+    def reset(
+        self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        if isinstance(seed, np.integer):  # AtariVectorEnv accepts a python int, not np.int64
+            seed = int(seed)
+        obs, info = self.env.reset(seed=seed, options=options)
+        mask = (options or {}).get("reset_mask", np.ones(self.num_envs, dtype=bool))
+        self.episode_returns[mask] = 0.0
+        self.episode_lengths[mask] = 0
+        self.lives[mask] = info["lives"][mask]
+        self.prev_game_over[mask] = False
+        return obs, info
+
+    def step(
+        self, actions: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        obs, rewards, terminated, truncated, info = self.env.step(actions)
+        playing = ~self.prev_game_over  # the others were reset by this step (NEXT_STEP)
+        self.episode_returns[self.prev_game_over] = 0.0
+        self.episode_lengths[self.prev_game_over] = 0
+        self.episode_returns[playing] += rewards[playing]
+        self.episode_lengths[playing] += 1
+        lives = info["lives"]
+        life_lost = playing & (lives < self.lives)
+        self.lives[:] = lives
+        game_over = terminated | truncated
+        if game_over.any():
+            info["episode"] = {
+                "r": np.where(game_over, self.episode_returns, 0.0),
+                "l": np.where(game_over, self.episode_lengths, 0),
+            }
+            info["_episode"] = game_over
+        self.prev_game_over = game_over
+        if self.episodic_life:
+            terminated = terminated | life_lost
+        rewards = np.sign(rewards) if self.reward_clipping else rewards
+        return obs, rewards.astype(np.float32), terminated, truncated, info
+
+
+def _game(registry_spec: gym.envs.registration.EnvSpec) -> str:
+    return str(registry_spec.kwargs["game"])
+
+
+def _native_kwargs(spec: "EnvSpec", registry_spec: gym.envs.registration.EnvSpec) -> dict[str, Any]:
+    """AtariVectorEnv keyword arguments for ``spec`` (an :class:`EnvSpec`), validated."""
+    from ale_py.vector_env import AtariVectorEnv
+
+    from slm_lightning.envs.factory import ConfigError
+
+    allowed = set(inspect.signature(AtariVectorEnv.__init__).parameters) - {"self"}
+    for key in spec.kwargs:
+        if key in _RESERVED_KWARGS:
+            raise ConfigError(
+                f"env.kwargs.{key} is not allowed for ALE envs: {_RESERVED_KWARGS[key]}"
+            )
+        if key not in allowed:
+            extra = sorted(allowed - set(_RESERVED_KWARGS))
+            raise ConfigError(
+                f"env.kwargs.{key}: unknown AtariVectorEnv argument; allowed: {extra}"
+            )
+    if spec.frame_stack != 1:
+        raise ConfigError(
+            f"env.frame_stack must be 1 for ALE envs (got {spec.frame_stack}); "
+            "frames are stacked natively, set env.atari.stack_num"
+        )
+    atari: AtariSpec = spec.atari
+    max_frames = registry_spec.kwargs.get("max_num_frames_per_episode", 108_000)
+    if spec.max_episode_steps is not None:
+        max_frames = spec.max_episode_steps * atari.frameskip
+    return {
+        "repeat_action_probability": atari.repeat_action_probability,
+        "full_action_space": atari.full_action_space,
+        "frameskip": atari.frameskip,
+        "stack_num": atari.stack_num,
+        "noop_max": atari.noop_max,
+        "num_threads": atari.num_threads,
+        "max_num_frames_per_episode": max_frames,
+        **spec.kwargs,
+        # Clipping happens in AtariGameEpisodes, after the raw score has been recorded, and
+        # life losses are signalled there: ale-py's episodic_life restarts the whole game at
+        # each life lost (ale-py 0.12), which would cap the score at one life.
+        "reward_clipping": False,
+        "episodic_life": False,
+        "life_loss_info": False,
+        "autoreset_mode": AutoresetMode.NEXT_STEP,
+    }
+
+
+def make_atari_env(
+    spec: "EnvSpec", registry_spec: gym.envs.registration.EnvSpec, num_envs: int | None = None
+) -> AtariGameEpisodes:
+    """Build ale-py's vector env for ``spec`` (an :class:`EnvSpec` with an ``ALE/`` id),
+    wrapped in :class:`AtariGameEpisodes`; not yet reset.
+
+    Args:
+        spec: the environment spec; its ``atari`` field holds the Atari options.
+        registry_spec: the registered gymnasium spec of ``spec.name`` (gives the ROM name).
+        num_envs: override ``spec.num_envs`` (e.g. 1 to probe the spaces).
+    """
+    from ale_py.vector_env import AtariVectorEnv
+
+    kwargs = _native_kwargs(spec, registry_spec)
+    env = AtariVectorEnv(_game(registry_spec), num_envs or spec.num_envs, **kwargs)
+    if num_envs is None:
+        logger.info(
+            f"env {registry_spec.id}: {spec.num_envs} envs, ale-py AtariVectorEnv "
+            f"(num_threads={spec.atari.num_threads or 'auto'}, {spec.atari})"
+        )
+    return AtariGameEpisodes(
+        env, episodic_life=spec.atari.episodic_life, reward_clipping=spec.atari.reward_clipping
+    )
