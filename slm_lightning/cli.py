@@ -51,6 +51,14 @@ class SLMLabCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(MetricsTracker, "metrics")
         parser.add_lightning_class_args(FrameCheckpoint, "checkpoint")
+        parser.add_argument(
+            "--torch_threads",
+            type=int,
+            default=1,
+            help="intra-op threads of torch on the CPU: 1 suits small policy networks, whose "
+            "ops are too small to split and whose cores also step the envs; raise it for "
+            "conv nets or wide MLPs.",
+        )
 
     @override
     def _parse_ckpt_path(self) -> None:
@@ -63,6 +71,9 @@ class SLMLabCLI(LightningCLI):
     @override
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.torch_threads < 1:
+            raise ConfigError(f"torch_threads must be >= 1, got {config.torch_threads}")
+        torch.set_num_threads(config.torch_threads)
         trainer = config.trainer
         if trainer.default_root_dir is None:
             configs = config.get("config") or []
@@ -158,7 +169,7 @@ def main(args: list[str] | None = None) -> None:
         level="INFO",
     )
     # Small policy networks run faster on one intra-op thread than split across cores
-    # that are also stepping the environments.
+    # that are also stepping the environments (``--torch_threads`` changes it per run).
     torch.set_num_threads(1)
     # Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1 at import so that checking for GPUs does not
     # initialise CUDA before a fork. Torch then answers every torch.cuda.is_available() with a

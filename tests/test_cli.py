@@ -235,6 +235,7 @@ ERROR_CASES = [
         lambda t: ["--model.init_args.max_frames=-1000"],
         ["max_frames", "> 0", "-1000"],
     ),
+    ("torch-threads-zero", lambda t: ["--torch_threads=0"], ["torch_threads", ">= 1"]),
     (
         "missing-ckpt",
         lambda t: [f"--ckpt_path={t / 'inputs' / 'nope' / 'last.ckpt'}"],
@@ -312,3 +313,16 @@ def test_bad_input_creates_no_default_run_folder(extra, isolated_run: Path) -> N
         main(["fit", "--config", str(PPO_CARTPOLE), *extra])
     assert exc.value.code == 2
     assert list(isolated_run.iterdir()) == []
+
+
+def test_torch_threads_option_sets_intra_op_threads() -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        instantiate(["--config", str(PPO_CARTPOLE), "--torch_threads=2"])
+        assert torch.get_num_threads() == 2
+        instantiate(["--config", str(PPO_CARTPOLE)])
+        assert torch.get_num_threads() == 1  # the default: one thread for small policies
+    finally:
+        torch.set_num_threads(before)
