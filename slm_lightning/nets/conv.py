@@ -47,21 +47,25 @@ class ConvSpec:
     def __post_init__(self) -> None:
         if not len(self.channels) == len(self.kernel_sizes) == len(self.strides):
             raise ValueError(
-                "net.conv.channels, kernel_sizes and strides must have the same length, got "
+                "model.init_args.conv.channels, kernel_sizes and strides must have the same length, got "
                 f"{len(self.channels)}, {len(self.kernel_sizes)} and {len(self.strides)}"
             )
         if min([*self.channels, *self.kernel_sizes, *self.strides], default=1) < 1:
-            raise ValueError("net.conv.channels, kernel_sizes and strides must all be >= 1")
+            raise ValueError(
+                "model.init_args.conv.channels, kernel_sizes and strides must all be >= 1"
+            )
         if self.hidden_size < 0:
-            raise ValueError(f"net.conv.hidden_size must be >= 0, got {self.hidden_size}")
+            raise ValueError(
+                f"model.init_args.conv.hidden_size must be >= 0, got {self.hidden_size}"
+            )
         if self.activation not in _ACTIVATIONS:
             raise ValueError(
-                f"net.conv.activation must be one of {sorted(_ACTIVATIONS)}, "
+                f"model.init_args.conv.activation must be one of {sorted(_ACTIVATIONS)}, "
                 f"got {self.activation!r}"
             )
         if self.precision not in ("auto", "float32", "bfloat16"):
             raise ValueError(
-                "net.conv.precision must be one of ['auto', 'bfloat16', 'float32'], "
+                "model.init_args.conv.precision must be one of ['auto', 'bfloat16', 'float32'], "
                 f"got {self.precision!r}"
             )
 
@@ -103,7 +107,7 @@ class ConvBody(nn.Module):
         super().__init__()
         if len(obs_shape) != 3:
             raise ValueError(
-                f"net.conv needs (channels, height, width) observations, got {obs_shape}"
+                f"model.init_args.conv needs (channels, height, width) observations, got {obs_shape}"
             )
         self.scale = scale
         self.precision = spec.precision
@@ -120,7 +124,9 @@ class ConvBody(nn.Module):
         with torch.no_grad():
             flat = self.convs(torch.zeros(1, *obs_shape)).shape[1]
         if flat == 0:
-            raise ValueError(f"net.conv layers reduce a {obs_shape} observation to nothing")
+            raise ValueError(
+                f"model.init_args.conv layers reduce a {obs_shape} observation to nothing"
+            )
         self.linear: nn.Module = nn.Identity()
         self.out_features = flat
         if hidden and spec.hidden_size:
