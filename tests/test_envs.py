@@ -8,6 +8,7 @@ from slm_lightning.envs import factory
 from slm_lightning.envs.factory import (
     ConfigError,
     EnvSpec,
+    block_workers,
     make_vector_env,
     probe_spaces,
     resolve_vectorization,
@@ -79,7 +80,13 @@ def test_unknown_version_is_a_config_error():
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("num_envs", 0), ("max_episode_steps", 0), ("num_envs", -3)]
+    ("field", "value"),
+    [
+        ("num_envs", 0),
+        ("max_episode_steps", 0),
+        ("num_envs", -3),
+        ("num_workers", 0),
+    ],
 )
 def test_bad_spec_values_are_config_errors(field, value):
     with pytest.raises(ConfigError, match=rf"env\.{field}"):
@@ -93,19 +100,24 @@ def test_vectorization_auto():
     assert resolve_vectorization(pendulum, pendulum.registry_spec()) == "sync"
 
 
-def test_vectorization_auto_async_only_for_costly_envs_with_cores(monkeypatch):
+def test_vectorization_auto_blocks_only_for_costly_envs_with_cores(monkeypatch):
     costly = EnvSpec(name="BipedalWalker-v3", num_envs=16)
     cheap = EnvSpec(name="Pendulum-v1", num_envs=16)
-    monkeypatch.setattr(factory.os, "cpu_count", lambda: 16)
-    assert resolve_vectorization(costly, costly.registry_spec()) == "async"
-    assert resolve_vectorization(cheap, cheap.registry_spec()) == "sync"
-    few = EnvSpec(name="BipedalWalker-v3", num_envs=8)
-    assert resolve_vectorization(few, few.registry_spec()) == "sync"
     monkeypatch.setattr(factory.os, "cpu_count", lambda: 2)
+    assert resolve_vectorization(costly, costly.registry_spec()) == "blocks"
+    assert block_workers(costly) == 2
+    assert resolve_vectorization(cheap, cheap.registry_spec()) == "sync"
+    few = EnvSpec(name="BipedalWalker-v3", num_envs=3)
+    assert resolve_vectorization(few, few.registry_spec()) == "sync"
+    monkeypatch.setattr(factory.os, "cpu_count", lambda: 16)
+    assert block_workers(costly) == 8  # at least two sub-envs per worker
+    assert block_workers(EnvSpec(name="BipedalWalker-v3", num_envs=16, num_workers=3)) == 3
+    assert block_workers(EnvSpec(name="BipedalWalker-v3", num_envs=2, num_workers=3)) == 2
+    monkeypatch.setattr(factory.os, "cpu_count", lambda: 1)
     assert resolve_vectorization(costly, costly.registry_spec()) == "sync"
 
 
-@pytest.mark.parametrize("mode", ["sync", "async", "vector_entry_point"])
+@pytest.mark.parametrize("mode", ["sync", "async", "blocks", "vector_entry_point"])
 def test_explicit_vectorization_is_kept(mode):
     spec = EnvSpec(name="CartPole-v1", vectorization=mode)
     assert resolve_vectorization(spec, spec.registry_spec()) == mode
