@@ -1,17 +1,24 @@
 """A fit's run folder, the checkpoint round trip, and ``--ckpt_path`` resumes on the frame clock."""
 
 import contextlib
+import copy
 import csv
 import hashlib
 import json
+import random
 from pathlib import Path
 
+import gymnasium as gym
+import lightning as L
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from slm_lightning import cli as cli_module
 from slm_lightning.algorithms import PPO
+from slm_lightning.callbacks import RunSummary
+from slm_lightning.schedules import scheduled
 
 CONFIG = Path(__file__).parents[1] / "configs" / "ppo_cartpole.yaml"
 NUM_ENVS, HORIZON = 4, 32
@@ -224,3 +231,191 @@ def test_resume_with_spent_budget_trains_nothing(first, tmp_path) -> None:
     assert cli.trainer.global_step == ckpt1["global_step"]
     for key, tensor in cli.model.state_dict().items():
         assert torch.equal(ckpt1["state_dict"][key], tensor), key
+
+
+# --- --ckpt_path last, SIGTERM, an exception mid-fit, and what a resume restores -----------------
+
+
+def test_ckpt_path_last_starts_then_continues_the_run_in_its_folder(isolated_run) -> None:
+    # No checkpoint yet: "last" starts a new run (one command for a preemptible job).
+    fit_default = ["--config", str(CONFIG), *SMALL, "--ckpt_path=last"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("sys.argv", ["slm-lab"])
+        cli_module.main(["fit", *fit_default, f"--model.init_args.max_frames={N}"])
+        (run,) = (isolated_run / "runs" / "ppo_cartpole").iterdir()
+        rows1 = metrics_rows(run)
+        cli_module.main(["fit", *fit_default, f"--model.init_args.max_frames={2 * N}"])
+    assert list((isolated_run / "runs" / "ppo_cartpole").iterdir()) == [run], "a new run folder"
+    s = summary(run)
+    assert s["start_frames"] == rows1[-1]["rollout/frames"] and s["frames"] >= 2 * N
+    rows = metrics_rows(run)
+    assert rows[: len(rows1)] == rows1  # the first session's rows are kept, then appended to
+    frames = [r["rollout/frames"] for r in rows]
+    assert frames == sorted(set(frames)) and frames[-1] == s["frames"]
+    assert (
+        load(run / "checkpoints" / "last.ckpt")["callbacks"]["MetricsTracker"]["episodes"]
+        == (s["episodes"])
+    )
+
+
+def test_sigterm_saves_a_resumable_checkpoint(isolated_run) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = isolated_run / "run"
+    cmd = [sys.executable, "-m", "slm_lightning.cli", "fit", "--config", str(CONFIG), *SMALL,
+           f"--trainer.default_root_dir={run}", "--model.init_args.max_frames=100000000"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.csv").is_file():  # training is under way
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, out
+    assert "SIGTERM" in out and "resume with --ckpt_path last" in out, out
+    ckpt = load(run / "checkpoints" / "last.ckpt")
+    (state,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    frames = state["frames"]
+    assert frames > 0 and frames % ROLLOUT == 0  # stopped between rollout cycles
+    assert ckpt["global_step"] == state["rollouts"] * 2 * 2  # every rollout fully trained on
+    assert metrics_rows(run)[-1]["rollout/frames"] <= frames  # the logger was flushed
+
+    fit(run, "--ckpt_path=last", f"--model.init_args.max_frames={frames + 2 * ROLLOUT}")
+    s = summary(run)
+    assert s["start_frames"] == frames and s["frames"] == frames + 2 * ROLLOUT
+
+
+class FailingCartPole(gym.Wrapper):
+    """CartPole that raises after ``fail_after`` steps of this env copy (never when None)."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        super().__init__(gym.make("CartPole-v1"))
+        self.fail_after, self.steps = fail_after, 0
+
+    def step(self, action):
+        self.steps += 1
+        if self.fail_after is not None and self.steps > self.fail_after:
+            raise RuntimeError("env crashed")
+        return self.env.step(action)
+
+
+def test_exception_mid_fit_leaves_a_resumable_checkpoint(isolated_run) -> None:
+    gym.register("SlmTestFailingCartPole-v0", entry_point=FailingCartPole)
+    try:
+        env = ["--model.init_args.env.name=SlmTestFailingCartPole-v0",
+               "--model.init_args.env.vectorization=sync"]  # fmt: skip
+        run = isolated_run / "run"
+        with pytest.raises(RuntimeError, match="env crashed"):
+            fit(run, *env, "--model.init_args.env.kwargs={fail_after: 300}",
+                f"--model.init_args.max_frames={N}")  # fmt: skip
+        ckpt = load(run / "checkpoints" / "last.ckpt")
+        (state,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+        frames = state["frames"]  # saved at the failing step, mid-rollout
+        assert frames >= 300 * NUM_ENVS and frames % ROLLOUT != 0
+        rows = metrics_rows(run)  # closed loggers: every logged row reached the file
+        logged = [r["rollout/frames"] for r in rows]
+        assert logged == [512.0 * (i + 1) for i in range(frames // 512)], logged
+        assert (run / "summary.json").is_file()
+
+        fit(run, *env, "--ckpt_path=last", f"--model.init_args.max_frames={4 * N}")
+        s = summary(run)
+        assert s["start_frames"] == frames and 4 * N <= s["frames"] < 4 * N + ROLLOUT
+    finally:
+        gym.registry.pop("SlmTestFailingCartPole-v0", None)
+
+
+class RestoredState(L.Callback):
+    """Records what a resumed fit holds when training starts, before any new step."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+        self.rollout = copy.deepcopy(pl_module.rollout.state_dict())
+        self.optimizer = copy.deepcopy(trainer.optimizers[0].state_dict())
+        self.tracker = copy.deepcopy(RunSummary.tracker(trainer).state_dict())
+        self.weights = copy.deepcopy(pl_module.state_dict())
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not hasattr(self, "lr"):
+            self.lr = trainer.optimizers[0].param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("config", ["ppo_cartpole", "dqn_cartpole"])
+def test_resume_restores_every_state_exactly(config, isolated_run) -> None:
+    path = CONFIG.parent / f"{config}.yaml"
+    small = ["--model.init_args.env.num_envs=4", "--metrics.log_frequency=256"]
+    if config == "dqn_cartpole":
+        small.append("--model.init_args.learning_starts=200")
+    run = isolated_run / "run"
+    args = ["fit", "--config", str(path), *small, f"--trainer.default_root_dir={run}"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("sys.argv", ["slm-lab"])
+        cli_module.main([*args, "--model.init_args.max_frames=1024"])
+        ckpt = load(run / "checkpoints" / "last.ckpt")
+        probe = RestoredState()
+
+        class Probed(cli_module.SLMLabCLI):
+            def before_fit(self) -> None:
+                super().before_fit()
+                self.trainer.callbacks.append(probe)
+
+        mp.setattr(cli_module, "SLMLabCLI", Probed)
+        cli_module.main([*args, "--ckpt_path=last", "--model.init_args.max_frames=2048"])
+    (saved,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    torch_rng, numpy_rng, python_rng = probe.rng
+    assert torch.equal(torch_rng, saved["torch_rng"])
+    assert all(np.array_equal(a, b) for a, b in zip(numpy_rng, saved["numpy_rng"], strict=True))
+    assert python_rng == saved["python_rng"]
+    assert probe.rollout["frames"] == saved["frames"]
+    for key in ("rng", "rollouts"):  # minibatch shuffling (on-policy)
+        assert probe.rollout.get(key) == saved.get(key), key
+    if saved.get("memory") is not None:  # replay contents, cursor and sampling generator
+        for key, value in saved["memory"].items():
+            np.testing.assert_array_equal(probe.rollout["memory"][key], value, err_msg=key)
+    for index, state in ckpt["optimizer_states"][0]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(probe.optimizer["state"][index][name], value), (index, name)
+    for key, value in ckpt["state_dict"].items():
+        assert torch.equal(probe.weights[key], value), key
+    tracker = ckpt["callbacks"]["MetricsTracker"]
+    for key in ("recent", "episodes", "history", "best_return_ma", "next_log"):
+        assert probe.tracker[key] == tracker[key], key  # the moving-average window included
+    # The learning rate of the first resumed update is the schedule's value at the saved frame.
+    hp = ckpt["hyper_parameters"]
+    assert probe.lr == pytest.approx(scheduled(hp["lr"], saved["frames"], 2048))
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_validate_prints_evaluation_returns(first, tmp_path, capsys, greedy) -> None:
+    """``slm-lab validate --ckpt_path`` plays eval_episodes and prints one summary line
+    whose mean lies within its min and max; the checkpoint is left untouched."""
+    _, first_dir = first
+    ckpt = first_dir / "checkpoints" / "last.ckpt"
+    before = digest(ckpt)
+    with pytest.MonkeyPatch.context() as mp, contextlib.chdir(tmp_path):
+        mp.setattr("sys.argv", ["slm-lab"])
+        cli_module.main(
+            [
+                "validate",
+                "--config",
+                str(CONFIG),
+                f"--ckpt_path={ckpt}",
+                f"--trainer.default_root_dir={tmp_path / 'eval'}",
+                "--model.init_args.eval_episodes=3",
+                f"--model.init_args.eval_greedy={str(greedy).lower()}",
+                *SMALL,
+            ]
+        )
+    line = next(text for text in capsys.readouterr().err.splitlines() if " eval: episodes=" in text)
+    fields = dict(item.split("=") for item in line.split(" eval: ")[1].split())
+    assert fields["episodes"] == "3" and fields["greedy"] == str(greedy)
+    low, mean, high = (float(fields[key]) for key in ("min", "return_mean", "max"))
+    assert 0 < low <= mean <= high <= 500  # CartPole returns are episode lengths
+    assert float(fields["std"]) >= 0
+    assert digest(ckpt) == before

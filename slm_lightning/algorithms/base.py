@@ -1,6 +1,7 @@
 """What every algorithm shares: the env, the frame clock and budget, and the rollout dataloader."""
 
 import os
+import random
 from typing import Any
 
 import lightning as L
@@ -15,6 +16,13 @@ from slm_lightning.data.rollout import OnPolicyRollout
 from slm_lightning.envs.factory import ConfigError, EnvSpec, probe_spaces
 from slm_lightning.envs.normalization import normalizer_state
 from slm_lightning.schedules import scheduled
+
+
+def seed_global_rngs(seed: int) -> None:
+    """Seed the global torch, numpy and python RNGs (action sampling, exploration)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
 
 
 class RLAlgorithm(L.LightningModule):
@@ -131,6 +139,11 @@ class RLAlgorithm(L.LightningModule):
             if self._rollout_state is not None:
                 self.rollout.load_state_dict(self._rollout_state)
                 self._rollout_state = None
+            if self.global_rank > 0:
+                # seed_everything gave every rank the same global RNGs (and a resume restores
+                # rank 0's): reseed from this rank's env seed and the clock, so ranks sample
+                # different actions and exploration noise. Rank 0 keeps the run's own stream.
+                seed_global_rngs(self.env_seed() + self.frames)
         return self.rollout
 
     def _evaluation(self) -> EvaluationEpisodes:
@@ -201,6 +214,12 @@ class RLAlgorithm(L.LightningModule):
     def bootstrap_values(self, obs: Tensor) -> Tensor | None:
         return self.policy.value(obs) if self.policy.has_critic else None
 
+    @property
+    def loss_scaling(self) -> bool:
+        """Whether the trainer scales the loss (``16-mixed``'s GradScaler; not ``bf16-mixed``)."""
+        trainer = self._trainer
+        return trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None
+
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # One Adam, one parameter group per network (e.g. actor and a separate critic): each
@@ -208,7 +227,9 @@ class RLAlgorithm(L.LightningModule):
         groups = [{"params": params} for params in self.policy.param_groups()]
         lr = scheduled(self.hparams.lr, 0, self.max_frames)
         # fused: one kernel for all parameters, ~20% faster on the small nets of classic control.
-        return torch.optim.Adam(groups, lr=lr, eps=self.adam_eps, fused=True)
+        # Not under 16-mixed: a fused Adam unscales inside step(), after clipping would have
+        # seen the scaled gradients (Lightning then refuses to clip).
+        return torch.optim.Adam(groups, lr=lr, eps=self.adam_eps, fused=not self.loss_scaling)
 
     @override
     def on_train_epoch_start(self) -> None:
@@ -227,9 +248,28 @@ class RLAlgorithm(L.LightningModule):
         max_norm = (
             self.hparams.get("max_grad_norm") if gradient_clip_val is None else gradient_clip_val
         )
-        if max_norm is not None:
+        if max_norm is None:
+            return
+        if not self.loss_scaling:
+            # No loss scaling (32-true, bf16-mixed): the gradients are the true ones, so the
+            # fused Adam may be clipped. Lightning's MixedPrecision.clip_gradients refuses any
+            # optimizer that can unscale inside step() (fused Adam) even under bf16-mixed,
+            # which has no GradScaler and nothing to unscale; clip here instead.
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+        else:  # 16-mixed: Lightning unscales first (configure_optimizers then avoids fused)
             self.clip_gradients(
                 optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm"
+            )
+
+    @override
+    def on_fit_start(self) -> None:
+        if self.trainer.world_size > 1 and self.hparams.get("target_kl") is not None:
+            # PPO's early stop skips an optimizer step by returning None from training_step,
+            # which Lightning refuses under DDP (every rank must run the same backward passes).
+            raise ConfigError(
+                "model.init_args.target_kl is not supported with more than one device yet; "
+                "leave it unset (null) for DDP runs"
             )
 
     @override

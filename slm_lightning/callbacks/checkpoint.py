@@ -1,12 +1,22 @@
-"""FrameCheckpoint: ``last.ckpt`` every N frames and at the end, ``best.ckpt`` by return MA."""
+"""FrameCheckpoint: ``last.ckpt`` every N frames and at the end, ``best.ckpt`` by return MA, and a
+``last.ckpt`` when training dies from an exception or is preempted (SIGTERM)."""
 
 import math
 import os
+import signal
+import threading
 from pathlib import Path
+from types import FrameType
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from loguru import logger
 from typing_extensions import override
+
+# Exit status of a run stopped by SIGTERM, as a shell reports a process killed by it: the job
+# scheduler (dstack, SLURM, Kubernetes) sees a failure and may restart it with --ckpt_path last.
+SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 
 
 class FrameCheckpoint(Callback):
@@ -17,6 +27,13 @@ class FrameCheckpoint(Callback):
     saved so far, ``checkpoints/best.ckpt``. It also saves ``last.ckpt`` when training ends
     or dies from an exception, so ``--ckpt_path`` can always resume. Files are written to a
     temporary name and renamed, so a crash mid-write never leaves a truncated checkpoint.
+
+    SIGTERM (a preempted cloud or cluster job) does not stop training mid-update, as
+    Lightning's own handler does after the current batch: the current rollout cycle (one
+    Lightning epoch, well under a second to a few seconds) finishes, so the checkpoint holds
+    a consistent state (every rollout fully trained on, its episodes counted), then
+    ``last.ckpt`` is written, the loggers are closed and the process exits with status 143.
+    Under DDP the ranks agree at each epoch end, so all stop at the same epoch.
 
     Args:
         every_n_frames: frames between two checkpoints.
@@ -34,6 +51,7 @@ class FrameCheckpoint(Callback):
         self.save_best = save_best
         self.best_return_ma = -math.inf
         self.next_save = every_n_frames
+        self.sigterm_received = False
 
     @property
     def state_key(self) -> str:
@@ -45,7 +63,28 @@ class FrameCheckpoint(Callback):
         return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
 
     @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning registered its SIGTERM handler when fit began and restores the previous
+        # handlers when fit ends; replacing it here keeps its mid-epoch stop from firing.
+        self.sigterm_received = False
+        # A checkpoint written on an exception is mid-epoch, and Lightning resumes such an epoch
+        # without on_train_epoch_start, where algorithms set lr and per-rollout schedules.
+        if trainer.fit_loop.restarted_mid_epoch:
+            pl_module.on_train_epoch_start()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        if not self.sigterm_received:
+            logger.warning("SIGTERM received: stopping after this rollout cycle")
+        self.sigterm_received = True
+
+    @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Any rank that was signalled stops every rank (one small collective per epoch in DDP).
+        if trainer.strategy.reduce_boolean_decision(self.sigterm_received, all=False):
+            self.sigterm_received = True
+            raise SIGTERMException(SIGTERM_EXIT_CODE)  # on_exception writes last.ckpt
         if pl_module.frames >= self.next_save:
             self.next_save = (pl_module.frames // self.every_n_frames + 1) * self.every_n_frames
             self.save(trainer)
@@ -60,6 +99,12 @@ class FrameCheckpoint(Callback):
     ) -> None:
         if pl_module.frames > 0:
             self.save(trainer, best=False)
+            if trainer.is_global_zero:
+                reason = "SIGTERM" if isinstance(exception, SIGTERMException) else "the error"
+                logger.info(
+                    f"saved {self.directory(trainer) / 'last.ckpt'} at frame {pl_module.frames} "
+                    f"after {reason}; resume with --ckpt_path last"
+                )
 
     def save(self, trainer: L.Trainer, best: bool = True) -> None:
         self._write(trainer, "last.ckpt")

@@ -19,6 +19,23 @@ from typing_extensions import override
 #   train/loss, train/entropy, train/lr, ... (from the algorithm's train_metrics)
 
 
+def gather_episodes(frames: list[int], returns: list[float]) -> tuple[list[int], list[float]]:
+    """All ranks' finished episodes, ordered by frame (then rank): a collective.
+
+    Args:
+        frames: the frame clock at which each of this rank's episodes finished.
+        returns: their returns.
+    """
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, (frames, returns))
+    episodes = sorted(
+        (frame, rank, i, ret)
+        for rank, (rank_frames, rank_returns) in enumerate(gathered)
+        for i, (frame, ret) in enumerate(zip(rank_frames, rank_returns, strict=True))
+    )
+    return [e[0] for e in episodes], [e[3] for e in episodes]
+
+
 class MetricsTracker(Callback):
     """Tracks episodes and training diagnostics on the frame clock and sends them to the loggers.
 
@@ -100,11 +117,24 @@ class MetricsTracker(Callback):
         if pl_module.frames > self._last_log_frames:
             self.log_row(trainer, pl_module)
 
-    def update(self, pl_module: L.LightningModule) -> None:
-        """Take the episodes finished since the last call from the rollout."""
+    def update(self, pl_module: L.LightningModule, gather: bool = True) -> None:
+        """Take the episodes finished since the last call from the rollout.
+
+        Under DDP each rank drains its own envs' episodes and all ranks exchange them, so
+        every rank's tracker (moving average, best average, history) holds the same numbers
+        and rank 0 logs the episodes of all ranks.
+
+        Args:
+            pl_module: the algorithm.
+            gather: exchange episodes with the other ranks; every rank must then call this at
+                the same point (epoch and train end). False keeps this rank's own (exceptions).
+        """
         if pl_module.rollout is None:
             return
         frames, returns, _ = pl_module.rollout.episodes.drain()
+        trainer = pl_module.trainer
+        if gather and trainer.world_size > 1:
+            frames, returns = gather_episodes(frames, returns)
         now = self.seconds()
         for frame, ret in zip(frames, returns, strict=True):
             self.recent.append(ret)
@@ -123,7 +153,6 @@ class MetricsTracker(Callback):
                     self.frames_to_target, self.seconds_to_target = frame, now
         if self.recent:
             # callback_metrics lets Lightning's EarlyStopping and checkpoint monitors use it.
-            trainer = pl_module.trainer
             trainer.callback_metrics["episode/return_ma"] = torch.tensor(self.return_ma)
 
     def log_row(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -66,6 +66,8 @@ class RunSummary(Callback):
 
     @staticmethod
     def run_dir(trainer: L.Trainer) -> Path:
+        """The run folder. Under DDP ``trainer.log_dir`` broadcasts rank 0's folder, a
+        collective: every rank must ask at the same point, not rank 0 alone."""
         return Path(trainer.log_dir or trainer.default_root_dir)
 
     @staticmethod
@@ -77,8 +79,8 @@ class RunSummary(Callback):
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        run_dir = self.run_dir(trainer)
         if trainer.is_global_zero:
-            run_dir = self.run_dir(trainer)
             run_dir.mkdir(parents=True, exist_ok=True)
             info = {
                 "git_sha": git_sha(),
@@ -97,12 +99,23 @@ class RunSummary(Callback):
     ) -> None:
         # Only a session that trained something has a summary worth writing; a crash at
         # start-up must not overwrite the summary of the run it was pointed at.
+        # Other ranks may not be failing with this one: no collectives here (gather, broadcast).
         if pl_module.frames > self.tracker(trainer).start_frames:
-            self.write(trainer, pl_module)
+            self.write(trainer, pl_module, collective=False)
 
-    def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def write(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, collective: bool = True
+    ) -> None:
+        """Write ``summary.json`` and ``returns.png`` and log the ``summary:`` line (rank 0).
+
+        Args:
+            trainer: the trainer.
+            pl_module: the algorithm.
+            collective: every rank calls this at the same point, so episodes can be gathered
+                and the run folder broadcast; False after an exception.
+        """
         tracker = self.tracker(trainer)
-        tracker.update(pl_module)
+        tracker.update(pl_module, gather=collective)
         seconds = tracker.seconds()
         frames = pl_module.frames
 
@@ -124,9 +137,14 @@ class RunSummary(Callback):
             "seconds_to_target": finite(tracker.seconds_to_target),
             "git_sha": git_sha(),
         }
+        if collective:
+            run_dir = self.run_dir(trainer)
+        else:  # rank 0's own view of the folder, without asking the other ranks
+            run_dir = Path(trainer.default_root_dir)
+            if trainer.loggers and hasattr(trainer.loggers[0], "log_dir"):
+                run_dir = Path(trainer.loggers[0].log_dir or run_dir)
         if not trainer.is_global_zero:
             return
-        run_dir = self.run_dir(trainer)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
         title = f"{self.summary['algorithm']} {self.summary['env']}"

@@ -1,0 +1,45 @@
+"""WandbCheckpoints: FrameCheckpoint's files as W&B model artifacts when ``log_model`` is set."""
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+from loguru import logger
+from typing_extensions import override
+
+from slm_lightning.callbacks.checkpoint import FrameCheckpoint
+
+
+class WandbCheckpoints(Callback):
+    """Uploads ``last.ckpt`` and ``best.ckpt`` to every ``WandbLogger`` whose ``log_model`` is set.
+
+    ``WandbLogger(log_model=…)`` only hears of checkpoints from Lightning's ``ModelCheckpoint``;
+    our checkpoints come from :class:`FrameCheckpoint` on the frame clock. At the end of fit
+    (after FrameCheckpoint's final save) each file becomes a version of the artifact
+    ``model-<run id>`` (or the logger's ``checkpoint_name``), aliased ``last`` / ``best``, with
+    the frame count as metadata. In offline mode the artifacts upload with ``wandb sync``.
+    """
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        saver = next((cb for cb in trainer.callbacks if isinstance(cb, FrameCheckpoint)), None)
+        # WandbLogger keeps its constructor arguments in private attributes only.
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger) and lg._log_model]
+        if saver is None or not loggers:
+            return
+        import wandb
+
+        folder = saver.directory(trainer)
+        for lg in loggers:
+            name = lg._checkpoint_name or f"model-{lg.experiment.id}"
+            for alias in ("last", "best"):
+                path = folder / f"{alias}.ckpt"
+                if not path.is_file():
+                    continue
+                artifact = wandb.Artifact(
+                    name=name, type="model", metadata={"frames": pl_module.frames}
+                )
+                artifact.add_file(str(path), name=path.name)
+                lg.experiment.log_artifact(artifact, aliases=[alias])
+                logger.info(f"wandb: {path} logged as artifact {name}:{alias}")

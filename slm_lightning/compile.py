@@ -1,0 +1,107 @@
+"""``--torch-compile``: compile the algorithm's networks with lightning-thunder or torch.compile."""
+
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from loguru import logger
+from torch import nn
+from typing_extensions import override
+
+from slm_lightning.envs.factory import ConfigError
+
+Backend = Literal["thunder", "torch"]
+BACKENDS: tuple[str, ...] = ("thunder", "torch")
+
+
+def compile_backend(value: bool | str | None) -> Backend | None:
+    """The backend a ``--torch-compile`` value asks for: ``true`` means thunder, ``false`` none.
+
+    Args:
+        value: the flag as parsed (a YAML bool or a backend name).
+    """
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "thunder"
+    text = str(value).strip().lower()
+    if text in ("false", "0", "no", "off", "none"):
+        return None
+    if text in ("true", "1", "yes", "on"):
+        return "thunder"
+    if text not in BACKENDS:
+        raise ConfigError(
+            f"torch_compile must be one of true, false, {', '.join(BACKENDS)}, got {value!r}"
+        )
+    return text  # type: ignore[return-value]
+
+
+def compilable_blocks(module: nn.Module) -> list[nn.Sequential]:
+    """The outermost ``nn.Sequential`` blocks with parameters: the MLP bodies and conv trunks.
+
+    Whole policies return distributions and carry recurrent state, which neither compiler
+    traces; their tensor-in / tensor-out bodies hold almost all the FLOPs.
+    """
+    blocks: list[nn.Sequential] = []
+    inside: set[int] = set()
+    for _, child in module.named_modules():
+        if id(child) in inside:
+            continue
+        if isinstance(child, nn.Sequential) and any(True for _ in child.parameters()):
+            blocks.append(child)
+            inside.update(id(m) for m in child.modules())
+    return blocks
+
+
+def compile_block(block: nn.Sequential, backend: Backend) -> None:
+    """Compile ``block`` in place: same object, same parameters, same ``state_dict`` keys.
+
+    ``torch.compile``'s and ``thunder.jit``'s wrappers would prefix every key
+    (``_orig_mod.``, ``_model.``) and break checkpoints between compiled and eager runs, so
+    the wrapper is kept off the module tree: it compiles an unregistered twin ``Sequential``
+    over the same layers (hence the same parameters, updated in place by the optimizer) and
+    becomes the block's ``forward``. (``nn.Module.compile()`` would keep the keys too, but
+    on torch 2.12 it does not compile a built-in ``nn.Sequential``: dynamo skips the frame.)
+    """
+    twin = nn.Sequential(*block)
+    if backend == "torch":
+        compiled: nn.Module = torch.compile(twin)
+    else:
+        import thunder
+
+        compiled = thunder.jit(twin)
+    object.__setattr__(block, "forward", compiled)  # not a registered submodule: keys unchanged
+
+
+class CompileNetworks(Callback):
+    """Compiles the algorithm's network blocks (see :func:`compilable_blocks`) before fitting.
+
+    Args:
+        backend: ``thunder`` (lightning-thunder's ``thunder.jit``), ``torch``
+            (``torch.compile``) or None (eager, the default).
+    """
+
+    def __init__(self, backend: Backend | None = None) -> None:
+        if backend is not None and backend not in BACKENDS:
+            raise ConfigError(
+                f"torch_compile must be one of true, false, {', '.join(BACKENDS)}, got {backend!r}"
+            )
+        self.backend = backend
+        self.compiled = 0
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.backend is None or self.compiled:
+            return
+        if trainer.strategy.root_device.type == "cpu":
+            logger.warning(
+                f"torch_compile={self.backend} on a CPU: expect it to be slower than eager for "
+                "the small networks of RL (thunder.jit of a small MLP measured ~10x slower); "
+                "compiling pays on GPUs"
+            )
+        blocks = compilable_blocks(pl_module)
+        for block in blocks:
+            compile_block(block, self.backend)
+        self.compiled = len(blocks)
+        logger.info(f"torch_compile: {self.backend} compiled {len(blocks)} network blocks")

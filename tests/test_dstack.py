@@ -1,0 +1,125 @@
+"""The dstack tasks in ``.dstack/``: well-formed, and their ``slm-lab`` command is one we accept.
+
+The command line is expanded by bash with the task's default ``env`` (as dstack's runner
+would), then parsed by our CLI: ``--print_config`` runs the full ``fit`` parser (every key,
+``--ckpt_path`` included) without training, and an instantiation with ``run=False`` builds the
+model, trainer and callbacks it configures.
+"""
+
+import os
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from slm_lightning.algorithms import RLAlgorithm
+from slm_lightning.cli import TRAINER_DEFAULTS, SLMLabCLI, main
+
+ROOT = Path(__file__).parents[1]
+TASKS = sorted((ROOT / ".dstack").glob("*.yml"))
+SLM_LAB = re.compile(r"\buv run slm-lab (.*)$", re.DOTALL)
+
+
+@pytest.fixture(autouse=True)
+def command_line(monkeypatch):
+    """The CLI sees only the args given to it, as ``slm-lab`` would (not pytest's argv)."""
+    monkeypatch.setattr("sys.argv", ["slm-lab"])
+
+
+def load(task: Path) -> dict:
+    spec = yaml.safe_load(task.read_text())
+    assert isinstance(spec, dict), f"{task.name}: not a mapping"
+    return spec
+
+
+def default_env(spec: dict) -> dict[str, str]:
+    """The task's ``env`` entries with a default (``KEY=value``), as a dict."""
+    return dict(entry.split("=", 1) for entry in spec.get("env", []) if "=" in entry)
+
+
+def slm_lab_args(spec: dict, env: dict[str, str]) -> list[str]:
+    """The arguments of the task's ``uv run slm-lab`` command, expanded by bash with ``env``."""
+    lines = [match.group(1) for cmd in spec["commands"] if (match := SLM_LAB.search(cmd))]
+    assert len(lines) == 1, "expected one `uv run slm-lab` command"
+    out = subprocess.run(
+        ["bash", "-c", f'printf "%s\\0" {lines[0]}'],
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.split("\0")[:-1]
+
+
+def test_tasks_exist() -> None:
+    # dstack only accepts configuration files named *.dstack.yml.
+    assert [task.name for task in TASKS] == ["train-cpu.dstack.yml", "train.dstack.yml"]
+
+
+@pytest.mark.parametrize("task", TASKS, ids=lambda p: p.stem)
+def test_task_is_well_formed(task: Path) -> None:
+    spec = load(task)
+    assert spec["type"] == "task"
+    commands = spec["commands"]
+    assert all(isinstance(cmd, str) for cmd in commands)
+    assert any(shlex.split(cmd)[:2] == ["uv", "sync"] for cmd in commands)
+    env = default_env(spec)
+    config = ROOT / env["CONFIG"]
+    assert config.is_file(), f"{task.name}: CONFIG default {env['CONFIG']} does not exist"
+    # Runs and checkpoints on a volume, and the command resumes from the last checkpoint there.
+    volume_paths = [v["path"] if isinstance(v, dict) else v.split(":")[-1] for v in spec["volumes"]]
+    args = slm_lab_args(spec, env)
+    assert args[0] == "fit"
+    root_dir = next(a.split("=", 1)[1] for a in args if a.startswith("--trainer.default_root_dir"))
+    assert any(root_dir.startswith(path.rstrip("/") + "/") for path in volume_paths), root_dir
+    assert args[args.index("--ckpt_path") + 1] == "last"
+    # A preempted spot run is retried, and the retry resumes.
+    assert "interruption" in spec["retry"]["on_events"]
+    if task.name == "train.dstack.yml":
+        assert "gpu" in spec["resources"]
+        assert "--trainer.accelerator=gpu" in args
+    else:
+        assert "gpu" not in spec["resources"]
+        assert "--trainer.accelerator=cpu" in args
+
+
+@pytest.mark.parametrize("task", TASKS, ids=lambda p: p.stem)
+def test_task_command_parses(task: Path, capsys) -> None:
+    spec = load(task)
+    args = slm_lab_args(spec, default_env(spec))
+    args = [str(ROOT / a) if a.startswith("configs/") else a for a in args]
+    # The full fit parser, --ckpt_path included: unknown keys or bad values exit 2 here.
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--print_config"])
+    assert exit_info.value.code == 0, capsys.readouterr().err
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["ckpt_path"] == "last"
+    assert printed["trainer"]["accelerator"] in ("gpu", "cpu")
+
+    # And the classes it configures instantiate (the accelerator is checked for this machine's
+    # hardware at instantiation, so the CPU stands in for the GPU here).
+    model_args = []
+    skip = False
+    for arg in args[1:]:  # without the subcommand and --ckpt_path, which only fit knows
+        if skip:
+            skip = False
+            continue
+        if arg == "--ckpt_path":
+            skip = True
+            continue
+        model_args.append(re.sub(r"^--trainer\.accelerator=gpu$", "--trainer.accelerator=cpu", arg))
+    cli = SLMLabCLI(
+        RLAlgorithm,
+        subclass_mode_model=True,
+        trainer_defaults=TRAINER_DEFAULTS,
+        auto_configure_optimizers=False,
+        parser_kwargs={"exit_on_error": False},
+        args=model_args,
+        run=False,
+    )
+    assert isinstance(cli.model, RLAlgorithm)
+    config = yaml.safe_load(Path(args[args.index("--config") + 1]).read_text())
+    assert type(cli.model).__name__ == config["model"]["class_path"].rsplit(".", 1)[-1]

@@ -1,0 +1,238 @@
+"""Tracking presets: W&B offline and TensorBoard read back, early stopping, MP4 videos."""
+
+import csv
+import json
+import struct
+from pathlib import Path
+from types import SimpleNamespace
+
+import gymnasium as gym
+import imageio_ffmpeg
+import numpy as np
+import pytest
+import wandb
+import yaml
+from gymnasium.wrappers import NormalizeObservation
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from wandb.proto import wandb_internal_pb2
+
+from slm_lightning.algorithms import RLAlgorithm
+from slm_lightning.callbacks import EarlyStopOnReturn, MetricsTracker, VideoRecorder
+from slm_lightning.cli import TRAINER_DEFAULTS, SLMLabCLI, main
+from slm_lightning.envs.factory import ConfigError, EnvSpec
+
+ROOT = Path(__file__).parents[1]
+PRESETS = ROOT / "callbacks"
+PPO_CARTPOLE = str(ROOT / "configs" / "ppo_cartpole.yaml")
+PPO_PENDULUM = str(ROOT / "configs" / "ppo_pendulum.yaml")
+# ppo_cartpole: 64 envs x 16 steps = 1024 frames per rollout.
+SHORT = ["--model.init_args.max_frames=2048", "--metrics.log_frequency=1024"]
+
+
+@pytest.fixture(autouse=True)
+def command_line(monkeypatch):
+    """The CLI sees only the args given to it, as ``slm-lab`` would (not pytest's argv)."""
+    monkeypatch.setattr("sys.argv", ["slm-lab"])
+
+
+def run_folder(root: Path, config: str) -> Path:
+    (folder,) = (root / "runs" / Path(config).stem).iterdir()
+    return folder
+
+
+def read_wandb_records(path: Path) -> list[wandb_internal_pb2.Record]:
+    """The records of an offline ``run-<id>.wandb`` file.
+
+    The file is a LevelDB-style log (wandb's ``datastore``): a 7-byte ``:W&B`` header, then
+    32 KiB blocks of chunks with a 7-byte header (crc32, length, type: 1 full, 2 first,
+    3 middle, 4 last) whose payloads join into serialized ``Record`` protobufs.
+    """
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    block, header = 32768, 7
+    pos, payload, records = 7, b"", []
+    while pos + header <= len(data):
+        if block - pos % block < header:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + header])
+        if kind == 0:
+            break
+        payload += data[pos + header : pos + header + length]
+        pos += header + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(payload)
+            records.append(record)
+            payload = b""
+    return records
+
+
+def test_wandb_and_tensorboard_presets_log_metrics_config_and_video(isolated_run: Path) -> None:
+    presets = [str(PRESETS / name) for name in ("wandb.yaml", "tensorboard.yaml", "video.yaml")]
+    main(["fit", "--config", PPO_CARTPOLE, *(a for p in presets for a in ("--config", p)), *SHORT])
+    wandb.finish()  # in-process: flush the offline run file, as the end of `slm-lab` does
+    folder = run_folder(isolated_run, PPO_CARTPOLE)
+
+    # metrics.csv stays in the run folder beside W&B and TensorBoard.
+    with (folder / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(float(r["rollout/frames"])) for r in rows] == [1024, 2048]
+
+    # W&B: an offline run under $WANDB_DIR named after the config, with the resolved config,
+    # every metric row with frames as its step, and the video.
+    (run_file,) = isolated_run.glob("wandb/offline-run-*/run-*.wandb")
+    records = read_wandb_records(run_file)
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert run.display_name == "ppo_cartpole"
+    assert "slm-lab" in run.tags
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert config["model/class_path"] == "slm_lightning.algorithms.PPO"
+    assert config["model/init_args/max_frames"] == 2048
+    assert config["model/init_args/env/name"] == "CartPole-v1"
+    assert config["metrics/log_frequency"] == 1024
+    history = [
+        {
+            item.key or "/".join(item.nested_key): json.loads(item.value_json)
+            for item in r.history.item
+        }
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]
+    metric_rows = [h for h in history if "rollout/frames" in h]
+    assert [h["trainer/global_step"] for h in metric_rows] == [1024, 2048]
+    expected = {"rollout/fps", "episode/return", "episode/return_ma", "train/loss", "train/lr"}
+    assert expected <= set(metric_rows[-1])
+    videos = [h for h in history if "video/train/_type" in h]
+    assert len(videos) == 1 and videos[0]["trainer/global_step"] == 2048
+
+    # TensorBoard: event files in <run>/tensorboard with our tags, stepped by frames.
+    events = EventAccumulator(str(folder / "tensorboard"))
+    events.Reload()
+    assert expected <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("episode/return_ma")] == [1024, 2048]
+    assert (folder / "videos" / "train-frame2048-episode-0.mp4").is_file()
+
+
+def test_early_stop_ends_before_max_frames_and_writes_the_run(isolated_run: Path) -> None:
+    main(
+        [
+            "fit",
+            "--config",
+            PPO_CARTPOLE,
+            "--config",
+            str(PRESETS / "early_stop.yaml"),
+            "--model.init_args.max_frames=100000",
+            "--metrics.window=5",
+            # A trivially reachable target: any 5 CartPole episodes average more than 1.
+            "--trainer.callbacks.init_args.target_return=1",
+        ]
+    )
+    folder = run_folder(isolated_run, PPO_CARTPOLE)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["frames"] == 1024  # the first rollout finishes > 5 episodes
+    assert (folder / "checkpoints" / "last.ckpt").is_file()
+    with (folder / "metrics.csv").open() as f:
+        assert [int(float(r["rollout/frames"])) for r in csv.DictReader(f)] == [1024]
+
+
+def test_early_stop_without_a_target_names_the_key() -> None:
+    module = SimpleNamespace(env_spec=EnvSpec(name="Pendulum-v1"))  # no reward threshold
+    trainer = SimpleNamespace(callbacks=[MetricsTracker()])
+    with pytest.raises(ConfigError, match="target_return"):
+        EarlyStopOnReturn().target(trainer, module)
+    assert EarlyStopOnReturn(target_return=-300).target(trainer, module) == -300
+
+
+def instantiate(args: list[str]) -> SLMLabCLI:
+    return SLMLabCLI(
+        RLAlgorithm,
+        subclass_mode_model=True,
+        trainer_defaults=TRAINER_DEFAULTS,
+        auto_configure_optimizers=False,
+        parser_kwargs={"exit_on_error": False},
+        args=args,
+        run=False,
+    )
+
+
+def test_video_mp4s_have_one_frame_per_step_plus_reset(isolated_run: Path) -> None:
+    # Pendulum never terminates: every episode is truncated at max_episode_steps, so each
+    # MP4 holds exactly 30 steps + the reset frame. normalize_obs exercises frozen statistics.
+    cli = instantiate(
+        [
+            "--config",
+            PPO_PENDULUM,
+            "--config",
+            str(PRESETS / "video.yaml"),
+            "--model.init_args.max_frames=512",
+            "--model.init_args.time_horizon=32",  # 8 envs x 32 = 256 frames per rollout
+            "--model.init_args.training_epochs=1",
+            "--model.init_args.env.max_episode_steps=30",
+            "--trainer.callbacks.init_args.every_n_frames=256",
+            "--trainer.callbacks.init_args.episodes=2",
+        ]
+    )
+    cli.trainer.fit(cli.model)
+    (recorder,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, VideoRecorder)]
+    folder = Path(cli.trainer.log_dir) / "videos"
+    names = [f"train-frame{f}-episode-{e}.mp4" for f in (256, 512) for e in (0, 1)]
+    assert recorder.videos == [folder / name for name in names]  # no duplicate at the end
+    for path in recorder.videos:
+        frames, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
+        assert frames == 31, path.name
+    assert recorder.state_dict() == {"next_record": 768}
+
+
+def test_video_env_uses_frozen_training_statistics(isolated_run: Path) -> None:
+    spec = EnvSpec(name="Pendulum-v1", normalize_obs=True, max_episode_steps=5)
+    saved = {"obs_rms": {"mean": np.array([1.0, 2.0, 3.0]), "var": np.full(3, 4.0), "count": 9.0}}
+    module = SimpleNamespace(env_spec=spec, rollout=None, _checkpoint_normalizers=saved)
+    env = VideoRecorder()._make_env(module, isolated_run / "videos", "x")
+    assert isinstance(env, NormalizeObservation) and not env.update_running_mean
+    np.testing.assert_allclose(env.obs_rms.mean, [1.0, 2.0, 3.0])
+    obs, _ = env.reset(seed=0)
+    raw = env.unwrapped._get_obs()
+    np.testing.assert_allclose(obs, (raw - [1.0, 2.0, 3.0]) / np.sqrt(4.0 + 1e-8), rtol=1e-5)
+    env.step(env.action_space.sample())
+    np.testing.assert_allclose(env.obs_rms.mean, [1.0, 2.0, 3.0])  # frozen
+    env.close()
+
+
+class _NoRender(gym.Env):
+    metadata = {"render_modes": []}
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2,))
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self, render_mode: str | None = None) -> None:
+        self.render_mode = render_mode
+
+
+def test_video_warns_once_when_the_env_cannot_render(isolated_run: Path, caplog) -> None:
+    gym.register("NoRender-v0", entry_point=_NoRender)
+    try:
+        module = SimpleNamespace(env_spec=EnvSpec(name="NoRender-v0"), rollout=None)
+        recorder = VideoRecorder()
+        assert recorder._make_env(module, isolated_run, "x") is None
+        assert "NoRender-v0 cannot render rgb_array" in recorder.disabled_reason
+        trainer = SimpleNamespace(is_global_zero=True)
+        assert recorder.record(trainer, module, "train") == []  # disabled: no second try
+    finally:
+        gym.registry.pop("NoRender-v0")
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_preset_prints_with_a_config(preset: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", PPO_CARTPOLE, "--config", str(preset), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    raw = yaml.safe_load(preset.read_text())
+    for key, added in raw.get("trainer", {}).items():  # logger+ / callbacks+ appended entries
+        wanted = [entry["class_path"] for entry in added]
+        entries = printed["trainer"][key.rstrip("+")]
+        assert [e["class_path"] for e in entries][-len(wanted) :] == wanted
+    for section in ("metrics", "checkpoint"):
+        for key, value in raw.get(section, {}).items():
+            assert printed[section][key] == value
+    assert printed["model"]["class_path"] == "slm_lightning.algorithms.PPO"
