@@ -275,6 +275,10 @@ class RLAlgorithm(L.LightningModule):
     @override
     def on_train_start(self) -> None:
         self._stop_at_budget()  # a resumed run may already have spent its budget
+        # A checkpoint written on an exception is mid-epoch, and Lightning resumes such an epoch
+        # without on_train_epoch_start, where algorithms set lr and per-rollout schedules.
+        if self.trainer.fit_loop.restarted_mid_epoch:
+            self.on_train_epoch_start()
 
     @override
     def on_train_epoch_end(self) -> None:

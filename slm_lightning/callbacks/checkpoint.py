@@ -67,10 +67,6 @@ class FrameCheckpoint(Callback):
         # Lightning registered its SIGTERM handler when fit began and restores the previous
         # handlers when fit ends; replacing it here keeps its mid-epoch stop from firing.
         self.sigterm_received = False
-        # A checkpoint written on an exception is mid-epoch, and Lightning resumes such an epoch
-        # without on_train_epoch_start, where algorithms set lr and per-rollout schedules.
-        if trainer.fit_loop.restarted_mid_epoch:
-            pl_module.on_train_epoch_start()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_sigterm)
 
