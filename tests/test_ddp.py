@@ -102,11 +102,18 @@ def run_slm_lab(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.C
 # (config, budget): on-policy PPO, 2 ranks x 64 envs x 16 steps = 2048 frames per rollout, and
 # off-policy DQN (each rank its own replay memory), 2 ranks x 12 envs = 24 frames per step,
 # past its learning_starts of 1000 so that gradients flow.
-CASES = [("ppo_cartpole", 6144), ("dqn_cartpole", 3000)]
+# PPO with target_kl=0 stops every rollout's update early, on both ranks at once (they decide
+# on the mean KL).
+CASES = [
+    ("ppo_cartpole", 6144, []),
+    ("dqn_cartpole", 3000, []),
+    ("ppo_cartpole", 6144, ["--model.init_args.target_kl=0.0"]),
+]
+IDS = ["ppo_cartpole", "dqn_cartpole", "ppo_cartpole_target_kl"]
 
 
-@pytest.mark.parametrize(("config_name", "budget"), CASES, ids=[c for c, _ in CASES])
-def test_ddp_two_cpu_ranks(tmp_path: Path, config_name: str, budget: int) -> None:
+@pytest.mark.parametrize(("config_name", "budget", "extra"), CASES, ids=IDS)
+def test_ddp_two_cpu_ranks(tmp_path: Path, config_name: str, budget: int, extra: list) -> None:
     ranks = tmp_path / "ranks"
     env = {
         **os.environ,
@@ -126,6 +133,7 @@ def test_ddp_two_cpu_ranks(tmp_path: Path, config_name: str, budget: int) -> Non
             "--metrics.log_frequency=2048",
             "--checkpoint.every_n_frames=2048",
             "--trainer.callbacks+=tests.test_ddp.RankReport",
+            *extra,
         ],
         cwd=tmp_path,
         env=env,
@@ -144,6 +152,9 @@ def test_ddp_two_cpu_ranks(tmp_path: Path, config_name: str, budget: int) -> Non
     assert r0["frames"] == r1["frames"] == budget
     assert r0["epoch"] == r1["epoch"] and r0["global_step"] == r1["global_step"]
     assert r0["global_step"] > 0
+    if extra:  # target_kl=0: the first minibatch's KL is exactly 0 (nothing updated yet), the
+        # second's is positive, so both ranks stop after 2 steps per 2048-frame rollout
+        assert r0["global_step"] == 2 * budget // 2048
     if config_name.startswith("ppo"):  # whole rollouts: each rank stepped half the frames
         assert r0["local_frames"] + r1["local_frames"] == budget
 

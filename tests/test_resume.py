@@ -419,3 +419,17 @@ def test_validate_prints_evaluation_returns(first, tmp_path, capsys, greedy) -> 
     assert 0 < low <= mean <= high <= 500  # CartPole returns are episode lengths
     assert float(fields["std"]) >= 0
     assert digest(ckpt) == before
+
+
+def test_target_kl_stops_each_rollouts_update_early(tmp_path) -> None:
+    """target_kl=0: the first minibatch (KL exactly 0, nothing updated yet) trains, the second
+    one's KL is positive, so its update is dropped and the rollout yields no more: two
+    minibatches per rollout instead of training_epochs x num_minibatches = 4."""
+    with contextlib.chdir(tmp_path):
+        cli = fit(
+            tmp_path / "run", "--model.init_args.max_frames=512", "--model.init_args.target_kl=0.0"
+        )
+    rollouts = cli.model.rollout.rollouts
+    assert rollouts == 512 // ROLLOUT
+    assert cli.trainer.global_step == 2 * rollouts
+    assert cli.model.train_metrics["train/approx_kl"] > 0

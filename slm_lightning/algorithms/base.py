@@ -263,16 +263,6 @@ class RLAlgorithm(L.LightningModule):
             )
 
     @override
-    def on_fit_start(self) -> None:
-        if self.trainer.world_size > 1 and self.hparams.get("target_kl") is not None:
-            # PPO's early stop skips an optimizer step by returning None from training_step,
-            # which Lightning refuses under DDP (every rank must run the same backward passes).
-            raise ConfigError(
-                "model.init_args.target_kl is not supported with more than one device yet; "
-                "leave it unset (null) for DDP runs"
-            )
-
-    @override
     def on_train_start(self) -> None:
         self._stop_at_budget()  # a resumed run may already have spent its budget
         # A checkpoint written on an exception is mid-epoch, and Lightning resumes such an epoch

@@ -262,7 +262,14 @@ class PPO(RLAlgorithm):
                 "train/clipfrac": clipfrac,
             }
         )
-        if hp.target_kl is not None and approx_kl > hp.target_kl:
+        if hp.target_kl is None:
+            return loss
+        distributed = self.trainer.world_size > 1
+        if distributed:  # every rank decides on the same (mean) KL, so all stop together
+            approx_kl = self.trainer.strategy.reduce(approx_kl, reduce_op="mean")
+        if approx_kl > hp.target_kl:
             self.stop_update = True  # the rollout yields no more minibatches
-            return None  # and Lightning skips this optimizer step
+            # A single process skips this optimizer step; under DDP every rank must step
+            # (Lightning refuses a skipped step there), so the crossing minibatch still trains.
+            return loss if distributed else None
         return loss
