@@ -413,6 +413,10 @@ def _logger_class(entry: Any) -> type | None:
         return None
 
 
+# The W&B run id of a run folder, written when fit starts, read when the run resumes in place.
+WANDB_RUN_ID_FILE = "wandb_run_id"
+
+
 def run_loggers(
     loggers: Any, run_dir: str, run_name: str, resolved_config: Callable[[], dict]
 ) -> Any:
@@ -422,7 +426,8 @@ def run_loggers(
     Lightning takes ``trainer.log_dir`` (the run folder) from the first logger. Loggers that
     a preset adds (``trainer.logger+:``) with ``save_dir: .`` write into the run folder
     (W&B into ``$WANDB_DIR`` when it is set); a W&B run without a name is named after the
-    config and receives the resolved config. ``trainer.logger=false`` disables logging.
+    config and receives the resolved config, and a run folder that already holds a W&B run
+    id (an in-place resume) continues that W&B run. ``trainer.logger=false`` disables logging.
 
     Args:
         loggers: the parsed ``trainer.logger`` value (None, a bool, an entry or a list).
@@ -453,6 +458,11 @@ def run_loggers(
                 args.name = run_name
             if args.get("config") is None:
                 args.config = resolved_config()
+            id_file = Path(run_dir) / WANDB_RUN_ID_FILE
+            if args.get("id") is None and id_file.is_file():
+                # An in-place resume (--ckpt_path last): continue the same W&B run.
+                args.id = id_file.read_text().strip()
+                args.resume = "allow"
         elif args.get("save_dir") == ".":
             args.save_dir = run_dir
     if not any(cls is not None and issubclass(cls, CSVLogger) for cls in classes):

@@ -236,3 +236,34 @@ def test_preset_prints_with_a_config(preset: Path, capsys) -> None:
         for key, value in raw.get(section, {}).items():
             assert printed[section][key] == value
     assert printed["model"]["class_path"] == "slm_lightning.algorithms.PPO"
+
+
+def test_in_place_resume_continues_the_same_wandb_run(isolated_run: Path) -> None:
+    """``--ckpt_path last`` resumes the run folder in place and the W&B run with it."""
+    preset = ["--config", str(PRESETS / "wandb.yaml")]
+    main(["fit", "--config", PPO_CARTPOLE, *preset, *SHORT])
+    wandb.finish()
+    folder = run_folder(isolated_run, PPO_CARTPOLE)
+    run_id = (folder / "wandb_run_id").read_text()
+    (first,) = isolated_run.glob("wandb/offline-run-*")
+    assert first.name.endswith(run_id)
+
+    main(
+        [
+            "fit",
+            "--config",
+            PPO_CARTPOLE,
+            *preset,
+            "--ckpt_path=last",
+            "--model.init_args.max_frames=4096",
+            "--metrics.log_frequency=1024",
+        ]
+    )
+    wandb.finish()
+    assert run_folder(isolated_run, PPO_CARTPOLE) == folder  # resumed in place
+    assert (folder / "wandb_run_id").read_text() == run_id
+    runs = sorted(isolated_run.glob("wandb/offline-run-*"))
+    assert len(runs) == 2 and all(run.name.endswith(run_id) for run in runs)
+    with (folder / "metrics.csv").open() as f:
+        frames = [int(float(row["rollout/frames"])) for row in csv.DictReader(f)]
+    assert frames == [1024, 2048, 3072, 4096]

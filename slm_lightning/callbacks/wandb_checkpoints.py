@@ -1,5 +1,7 @@
 """WandbCheckpoints: FrameCheckpoint's files as W&B model artifacts when ``log_model`` is set."""
 
+from pathlib import Path
+
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
@@ -10,7 +12,8 @@ from slm_lightning.callbacks.checkpoint import FrameCheckpoint
 
 
 class WandbCheckpoints(Callback):
-    """Uploads ``last.ckpt`` and ``best.ckpt`` to every ``WandbLogger`` whose ``log_model`` is set.
+    """Uploads ``last.ckpt`` and ``best.ckpt`` to every ``WandbLogger`` whose ``log_model`` is set,
+    and keeps the W&B run id in the run folder so that an in-place resume continues that run.
 
     ``WandbLogger(log_model=…)`` only hears of checkpoints from Lightning's ``ModelCheckpoint``;
     our checkpoints come from :class:`FrameCheckpoint` on the frame clock. At the end of fit
@@ -18,6 +21,17 @@ class WandbCheckpoints(Callback):
     ``model-<run id>`` (or the logger's ``checkpoint_name``), aliased ``last`` / ``best``, with
     the frame count as metadata. In offline mode the artifacts upload with ``wandb sync``.
     """
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Keep the W&B run id in the run folder: `--ckpt_path last` resumes the folder in
+        # place, and the CLI then continues the same W&B run instead of opening a new one.
+        from slm_lightning.cli import WANDB_RUN_ID_FILE
+
+        run_dir = trainer.log_dir  # collective under DDP: every rank asks
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if trainer.is_global_zero and loggers and run_dir is not None:
+            Path(run_dir, WANDB_RUN_ID_FILE).write_text(loggers[0].experiment.id)
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
