@@ -277,30 +277,9 @@ class PrioritizedFrameReplay(FrameReplay, PrioritizedReplay):
     Args:
         capacity, num_envs, obs_shape, obs_dtype, action_shape, action_dtype, n_steps, gamma,
             combined, seed, frame_capacity: as in :class:`FrameReplay`.
-        alpha, eps: as in :class:`PrioritizedReplay`.
+        alpha, eps: as in :class:`PrioritizedReplay` (``FrameReplay`` passes them on along
+            the method resolution order).
     """
-
-    def __init__(
-        self,
-        capacity: int,
-        num_envs: int,
-        obs_shape: tuple[int, ...],
-        obs_dtype: DTypeLike,
-        action_shape: tuple[int, ...],
-        action_dtype: DTypeLike,
-        n_steps: int = 1,
-        gamma: float = 0.99,
-        combined: bool = False,
-        seed: int = 0,
-        alpha: float = 0.6,
-        eps: float = 1e-6,
-        frame_capacity: int | None = None,
-    ) -> None:
-        super().__init__(
-            capacity, num_envs, obs_shape, obs_dtype, action_shape, action_dtype,
-            n_steps=n_steps, gamma=gamma, combined=combined, seed=seed,
-            frame_capacity=frame_capacity, alpha=alpha, eps=eps,
-        )  # fmt: skip
 
     def _drop(self, slots: np.ndarray) -> None:
         self.tree.update(slots, 0.0)
