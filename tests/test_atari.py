@@ -11,6 +11,9 @@ from gymnasium import spaces
 from gymnasium.vector import VectorWrapper
 
 from slm_lightning.cli import main
+from slm_lightning.data.frame_replay import FrameReplay
+from slm_lightning.data.offpolicy import OffPolicyRollout
+from slm_lightning.data.rollout import OnPolicyRollout
 from slm_lightning.envs.atari import AtariGameEpisodes, AtariSpec
 from slm_lightning.envs.factory import ConfigError, EnvSpec, make_vector_env, probe_spaces
 from slm_lightning.nets.actor_critic import ActorCritic
@@ -181,6 +184,71 @@ def test_reported_return_is_the_raw_score_summed_over_all_lives():
     # Training sees sign-clipped rewards, the reported returns the raw 5-30 point rewards.
     assert set(np.unique(trained_rewards)) == {0.0, 1.0}
     assert max(float(rewards.max()) for rewards, _, _ in raw.steps) >= 5
+
+
+class AlwaysFire:
+    """A rollout agent that always presses FIRE (Breakout action 1): the paddle stays put and
+    each new ball is served at once, so with sticky actions and no-op starts off the game
+    loses its 5 lives at fixed steps."""
+
+    device = torch.device("cpu")
+    max_frames = 10**9
+    learning_starts = 10**9
+    stop_update = False
+
+    def act(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = len(obs)
+        return torch.ones(n, dtype=torch.int64), torch.zeros(n), torch.zeros(n)
+
+    def explore(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.ones(len(obs), dtype=torch.int64)
+
+    def bootstrap_values(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(len(obs))
+
+    def env_actions(self, actions: np.ndarray) -> np.ndarray:
+        return actions
+
+    def compute_returns(self, memory: Any) -> None:
+        pass
+
+
+BREAKOUT_LIVES = EnvSpec(
+    name="ALE/Breakout-v5",
+    num_envs=1,
+    atari=AtariSpec(episodic_life=True, repeat_action_probability=0.0, noop_max=0),
+)
+
+
+def test_step_after_a_life_loss_is_a_real_transition():
+    # 128 steps of FIRE: Breakout's 5 lives are lost, the last one at game over. Each life
+    # lost is terminal for training; only the step after the game over is the NEXT_STEP
+    # reset, so 128 - 1 steps are transitions (a life-loss mask would leave 128 - 5).
+    rollout = OnPolicyRollout(AlwaysFire(), BREAKOUT_LIVES, 0, 128, 1, 1)
+    rollout.collect()
+    mem = rollout.memory
+    terminals = np.flatnonzero(mem.terminated[:, 0])
+    assert len(terminals) == 5
+    game_over = terminals[-1]
+    assert np.flatnonzero(~mem.valid[:, 0]).tolist() == [game_over + 1]
+    assert mem.valid.sum() == 127
+    # The step after each life lost continues the frame stream: its observation is the
+    # life-loss step's next observation (stacks shifted by one frame), not a reset.
+    for t in terminals[:-1]:
+        np.testing.assert_array_equal(mem.obs[t + 1, 0, :3], mem.obs[t, 0, 1:])
+    assert not mem.obs[game_over + 2, 0, :3].any()  # after the reset step: a zero-padded stack
+    rollout.close()
+
+    # DQN's frame replay keeps the same 127 transitions, with the same observations.
+    memory = FrameReplay(1000, 1, (4, 84, 84), np.uint8, (), np.int64)
+    offpolicy = OffPolicyRollout(AlwaysFire(), BREAKOUT_LIVES, memory, 0)
+    for _ in range(128):
+        offpolicy.step()
+    offpolicy.close()
+    assert len(memory) == 127
+    batch = memory.batch(np.arange(127))
+    np.testing.assert_array_equal(batch["obs"], mem.obs[mem.valid[:, 0], 0])
+    np.testing.assert_array_equal(np.flatnonzero(batch["terminated"]), terminals)
 
 
 # --- the conv nets ---------------------------------------------------------------------------

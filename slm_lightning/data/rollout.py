@@ -10,7 +10,7 @@ from torch import Tensor
 
 from slm_lightning.data.onpolicy import OnPolicyMemory
 from slm_lightning.data.vector_rollout import EpisodeLog, VectorRollout
-from slm_lightning.envs.factory import EnvSpec
+from slm_lightning.envs.factory import EnvSpec, next_step_resets
 
 __all__ = ["EpisodeLog", "OnPolicyAgent", "OnPolicyRollout", "RecurrentAgent"]
 
@@ -157,7 +157,7 @@ class OnPolicyRollout(VectorRollout):
             mem.valid[t] = ~prev_done
             obs = np.asarray(next_obs, dtype=mem.obs.dtype)
             self.record_step(obs, info)
-            prev_done = terminated | truncated
+            prev_done = next_step_resets(terminated, truncated, info)
         obs_t = torch.as_tensor(obs, device=agent.device)
         if recurrent:
             starts_t = torch.as_tensor(starts, device=agent.device)

@@ -12,7 +12,9 @@ convert them to float and divide by 255 on the training device.
   ``info["episode"]`` / ``info["_episode"]`` at game over (what gymnasium's
   ``RecordEpisodeStatistics`` would write), so the reported return is the game score;
 * then clips the training reward to its sign (ale-py's own clipping would hide the raw score);
-* with ``episodic_life`` also signals ``terminated`` on each life lost while the game goes on.
+* with ``episodic_life`` also signals ``terminated`` on each life lost while the game goes on,
+  and marks those steps in ``info[LIFE_LOSS]``: the game is not reset after them, so the
+  rollouts keep the next step as a real transition (:func:`~slm_lightning.envs.factory.next_step_resets`).
 """
 
 import inspect
@@ -28,6 +30,10 @@ from slm_lightning.envs.names import migrate_env_id
 
 if TYPE_CHECKING:  # factory.py imports this module for EnvSpec.atari
     from slm_lightning.envs.factory import EnvSpec
+
+# info key: sub-envs whose ``terminated`` only marks a lost life (episodic_life); the game goes
+# on, so their next step is a real transition, not a NEXT_STEP reset.
+LIFE_LOSS = "life_loss"
 
 # Constructor arguments of AtariVectorEnv that AtariSpec or the wrapper own, or that our
 # rollout cannot work with; every other keyword may be given through env.kwargs.
@@ -68,8 +74,8 @@ class AtariSpec:
         noop_max: a reset plays a random number of no-ops, at most this many.
         episodic_life: signal ``terminated`` when a life is lost (Mnih et al. 2015) so the
             value is not bootstrapped across it; the game goes on, and the reported episode
-            still ends at game over. The rollout masks the step after a life loss like an
-            autoreset step, dropping one transition per life.
+            still ends at game over. The step after a life loss is a real transition
+            (the game is not reset) and is trained on.
         reward_clipping: train on ``sign(reward)``; reported returns are always raw scores.
         num_threads: C++ threads stepping the envs; 0 lets ale-py choose.
     """
@@ -114,7 +120,8 @@ class AtariGameEpisodes(VectorWrapper):
 
     Args:
         env: an ``AtariVectorEnv`` created with ``reward_clipping=False``.
-        episodic_life: also set ``terminated`` on steps where a life was lost.
+        episodic_life: also set ``terminated`` on steps where a life was lost, and mark the
+            ones where the game goes on in ``info[LIFE_LOSS]``.
         reward_clipping: return ``sign(reward)`` instead of the raw reward.
     """
 
@@ -162,6 +169,10 @@ class AtariGameEpisodes(VectorWrapper):
             info["_episode"] = game_over
         self.prev_game_over = game_over
         if self.episodic_life:
+            # The native env resets only at game over or its frame limit (ale-py 0.12.1, with
+            # its own episodic_life off), so after a life lost short of that the stacks go on:
+            # the rollouts must not mask the next step as an autoreset.
+            info[LIFE_LOSS] = life_lost & ~game_over
             terminated = terminated | life_lost
         rewards = np.sign(rewards) if self.reward_clipping else rewards
         return obs, rewards.astype(np.float32), terminated, truncated, info
