@@ -54,7 +54,9 @@ class OnPolicyRollout(VectorRollout):
     stores the state each step began with; minibatches are then whole sequences of
     ``sequence_length`` steps of one sub-env (see :meth:`OnPolicyMemory.sequence_tensors`),
     shuffled over sequences, with ``valid`` to mask the loss. The hidden state is not
-    checkpointed: a resumed run restarts its envs, and with them the state, from a reset.
+    checkpointed, on purpose: a resume restarts the envs from a reset (see
+    :class:`VectorRollout`), so the states at the checkpoint belong to episodes that no longer
+    exist; every env restarts from the zero state with an episode start, as in a fresh run.
 
     Args:
         agent: the algorithm (see :class:`OnPolicyAgent`).
