@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
@@ -11,7 +12,10 @@ from gymnasium import spaces
 from gymnasium.vector import VectorWrapper
 
 from slm_lightning.cli import main
-from slm_lightning.envs.atari import AtariGameEpisodes, AtariSpec
+from slm_lightning.data.frame_replay import FrameReplay
+from slm_lightning.data.offpolicy import OffPolicyRollout
+from slm_lightning.data.rollout import OnPolicyRollout
+from slm_lightning.envs.atari import AtariGameEpisodes, AtariSpec, make_atari_render_env
 from slm_lightning.envs.factory import ConfigError, EnvSpec, make_vector_env, probe_spaces
 from slm_lightning.nets.actor_critic import ActorCritic
 from slm_lightning.nets.conv import ConvBody, ConvSpec, FlatBody
@@ -181,6 +185,133 @@ def test_reported_return_is_the_raw_score_summed_over_all_lives():
     # Training sees sign-clipped rewards, the reported returns the raw 5-30 point rewards.
     assert set(np.unique(trained_rewards)) == {0.0, 1.0}
     assert max(float(rewards.max()) for rewards, _, _ in raw.steps) >= 5
+
+
+class AlwaysFire:
+    """A rollout agent that always presses FIRE (Breakout action 1): the paddle stays put and
+    each new ball is served at once, so with sticky actions and no-op starts off the game
+    loses its 5 lives at fixed steps."""
+
+    device = torch.device("cpu")
+    max_frames = 10**9
+    learning_starts = 10**9
+    stop_update = False
+
+    def act(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = len(obs)
+        return torch.ones(n, dtype=torch.int64), torch.zeros(n), torch.zeros(n)
+
+    def explore(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.ones(len(obs), dtype=torch.int64)
+
+    def bootstrap_values(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(len(obs))
+
+    def env_actions(self, actions: np.ndarray) -> np.ndarray:
+        return actions
+
+    def compute_returns(self, memory: Any) -> None:
+        pass
+
+
+BREAKOUT_LIVES = EnvSpec(
+    name="ALE/Breakout-v5",
+    num_envs=1,
+    atari=AtariSpec(episodic_life=True, repeat_action_probability=0.0, noop_max=0),
+)
+
+
+def test_step_after_a_life_loss_is_a_real_transition():
+    # 128 steps of FIRE: Breakout's 5 lives are lost, the last one at game over. Each life
+    # lost is terminal for training; only the step after the game over is the NEXT_STEP
+    # reset, so 128 - 1 steps are transitions (a life-loss mask would leave 128 - 5).
+    rollout = OnPolicyRollout(AlwaysFire(), BREAKOUT_LIVES, 0, 128, 1, 1)
+    rollout.collect()
+    mem = rollout.memory
+    terminals = np.flatnonzero(mem.terminated[:, 0])
+    assert len(terminals) == 5
+    game_over = terminals[-1]
+    assert np.flatnonzero(~mem.valid[:, 0]).tolist() == [game_over + 1]
+    assert mem.valid.sum() == 127
+    # The step after each life lost continues the frame stream: its observation is the
+    # life-loss step's next observation (stacks shifted by one frame), not a reset.
+    for t in terminals[:-1]:
+        np.testing.assert_array_equal(mem.obs[t + 1, 0, :3], mem.obs[t, 0, 1:])
+    assert not mem.obs[game_over + 2, 0, :3].any()  # after the reset step: a zero-padded stack
+    rollout.close()
+
+    # DQN's frame replay keeps the same 127 transitions, with the same observations.
+    memory = FrameReplay(1000, 1, (4, 84, 84), np.uint8, (), np.int64)
+    offpolicy = OffPolicyRollout(AlwaysFire(), BREAKOUT_LIVES, memory, 0)
+    for _ in range(128):
+        offpolicy.step()
+    offpolicy.close()
+    assert len(memory) == 127
+    batch = memory.batch(np.arange(127))
+    np.testing.assert_array_equal(batch["obs"], mem.obs[mem.valid[:, 0], 0])
+    np.testing.assert_array_equal(np.flatnonzero(batch["terminated"]), terminals)
+
+
+@pytest.mark.parametrize("game", ["Breakout", "Pong"])
+def test_render_env_sees_the_vector_env_observations(game: str):
+    # Without no-ops and sticky actions both envs are deterministic: the same actions give
+    # the same stacks, pixel for pixel, through lives lost and up to the game over (random
+    # play loses Breakout in about 200 steps and Pong in about 950).
+    spec = EnvSpec(
+        name=f"ALE/{game}-v5",
+        num_envs=1,
+        atari=AtariSpec(repeat_action_probability=0.0, noop_max=0),
+    )
+    vector = make_vector_env(spec, seed=0)
+    single = make_atari_render_env(spec)
+    try:
+        vector_obs, _ = vector.reset(seed=0)
+        obs, info = single.reset(seed=0)
+        np.testing.assert_array_equal(obs, vector_obs[0])
+        assert info["episode_frame_number"] == 1  # the FIRE frame, as in the vector env
+        rng = np.random.default_rng(0)
+        for _ in range(2000):
+            action = int(rng.integers(single.action_space.n))
+            vector_obs, _, vector_terminated, vector_truncated, _ = vector.step(np.array([action]))
+            obs, _, terminated, truncated, info = single.step(action)
+            np.testing.assert_array_equal(obs, vector_obs[0])
+            assert (terminated, truncated) == (vector_terminated[0], vector_truncated[0])
+            if terminated:
+                break
+        assert terminated and info["lives"] == 0  # a whole game was compared
+        assert obs.shape == (4, 84, 84) and single.render().shape == (210, 160, 3)
+        assert single.metadata["render_fps"] == 15  # 60 Hz over frame skip 4
+    finally:
+        vector.close()
+        single.close()
+
+
+def test_atari_fit_records_a_video_of_the_game(isolated_run: Path):
+    run_dir = isolated_run / "run"
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "ppo_atari.yaml"),
+            "--config",
+            str(CONFIGS.parent / "callbacks" / "video.yaml"),
+            "--model.init_args.env.num_envs=2",
+            "--model.init_args.env.max_episode_steps=40",
+            "--model.init_args.env.atari.noop_max=0",
+            "--model.init_args.time_horizon=16",
+            "--model.init_args.training_epochs=1",
+            "--model.init_args.max_frames=32",
+            f"--trainer.default_root_dir={run_dir}",
+        ]
+    )
+    # One episode at the end of training, cut at 40 agent steps: 40 frames plus the reset
+    # frame, each the game's 160x210 RGB screen.
+    video = run_dir / "videos" / "train-frame32-episode-0.mp4"
+    frames, seconds = imageio_ffmpeg.count_frames_and_secs(str(video))
+    assert frames == 41
+    assert seconds == pytest.approx(41 / 15, abs=0.1)
+    meta = next(imageio_ffmpeg.read_frames(str(video)))
+    assert meta["size"] == (160, 210)
 
 
 # --- the conv nets ---------------------------------------------------------------------------

@@ -204,6 +204,43 @@ def test_rollout_stores_the_states_it_carried(monkeypatch) -> None:
     ds.close()
 
 
+def test_resume_restarts_the_hidden_state_with_the_episodes(monkeypatch) -> None:
+    # A resume rebuilds the envs from a reset (env internals cannot be checkpointed), so the
+    # hidden states at the checkpoint belong to episodes that no longer exist. The resumed
+    # rollout starts every env from the zero state with an episode start, in place (Lightning
+    # reloading the live rollout mid-epoch) and in a new process alike: exactly the first
+    # rollout of a fresh run.
+    monkeypatch.setattr(
+        rollout_module, "make_vector_env", lambda spec, seed=None, gamma=0.99: counting_vector_env()
+    )
+    keys = ("states", "episode_starts", "obs", "valid")
+
+    def rollout() -> OnPolicyRollout:
+        spec = EnvSpec(name=ENV_ID, num_envs=N)
+        return OnPolicyRollout(CountingRecurrentAgent(), spec, SEED, 7, 1, 1, sequence_length=7)
+
+    fresh = rollout()
+    list(fresh)
+    first = {key: np.copy(getattr(fresh.memory, key)) for key in keys}
+    ds = rollout()
+    list(ds)
+    list(ds)
+    # 14 steps in, every env is inside an episode (counts 2, 4 and 2) with a non-zero state.
+    np.testing.assert_array_equal(ds.obs[:, 1], [2, 4, 2])
+    assert (ds.policy_state > 0).all() and not ds.episode_starts.any()
+    state = ds.state_dict()
+    resumed = rollout()
+    resumed.load_state_dict(state)
+    ds.load_state_dict(state)
+    for run in (resumed, ds):
+        list(run)
+        assert run.frames == 3 * 7 * N
+        for key in keys:
+            np.testing.assert_array_equal(getattr(run.memory, key), first[key], err_msg=key)
+        run.close()
+    fresh.close()
+
+
 @pytest.mark.parametrize("vectorization", ["sync", "vector_entry_point"])
 def test_cartpole_no_velocity_hides_velocities(vectorization: str) -> None:
     spec = EnvSpec(name=CARTPOLE_NO_VELOCITY_ID, num_envs=3, vectorization=vectorization)

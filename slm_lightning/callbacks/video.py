@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import WandbLogger
 from loguru import logger
 from typing_extensions import override
 
-from slm_lightning.envs.atari import is_atari
+from slm_lightning.envs.atari import is_atari, make_atari_render_env
 from slm_lightning.envs.factory import EnvSpec, make_single_env
 from slm_lightning.envs.normalization import normalizer_state
 
@@ -58,7 +58,10 @@ class VideoRecorder(Callback):
     reset frame) and, when a ``WandbLogger`` is active, logged to it as ``video/<stage>``.
     Recording runs on rank 0 only, in eval mode, and restores the torch RNG so that a run
     with videos trains exactly as one without. MuJoCo renders headless through EGL unless
-    ``MUJOCO_GL`` says otherwise. Atari ids (ale-py's native vector env) are not recorded.
+    ``MUJOCO_GL`` says otherwise. Atari ids train in ale-py's vector env, which does not
+    render: they play in one ALE env with the same preprocessing
+    (:func:`~slm_lightning.envs.atari.make_atari_render_env`), so the policy sees the
+    observations it trained on and the MP4 shows the game's RGB screen at 60 Hz / frame skip.
 
     Args:
         every_n_frames: record during training every N frames; None records only at the end.
@@ -167,18 +170,20 @@ class VideoRecorder(Callback):
     def _make_env(self, pl_module: L.LightningModule, folder: Path, prefix: str) -> gym.Env | None:
         """The recording env, or None (with one warning) where the env cannot be rendered."""
         spec: EnvSpec = pl_module.env_spec
-        if is_atari(spec.name):
-            return self._disable(
-                f"{spec.env_id} runs in ale-py's native vector env, which does not render"
-            )
-        entry = spec.registry_spec().entry_point
-        mujoco = isinstance(entry, str) and entry.startswith("gymnasium.envs.mujoco")
-        if mujoco and not os.environ.get("DISPLAY"):  # no X server: GLFW, MuJoCo's default, fails
-            os.environ.setdefault("MUJOCO_GL", "egl")
-        if not os.environ.get("DISPLAY"):  # pygame (classic control, Box2D) draws off-screen
-            os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+        atari = is_atari(spec.name)
+        if not atari:
+            entry = spec.registry_spec().entry_point
+            mujoco = isinstance(entry, str) and entry.startswith("gymnasium.envs.mujoco")
+            if mujoco and not os.environ.get("DISPLAY"):  # no X server: GLFW fails
+                os.environ.setdefault("MUJOCO_GL", "egl")
+            if not os.environ.get("DISPLAY"):  # pygame (classic control, Box2D) draws off-screen
+                os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
         try:
-            env = make_single_env(replace(spec, kwargs={**spec.kwargs, "render_mode": "rgb_array"}))
+            if atari:  # ale-py's vector env does not render: one ALE env with its preprocessing
+                env = make_atari_render_env(spec)
+            else:
+                render_spec = replace(spec, kwargs={**spec.kwargs, "render_mode": "rgb_array"})
+                env = make_single_env(render_spec)
             modes = env.metadata.get("render_modes") or []
             if env.render_mode != "rgb_array" or "rgb_array" not in modes:
                 env.close()

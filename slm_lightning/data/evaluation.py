@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from slm_lightning.envs.factory import EnvSpec, make_vector_env
+from slm_lightning.envs.factory import EnvSpec, make_vector_env, next_step_resets
 from slm_lightning.envs.normalization import freeze_normalizers, load_normalizer_state
 
 
@@ -81,7 +81,7 @@ class EvaluationEpisodes:
                 obs, _, terminated, truncated, info = env.step(
                     self.agent.env_actions(actions.cpu().numpy())
                 )
-                prev_done = terminated | truncated
+                prev_done = next_step_resets(terminated, truncated, info)
                 if "_episode" in info:
                     for i in np.flatnonzero(info["_episode"]):
                         if counts[i] < targets[i]:

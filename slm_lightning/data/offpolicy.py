@@ -11,7 +11,7 @@ from torch import Tensor
 
 from slm_lightning.data.replay import ReplayMemory
 from slm_lightning.data.vector_rollout import VectorRollout
-from slm_lightning.envs.factory import EnvSpec
+from slm_lightning.envs.factory import EnvSpec, next_step_resets
 
 
 class OffPolicyAgent(Protocol):
@@ -93,7 +93,7 @@ class OffPolicyRollout(VectorRollout):
         # NEXT_STEP autoreset: the step after a done only resets; it is not a transition.
         # On the done step itself next_obs is the true final observation.
         self.memory.add(obs, actions, rewards, next_obs, terminated, truncated, ~self.prev_done)
-        self.prev_done = terminated | truncated
+        self.prev_done = next_step_resets(terminated, truncated, info)
         self.obs = next_obs
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:

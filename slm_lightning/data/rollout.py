@@ -10,7 +10,7 @@ from torch import Tensor
 
 from slm_lightning.data.onpolicy import OnPolicyMemory
 from slm_lightning.data.vector_rollout import EpisodeLog, VectorRollout
-from slm_lightning.envs.factory import EnvSpec
+from slm_lightning.envs.factory import EnvSpec, next_step_resets
 
 __all__ = ["EpisodeLog", "OnPolicyAgent", "OnPolicyRollout", "RecurrentAgent"]
 
@@ -54,7 +54,9 @@ class OnPolicyRollout(VectorRollout):
     stores the state each step began with; minibatches are then whole sequences of
     ``sequence_length`` steps of one sub-env (see :meth:`OnPolicyMemory.sequence_tensors`),
     shuffled over sequences, with ``valid`` to mask the loss. The hidden state is not
-    checkpointed: a resumed run restarts its envs, and with them the state, from a reset.
+    checkpointed, on purpose: a resume restarts the envs from a reset (see
+    :class:`VectorRollout`), so the states at the checkpoint belong to episodes that no longer
+    exist; every env restarts from the zero state with an episode start, as in a fresh run.
 
     Args:
         agent: the algorithm (see :class:`OnPolicyAgent`).
@@ -157,7 +159,7 @@ class OnPolicyRollout(VectorRollout):
             mem.valid[t] = ~prev_done
             obs = np.asarray(next_obs, dtype=mem.obs.dtype)
             self.record_step(obs, info)
-            prev_done = terminated | truncated
+            prev_done = next_step_resets(terminated, truncated, info)
         obs_t = torch.as_tensor(obs, device=agent.device)
         if recurrent:
             starts_t = torch.as_tensor(starts, device=agent.device)

@@ -65,6 +65,8 @@ class VectorRollout(IterableDataset):
         self.episodes = EpisodeLog()
         self.env: VectorEnv | None = None
         self.obs: np.ndarray | None = None
+        # Sub-envs whose last step ended the env's episode: NEXT_STEP autoreset resets them
+        # at the next step, which is no transition (see envs.factory.next_step_resets).
         self.prev_done: np.ndarray | None = None
         self._saved_normalizers: dict | None = None
 

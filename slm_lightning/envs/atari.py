@@ -12,7 +12,9 @@ convert them to float and divide by 255 on the training device.
   ``info["episode"]`` / ``info["_episode"]`` at game over (what gymnasium's
   ``RecordEpisodeStatistics`` would write), so the reported return is the game score;
 * then clips the training reward to its sign (ale-py's own clipping would hide the raw score);
-* with ``episodic_life`` also signals ``terminated`` on each life lost while the game goes on.
+* with ``episodic_life`` also signals ``terminated`` on each life lost while the game goes on,
+  and marks those steps in ``info[LIFE_LOSS]``: the game is not reset after them, so the
+  rollouts keep the next step as a real transition (:func:`~slm_lightning.envs.factory.next_step_resets`).
 """
 
 import inspect
@@ -28,6 +30,10 @@ from slm_lightning.envs.names import migrate_env_id
 
 if TYPE_CHECKING:  # factory.py imports this module for EnvSpec.atari
     from slm_lightning.envs.factory import EnvSpec
+
+# info key: sub-envs whose ``terminated`` only marks a lost life (episodic_life); the game goes
+# on, so their next step is a real transition, not a NEXT_STEP reset.
+LIFE_LOSS = "life_loss"
 
 # Constructor arguments of AtariVectorEnv that AtariSpec or the wrapper own, or that our
 # rollout cannot work with; every other keyword may be given through env.kwargs.
@@ -68,8 +74,8 @@ class AtariSpec:
         noop_max: a reset plays a random number of no-ops, at most this many.
         episodic_life: signal ``terminated`` when a life is lost (Mnih et al. 2015) so the
             value is not bootstrapped across it; the game goes on, and the reported episode
-            still ends at game over. The rollout masks the step after a life loss like an
-            autoreset step, dropping one transition per life.
+            still ends at game over. The step after a life loss is a real transition
+            (the game is not reset) and is trained on.
         reward_clipping: train on ``sign(reward)``; reported returns are always raw scores.
         num_threads: C++ threads stepping the envs; 0 lets ale-py choose.
     """
@@ -114,7 +120,8 @@ class AtariGameEpisodes(VectorWrapper):
 
     Args:
         env: an ``AtariVectorEnv`` created with ``reward_clipping=False``.
-        episodic_life: also set ``terminated`` on steps where a life was lost.
+        episodic_life: also set ``terminated`` on steps where a life was lost, and mark the
+            ones where the game goes on in ``info[LIFE_LOSS]``.
         reward_clipping: return ``sign(reward)`` instead of the raw reward.
     """
 
@@ -162,6 +169,10 @@ class AtariGameEpisodes(VectorWrapper):
             info["_episode"] = game_over
         self.prev_game_over = game_over
         if self.episodic_life:
+            # The native env resets only at game over or its frame limit (ale-py 0.12.1, with
+            # its own episodic_life off), so after a life lost short of that the stacks go on:
+            # the rollouts must not mask the next step as an autoreset.
+            info[LIFE_LOSS] = life_lost & ~game_over
             terminated = terminated | life_lost
         rewards = np.sign(rewards) if self.reward_clipping else rewards
         return obs, rewards.astype(np.float32), terminated, truncated, info
@@ -239,3 +250,65 @@ def make_atari_env(
     return AtariGameEpisodes(
         env, episodic_life=spec.atari.episodic_life, reward_clipping=spec.atari.reward_clipping
     )
+
+
+class FireReset(gym.Wrapper):
+    """Press FIRE for one emulator frame after each reset, as ale-py's vector env does with
+    ``use_fire_reset`` (games such as Breakout wait for FIRE to serve). For an env with
+    ``frameskip=1``, under gymnasium's ``AtariPreprocessing``, which then plays its no-ops."""
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[Any, dict[str, Any]]:
+        self.env.reset(seed=seed, options=options)
+        fire = self.env.unwrapped.get_action_meanings().index("FIRE")
+        obs, _, terminated, truncated, info = self.env.step(fire)
+        if terminated or truncated:  # never seen; ale-py's vector env would not notice either
+            return self.env.reset(options=options)
+        return obs, info
+
+
+def make_atari_render_env(spec: "EnvSpec") -> gym.Env:
+    """One ALE env rendering ``rgb_array`` frames whose observations match the vector env's
+    of :func:`make_atari_env` (to record videos of a policy: ale-py's vector env does not render).
+
+    gymnasium's ``AtariPreprocessing`` and ``FrameStackObservation`` (zero padding) redo the
+    native preprocessing on a ``frameskip=1`` ALE env with the same game, sticky actions,
+    action set and frame limit: FIRE after a reset, no-ops, frame skip with a max-pool over
+    the last two frames, grayscale from ALE's palette, OpenCV's area resize, frame stack.
+    Without no-ops and sticky actions the observations equal the vector env's, pixel for
+    pixel, over whole games (measured with ale-py 0.12.1 on Breakout, Pong and Space
+    Invaders). The rest differs only in draws and counting: the no-op count comes from
+    1..``noop_max`` here and 0..``noop_max - 2`` after a FIRE there, and the frame limit
+    counts the FIRE and no-op frames here, not there. Rewards are raw, and a life lost is
+    no terminal: an episode is one whole game.
+
+    Args:
+        spec: the environment spec (an ``ALE/`` id, or a legacy id that migrates to one).
+    """
+    from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation
+
+    registry_spec = spec.registry_spec()
+    native = _native_kwargs(spec, registry_spec)
+    if not native.get("maxpool", True):
+        raise ValueError("env.kwargs.maxpool=false: gymnasium's AtariPreprocessing max-pools")
+    env = gym.make(
+        registry_spec.id,
+        render_mode="rgb_array",
+        frameskip=1,
+        repeat_action_probability=native["repeat_action_probability"],
+        full_action_space=native["full_action_space"],
+        max_num_frames_per_episode=native["max_num_frames_per_episode"],
+    )
+    if native.get("use_fire_reset", True) and "FIRE" in env.unwrapped.get_action_meanings():
+        env = FireReset(env)
+    env = AtariPreprocessing(
+        env,
+        noop_max=native["noop_max"],
+        frame_skip=native["frameskip"],
+        screen_size=(native.get("img_width", 84), native.get("img_height", 84)),
+    )
+    env = FrameStackObservation(env, native["stack_num"], padding_type="zero")
+    # One rendered frame per agent step: real time is the console's 60 Hz over the skip.
+    env.metadata = {**env.metadata, "render_fps": max(1, round(60 / native["frameskip"]))}
+    return env

@@ -7,12 +7,13 @@ from functools import partial
 from typing import Any, Literal
 
 import gymnasium as gym
+import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.wrappers import FrameStackObservation
 from gymnasium.wrappers.vector import NormalizeObservation, NormalizeReward, RecordEpisodeStatistics
 from loguru import logger
 
-from slm_lightning.envs.atari import AtariSpec, is_atari, make_atari_env
+from slm_lightning.envs.atari import LIFE_LOSS, AtariSpec, is_atari, make_atari_env
 from slm_lightning.envs.blocks import BlockVectorEnv
 from slm_lightning.envs.names import migrate_env_id
 
@@ -136,7 +137,8 @@ def make_vector_env(spec: EnvSpec, seed: int | None = None, gamma: float = 0.99)
     """Create, wrap and reset the vector env described by ``spec``.
 
     Every sub-env autoresets in gymnasium's NEXT_STEP mode: the step after a ``done`` is a
-    reset whose transition the rollout masks out. Episode statistics are recorded before
+    reset whose transition the rollout masks out (:func:`next_step_resets` says which: an
+    Atari life lost with ``episodic_life`` is terminal, but the game goes on). Episode statistics are recorded before
     any normalisation, so reported returns are the raw game returns.
 
     Args:
@@ -195,6 +197,22 @@ def make_vector_env(spec: EnvSpec, seed: int | None = None, gamma: float = 0.99)
     workers = f" in {env.num_workers} workers" if isinstance(env, BlockVectorEnv) else ""
     logger.info(f"env {env_id}: {spec.num_envs} envs, vectorization={mode}{workers}")
     return _wrap_and_reset(RecordEpisodeStatistics(env), spec, seed, gamma)
+
+
+def next_step_resets(
+    terminated: np.ndarray, truncated: np.ndarray, info: dict[str, Any]
+) -> np.ndarray:
+    """The sub-envs that NEXT_STEP autoreset resets at the next step, which is therefore no
+    transition: those whose episode ended at this step, except Atari lives lost with
+    ``episodic_life`` (``info[LIFE_LOSS]``), which are terminal for training while the game
+    goes on.
+
+    Args:
+        terminated, truncated: ``(num_envs,)`` flags of this step.
+        info: this step's info.
+    """
+    done = terminated | truncated
+    return done & ~info[LIFE_LOSS] if LIFE_LOSS in info else done
 
 
 def _wrap_and_reset(env: VectorEnv, spec: EnvSpec, seed: int | None, gamma: float) -> VectorEnv:
