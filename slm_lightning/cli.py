@@ -1,13 +1,11 @@
 """The ``slm-lab`` command: LightningCLI with RL defaults, the run folder, and one-line errors."""
 
-import csv
 import difflib
 import importlib
 import inspect
 import os
 import re
 import sys
-import time
 import typing
 import warnings
 from argparse import ArgumentError
@@ -28,9 +26,11 @@ from slm_lightning.algorithms.base import RLAlgorithm
 from slm_lightning.callbacks import FrameCheckpoint, MetricsTracker, RunSummary
 from slm_lightning.compile import CompileNetworks, compile_backend
 from slm_lightning.envs.factory import ConfigError
+from slm_lightning.run_folder import RunConfig, claim_run_dir, keep_metrics_file, release_run_dirs
 from slm_lightning.warm_start import (
     WarmStartNormalizers,
     check_checkpoint_file,
+    check_finite,
     check_weights,
     describe,
     read_checkpoint,
@@ -48,6 +48,9 @@ TRAINER_DEFAULTS = {
     "enable_model_summary": False,
     "num_sanity_val_steps": 0,
     "limit_val_batches": 0,
+    # RunConfig logs the hyperparameters once the session trains (a resume that fails before
+    # must leave the run folder as it was); Lightning would log them at setup.
+    "enable_autolog_hparams": False,
     "callbacks": [RunSummary()],
 }
 
@@ -58,8 +61,19 @@ class SLMLabCLI(LightningCLI):
     Adds ``metrics`` (MetricsTracker) and ``checkpoint`` (FrameCheckpoint) sections to every
     config, and gives each fit its own folder ``runs/<config name>/<timestamp>/`` (unless
     ``--trainer.default_root_dir`` is set) holding the resolved config, ``metrics.csv``,
-    checkpoints, ``summary.json`` and ``returns.png``.
+    checkpoints, ``summary.json`` and ``returns.png``. A new run's folder is created
+    exclusively (see :func:`~slm_lightning.run_folder.claim_run_dir`) and removed again if the
+    command fails before writing into it.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_callback", RunConfig)
+        self.claimed_dirs: list[Path] = []
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            release_run_dirs(self.claimed_dirs)  # a bad input leaves nothing behind
+            raise
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -98,12 +112,18 @@ class SLMLabCLI(LightningCLI):
             raise ConfigError(f"torch_threads must be >= 1, got {config.torch_threads}")
         torch.set_num_threads(config.torch_threads)
         trainer = config.trainer
+        if self.subcommand in ("validate", "test") and not config.get("ckpt_path"):
+            raise ConfigError(
+                f"ckpt_path: {self.subcommand} evaluates a trained agent; pass "
+                "--ckpt_path=path/to.ckpt (or last, or best)"
+            )
         resolve_checkpoint_alias(config, self.subcommand)
         if trainer.default_root_dir is None:
             configs = config.get("config") or []
             name = Path(str(configs[0])).stem if configs else type(self).__name__.lower()
-            stamp = run_stamp()
-            trainer.default_root_dir = str(Path("runs") / name / stamp)
+            run = self.subcommand is not None  # not when instantiated with run=False
+            run_dir, self.claimed_dirs = claim_run_dir(Path("runs") / name, create=run)
+            trainer.default_root_dir = str(run_dir)
         trainer.logger = run_loggers(
             trainer.logger,
             trainer.default_root_dir,
@@ -134,6 +154,10 @@ class SLMLabCLI(LightningCLI):
     # runs, so a mismatched one stops the command before it writes anything.
     def before_fit(self) -> None:
         self._check_checkpoints()
+        # RunConfig cuts metrics.csv back to the resumed frame at the first epoch end, before
+        # MetricsTracker logs the session's first row there: callbacks run in list order.
+        callbacks = self.trainer.callbacks
+        callbacks.sort(key=lambda callback: not isinstance(callback, RunConfig))
 
     def before_validate(self) -> None:
         self._check_checkpoints()
@@ -165,9 +189,9 @@ class SLMLabCLI(LightningCLI):
         if config.get("ckpt_path"):
             checkpoint = read_checkpoint(config.ckpt_path, "ckpt_path")
             check_resume(self.model, checkpoint, config.ckpt_path)
-            # Rank 0 alone rewrites metrics.csv (under DDP every rank runs this hook).
+            # Rank 0 alone keeps metrics.csv (under DDP every rank runs this hook).
             if self.subcommand == "fit" and rank_zero_only.rank == 0:
-                keep_logged_rows(self.trainer, checkpoint_frames(checkpoint))
+                keep_metrics_file(self.trainer)
             # Lightning reads the file again in fit; hand it the copy just checked instead.
             strategy = self.trainer.strategy
             strategy.checkpoint_io = PreloadedCheckpointIO(
@@ -177,21 +201,6 @@ class SLMLabCLI(LightningCLI):
             normalizers = warm_start(self.model, config.warm_start)
             if normalizers:
                 self.trainer.callbacks.append(WarmStartNormalizers(normalizers))
-
-
-def run_stamp() -> str:
-    """The run folder's timestamp, shared with the processes this one launches.
-
-    Lightning's DDP launcher re-runs the command once per extra rank, seconds later; through
-    the environment the ranks agree on one folder (for multi-node launches, which start
-    every process independently, pass ``--trainer.default_root_dir``).
-    """
-    inherited = os.environ.get("SLM_RUN_STAMP")
-    if inherited and os.environ.get("LOCAL_RANK", "0") != "0":  # a rank the launcher started
-        return inherited
-    stamp = time.strftime("%Y_%m_%d_%H%M%S")
-    os.environ["SLM_RUN_STAMP"] = stamp  # inherited by the rank processes fit launches
-    return stamp
 
 
 def add_compile_arguments(parser: LightningArgumentParser) -> None:
@@ -225,8 +234,10 @@ def resolve_checkpoint_alias(config: Namespace, subcommand: str | None) -> None:
     checkpoints, ``config.yaml``, ``summary.json`` and ``returns.png`` are rewritten for the
     whole run. ``fit --ckpt_path last`` with no checkpoint yet starts the run afresh (as
     Lightning's ``ckpt_path="last"`` does), so one command serves the first start and every
-    restart of a preemptible job. An explicit path resumes into a new run folder instead,
-    leaving the source run as it was.
+    restart of a preemptible job. ``fit --ckpt_path best`` and an explicit path resume into
+    a new run folder instead, leaving the source run (and its later history) as it was;
+    ``best`` is refused where the new session would write into the folder that holds it
+    (``--trainer.default_root_dir`` or ``--checkpoint.dirpath`` given).
 
     Args:
         config: the subcommand's parsed config; ``ckpt_path`` and maybe
@@ -258,22 +269,28 @@ def resolve_checkpoint_alias(config: Namespace, subcommand: str | None) -> None:
         raise ConfigError(f"ckpt_path={alias}: no checkpoint at {where}")
     ckpt = found[-1]
     config.ckpt_path = str(ckpt)
-    if subcommand == "fit" and trainer.default_root_dir is None and dirpath is None:
+    if subcommand != "fit":
+        logger.info(f"ckpt_path={alias}: evaluating {ckpt}")
+        return
+    if alias == "best":
+        if trainer.default_root_dir is not None or dirpath is not None:
+            raise ConfigError(
+                f"ckpt_path=best: continuing from {ckpt} in its own folder would replace the "
+                f"run's later history; pass --ckpt_path={ckpt} with another "
+                "--trainer.default_root_dir (or checkpoint.dirpath) to continue it elsewhere"
+            )
+        logger.info(f"ckpt_path=best: resuming from {ckpt} into a new run folder")
+        return
+    if trainer.default_root_dir is None and dirpath is None:
         trainer.default_root_dir = str(ckpt.parent.parent)  # continue in the run's own folder
     logger.info(f"ckpt_path={alias}: resuming from {ckpt}")
 
 
-def checkpoint_frames(checkpoint: dict[str, Any]) -> int:
-    """The frame clock saved in a checkpoint (0 if it holds no rollout state)."""
-    fit_loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
-    states = fit_loop.get("combined_loader") or [None]
-    return int(states[0]["frames"]) if isinstance(states[0], dict) else 0
-
-
 def check_resume(model: RLAlgorithm, checkpoint: dict[str, Any], path: str) -> None:
     """Raise a one-line ConfigError unless ``checkpoint`` can resume (or evaluate) ``model``:
-    the same algorithm, the same network shapes (observation and action spaces), and a
-    replay memory of the same layout.
+    the same algorithm, the same network shapes (observation and action spaces), finite
+    weights, the same observation and reward normalisation, and a replay memory of the same
+    layout.
 
     Args:
         model: the configured algorithm.
@@ -288,8 +305,24 @@ def check_resume(model: RLAlgorithm, checkpoint: dict[str, Any], path: str) -> N
             f"{ours}: resume with the config of that run (or --warm_start for weights alone)"
         )
     check_weights(model, checkpoint["state_dict"], "ckpt_path", path, describe(checkpoint))
+    check_finite(checkpoint["state_dict"], "ckpt_path", path)
     fit_loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
     rollout = (fit_loop.get("combined_loader") or [None])[0]
+    normalizers = rollout.get("normalizers") if isinstance(rollout, dict) else None
+    if normalizers is None:  # written before the first rollout, or for evaluation
+        normalizers = checkpoint.get("normalizers")
+    if normalizers is not None:
+        # The rollout restores these into the env's wrappers when it first builds its envs,
+        # after the run folder is written to; a mismatch must stop the command before.
+        spec = model.env_spec
+        for option, key in (("normalize_obs", "obs_rms"), ("normalize_reward", "return_rms")):
+            trained = key in normalizers
+            if getattr(spec, option) != trained:
+                raise ConfigError(
+                    f"ckpt_path: {path} was trained with env.{option}={str(trained).lower()}; "
+                    f"this config has model.init_args.env.{option}={str(not trained).lower()}: "
+                    "they must match to resume"
+                )
     memory = rollout.get("memory") if isinstance(rollout, dict) else None
     if not memory:
         return
@@ -305,48 +338,6 @@ def check_resume(model: RLAlgorithm, checkpoint: dict[str, Any], path: str) -> N
                 f"ckpt_path: the replay memory in {path} has {key}={memory[field]}, this "
                 f"config model.init_args.{key}={value}; they must match to resume"
             )
-
-
-def keep_logged_rows(trainer: Any, frames: int) -> None:
-    """Keep the rows of the run folder's ``metrics.csv`` up to the checkpoint's frame.
-
-    Lightning's CSV logger deletes an existing ``metrics.csv`` when it starts; a run that
-    continues in its own folder re-writes the rows it logged up to the checkpoint (later
-    ones, logged after the last checkpoint before a crash, are logged again by the resume).
-
-    Args:
-        trainer: the instantiated trainer, before fit.
-        frames: the checkpoint's frame clock.
-    """
-    from lightning.pytorch.loggers import CSVLogger
-
-    if not trainer.is_global_zero:
-        return
-    for lg in trainer.loggers:
-        if not isinstance(lg, CSVLogger):
-            continue
-        path = Path(lg.log_dir) / "metrics.csv"
-        if not path.is_file():
-            continue
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            header = list(reader.fieldnames or [])
-            rows = [row for row in reader if _step(row) <= frames]
-        with warnings.catch_warnings():  # "Previous log files … will be deleted": handled here
-            warnings.simplefilter("ignore")
-            experiment = lg.experiment  # creating it removes the file
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=header)
-            writer.writeheader()
-            writer.writerows(rows)
-        experiment.metrics_keys = header  # so the next save appends under the same header
-
-
-def _step(row: dict[str, str]) -> float:
-    try:
-        return float(row.get("step") or 0)
-    except ValueError:
-        return 0.0
 
 
 class PreloadedCheckpointIO(CheckpointIO):
@@ -530,7 +521,8 @@ def explain(err: BaseException) -> str:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of ``slm-lab``; bad configuration exits with one line and status 2."""
+    """Entry point of ``slm-lab``; bad configuration exits with one line and status 2, a
+    non-finite value met while training with one line and status 1."""
     logger.remove()
     logger.add(
         sys.stderr,
@@ -568,6 +560,12 @@ def main(args: list[str] | None = None) -> None:
             raise
         logger.error(str(config_error))
         sys.exit(2)
+    except FloatingPointError as err:
+        # A non-finite reward, observation or loss: a fault of the run, not bad input (exit 1).
+        # The checks name the env and sub-env, or the algorithm and loss term; the last
+        # finite checkpoint was kept (FrameCheckpoint said which frame it holds).
+        logger.error(str(err))
+        sys.exit(1)
 
 
 if __name__ == "__main__":

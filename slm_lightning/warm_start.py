@@ -104,6 +104,35 @@ def check_weights(
     )
 
 
+def check_finite(saved: dict[str, Tensor], key: str, path: str | Path) -> None:
+    """Raise a one-line ConfigError if any floating tensor of ``saved`` holds a NaN or inf:
+    such weights would only produce NaN actions (checkpoints written before the run checked
+    for non-finite values could hold them).
+
+    Args:
+        saved: the checkpoint's ``state_dict``.
+        key: the option the checkpoint came from, for the message.
+        path: the checkpoint file, for the message.
+    """
+    bad = [
+        name
+        for name, tensor in saved.items()
+        if torch.is_floating_point(tensor) and not bool(torch.isfinite(tensor).all())
+    ]
+    if bad:
+        listed = ", ".join(bad[:SHOWN]) + (", …" if len(bad) > SHOWN else "")
+        raise ConfigError(
+            f"{key}: {path} holds non-finite weights ({listed}); use an earlier checkpoint"
+        )
+
+
+def checkpoint_frames(checkpoint: dict[str, Any]) -> int:
+    """The frame clock saved in a checkpoint (0 if it holds no rollout state)."""
+    fit_loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+    states = fit_loop.get("combined_loader") or [None]
+    return int(states[0]["frames"]) if isinstance(states[0], dict) else 0
+
+
 def describe(checkpoint: dict[str, Any]) -> str:
     """``DQN (CartPole-v1)``: the algorithm and env a checkpoint was trained with."""
     env = checkpoint.get("hyper_parameters", {}).get("env") or {}
@@ -143,6 +172,7 @@ def warm_start(model: L.LightningModule, path: str | Path) -> dict[str, dict[str
     """
     checkpoint = read_checkpoint(path, "warm_start")
     check_weights(model, checkpoint["state_dict"], "warm_start", path, describe(checkpoint))
+    check_finite(checkpoint["state_dict"], "warm_start", path)
     model.load_state_dict(checkpoint["state_dict"])
     saved = checkpoint.get("normalizers") or {}
     spec = model.env_spec

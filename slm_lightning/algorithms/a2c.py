@@ -70,6 +70,7 @@ class A2C(RLAlgorithm):
         super().__init__(env, max_frames, gamma, eval_episodes, eval_greedy)
         self.save_hyperparameters()
         self.check_positive(time_horizon=time_horizon, n_steps=n_steps)
+        self.check_learning_rates(lr=lr, critic_lr=critic_lr)
         self.check_choice("returns", returns, ("gae", "nstep"))
         if not 0.0 <= gae_lambda <= 1.0:
             raise ConfigError(f"model.init_args.gae_lambda must be in [0, 1], got {gae_lambda}")

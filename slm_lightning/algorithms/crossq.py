@@ -116,6 +116,7 @@ class CrossQ(RLAlgorithm):
             raise ConfigError(f"model.init_args.adam_beta1 must be in [0, 1), got {adam_beta1}")
         if batch_size < 2:  # batch statistics of one row are undefined
             raise ConfigError(f"model.init_args.batch_size must be >= 2, got {batch_size}")
+        self.check_replay(learning_starts, batch_size, memory_size)
         self.automatic_optimization = False
         self.learning_starts = learning_starts
         self.actor = make_actor(
@@ -182,23 +183,23 @@ class CrossQ(RLAlgorithm):
         next_q = next_q.detach().min(0).values
         target = sac_critic_target(next_q, nxt.log_probs, *terms, self.temperature.alpha)
         critic_loss = twin_critic_loss(q, target)
+        self.train_metrics["train/critic_loss"] = critic_loss.detach()  # named if not finite
         critic_opt.zero_grad(set_to_none=True)
         self.manual_backward(critic_loss)
         critic_opt.step()
         self.critic_updates += 1
-        self.train_metrics["train/critic_loss"] = critic_loss.detach()
         self.train_metrics["train/q_mean"] = q.detach().mean()
         if self.critic_updates % self.hparams.policy_delay == 0:
-            metrics = update_actor_and_alpha(
+            update_actor_and_alpha(
                 self.actor,
                 self.critic,
                 self.temperature,
                 batch["obs"],
                 policy_opts,
                 self.manual_backward,
+                self.train_metrics,
                 critic_eval=True,
             )
-            self.train_metrics.update(metrics)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

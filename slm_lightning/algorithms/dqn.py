@@ -126,6 +126,7 @@ class DQN(RLAlgorithm):
             n_steps=n_steps,
             target_update_frequency=target_update_frequency,
         )
+        self.check_learning_rates(lr=lr)
         self.check_choice("exploration", exploration, ("epsilon_greedy", "boltzmann"))
         self.check_choice("loss", loss, ("huber", "mse"))
         if combined_replay and prioritized:
@@ -135,6 +136,7 @@ class DQN(RLAlgorithm):
             )
         if tau is not None and not 0.0 < tau <= 1.0:
             raise ConfigError(f"model.init_args.tau must be in (0, 1], got {tau}")
+        self.check_replay(learning_starts, batch_size, memory_size)
         self.learning_starts = learning_starts
         self.policy = QNetwork(
             self.observation_space, self.action_space, net or MLPSpec(), dueling, conv=conv

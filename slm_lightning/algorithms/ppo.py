@@ -116,6 +116,7 @@ class PPO(RLAlgorithm):
             training_epochs=training_epochs,
             num_minibatches=num_minibatches,
         )
+        self.check_learning_rates(lr=lr, critic_lr=critic_lr)
         if not 0.0 <= gae_lambda <= 1.0:
             raise ConfigError(f"model.init_args.gae_lambda must be in [0, 1], got {gae_lambda}")
         if isinstance(clip_eps, float) and not 0.0 < clip_eps < 1.0:
@@ -241,6 +242,14 @@ class PPO(RLAlgorithm):
         if self.entropy_coef:
             entropy = self.policy.entropy(dist).mean()
             loss = loss - self.entropy_coef * entropy
+        # The loss terms of every minibatch: a non-finite loss is reported by its term.
+        self.train_metrics.update(
+            {
+                "train/loss": loss.detach(),
+                "train/policy_loss": policy_loss.detach(),
+                "train/value_loss": v_loss.detach(),
+            }
+        )
         # Diagnostics cost a dozen small ops: compute them for the rollout's last minibatch
         # (what the logged row shows) and every minibatch only when target_kl needs them.
         last = batch_idx == len(self.rollout) - 1
@@ -254,9 +263,6 @@ class PPO(RLAlgorithm):
             entropy = self.policy.entropy(dist).mean()
         self.train_metrics.update(
             {
-                "train/loss": loss.detach(),
-                "train/policy_loss": policy_loss.detach(),
-                "train/value_loss": v_loss.detach(),
                 "train/entropy": entropy,
                 "train/approx_kl": approx_kl,
                 "train/clipfrac": clipfrac,

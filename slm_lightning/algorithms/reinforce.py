@@ -60,6 +60,7 @@ class Reinforce(RLAlgorithm):
             training_epochs=training_epochs,
             num_minibatches=num_minibatches,
         )
+        self.check_learning_rates(lr=lr)
         self.policy = ActorCritic(
             self.observation_space,
             self.action_space,

@@ -207,9 +207,10 @@ def update_actor_and_alpha(
     obs: Tensor,
     optimizers: list,
     backward: Callable[[Tensor], None],
+    metrics: dict[str, Tensor | float],
     critic_eval: bool = False,
-) -> dict[str, Tensor]:
-    """One actor step (and one temperature step when tuned) on ``obs``; returns diagnostics.
+) -> None:
+    """One actor step (and one temperature step when tuned) on ``obs``.
 
     Args:
         actor: the policy.
@@ -218,12 +219,16 @@ def update_actor_and_alpha(
         obs: a batch of states.
         optimizers: the actor's optimizer, then the temperature's if it is tuned.
         backward: the LightningModule's ``manual_backward``.
+        metrics: the algorithm's ``train_metrics``, updated in place with ``train/actor_loss``
+            (before its backward, so that a non-finite one is reported by name),
+            ``train/entropy`` and ``train/alpha``.
         critic_eval: evaluate the critics in eval mode (CrossQ: running BN statistics).
     """
     pi = actor.evaluate(obs)
     with frozen(critic, eval_mode=critic_eval):
         q = critic(obs, pi.actions).min(0).values
     actor_loss = sac_actor_loss(q, pi.log_probs, temperature.alpha, pi.probs)
+    metrics["train/actor_loss"] = actor_loss.detach()
     actor_opt, *alpha_opt = optimizers
     actor_opt.zero_grad(set_to_none=True)
     backward(actor_loss)
@@ -235,11 +240,8 @@ def update_actor_and_alpha(
         backward(loss)
         alpha_opt[0].step()
         temperature.clamp_()
-    return {
-        "train/actor_loss": actor_loss.detach(),
-        "train/entropy": entropy.mean(),
-        "train/alpha": temperature.alpha,
-    }
+    metrics["train/entropy"] = entropy.mean()
+    metrics["train/alpha"] = temperature.alpha
 
 
 class SAC(RLAlgorithm):
@@ -321,6 +323,7 @@ class SAC(RLAlgorithm):
             initial_alpha=initial_alpha,
         )
         # Several optimizers stepped at different rates: Lightning's manual optimization.
+        self.check_replay(learning_starts, batch_size, memory_size)
         self.automatic_optimization = False
         self.learning_starts = learning_starts
         self.actor = make_actor(
@@ -374,6 +377,7 @@ class SAC(RLAlgorithm):
             target = sac_critic_target(next_q, nxt.log_probs, *terms, alpha, nxt.probs)
         q = self.critic.taken(batch["obs"], batch["actions"])
         critic_loss = twin_critic_loss(q, target)
+        self.train_metrics["train/critic_loss"] = critic_loss.detach()  # named if not finite
         critic_opt.zero_grad(set_to_none=True)
         self.manual_backward(critic_loss)
         critic_opt.step()
@@ -384,18 +388,17 @@ class SAC(RLAlgorithm):
                 self.hparams.tau,
             )
         self.critic_updates += 1
-        self.train_metrics["train/critic_loss"] = critic_loss.detach()
         self.train_metrics["train/q_mean"] = q.detach().mean()
         if self.critic_updates % self.hparams.policy_delay == 0:
-            metrics = update_actor_and_alpha(
+            update_actor_and_alpha(
                 self.actor,
                 self.critic,
                 self.temperature,
                 batch["obs"],
                 policy_opts,
                 self.manual_backward,
+                self.train_metrics,
             )
-            self.train_metrics.update(metrics)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -70,6 +70,7 @@ class SARSA(RLAlgorithm):
             training_epochs=training_epochs,
             num_minibatches=num_minibatches,
         )
+        self.check_learning_rates(lr=lr)
         self.check_choice("exploration", exploration, ("epsilon_greedy", "boltzmann"))
         self.check_choice("loss", loss, ("huber", "mse"))
         self.policy = QNetwork(self.observation_space, self.action_space, net or MLPSpec())

@@ -1,6 +1,7 @@
 """FrameCheckpoint: ``last.ckpt`` every N frames and at the end, ``best.ckpt`` by return MA, and a
 ``last.ckpt`` when training dies from an exception or is preempted (SIGTERM)."""
 
+import errno
 import math
 import os
 import signal
@@ -9,10 +10,13 @@ from pathlib import Path
 from types import FrameType
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from loguru import logger
 from typing_extensions import override
+
+from slm_lightning.warm_start import checkpoint_frames
 
 # Exit status of a run stopped by SIGTERM, as a shell reports a process killed by it: the job
 # scheduler (dstack, SLURM, Kubernetes) sees a failure and may restart it with --ckpt_path last.
@@ -27,6 +31,13 @@ class FrameCheckpoint(Callback):
     saved so far, ``checkpoints/best.ckpt``. It also saves ``last.ckpt`` when training ends
     or dies from an exception, so ``--ckpt_path`` can always resume. Files are written to a
     temporary name and renamed, so a crash mid-write never leaves a truncated checkpoint.
+
+    A checkpoint never replaces a good one with something worse: weights that are not finite
+    are not written, a non-finite reward, observation or loss (``FloatingPointError``) keeps
+    the last checkpoint instead of saving the state it was met in, a full disk leaves the
+    previous file (and no temporary one), and a session that collected no frame (a resume
+    that failed at start) writes nothing. Each case says in one line which frame the kept
+    checkpoint holds.
 
     SIGTERM (a preempted cloud or cluster job) does not stop training mid-update, as
     Lightning's own handler does after the current batch: the current rollout cycle (one
@@ -52,6 +63,8 @@ class FrameCheckpoint(Callback):
         self.best_return_ma = -math.inf
         self.next_save = every_n_frames
         self.sigterm_received = False
+        self.start_frames: int | None = None  # the frame clock this session trained from
+        self.saved_frames: dict[str, int] = {}  # file name -> frame it holds, when known
 
     @property
     def state_key(self) -> str:
@@ -69,6 +82,13 @@ class FrameCheckpoint(Callback):
         self.sigterm_received = False
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.start_frames = pl_module.frames
+        resumed = trainer.ckpt_path and Path(trainer.ckpt_path).resolve()
+        self.saved_frames = {
+            name: pl_module.frames
+            for name in ("last.ckpt", "best.ckpt")
+            if resumed == (self.directory(trainer) / name).resolve()
+        }
 
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         if not self.sigterm_received:
@@ -93,30 +113,85 @@ class FrameCheckpoint(Callback):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        if pl_module.frames > 0:
-            self.save(trainer, best=False)
+        # Nothing to add to what the run folder holds if this session collected no frame.
+        if self.start_frames is None or pl_module.frames <= self.start_frames:
+            return
+        if isinstance(exception, FloatingPointError):
+            # Met a NaN or inf: the state holds it already, or will (normaliser statistics,
+            # returns in memory, optimizer moments), and a resume from it fails for ever.
             if trainer.is_global_zero:
-                reason = "SIGTERM" if isinstance(exception, SIGTERMException) else "the error"
-                logger.info(
-                    f"saved {self.directory(trainer) / 'last.ckpt'} at frame {pl_module.frames} "
-                    f"after {reason}; resume with --ckpt_path last"
+                logger.warning(
+                    f"not saving the state at frame {pl_module.frames} after a non-finite "
+                    f"value; {self._kept(trainer, 'last.ckpt')}"
                 )
+            return
+        if self.save(trainer, best=False) and trainer.is_global_zero:
+            reason = "SIGTERM" if isinstance(exception, SIGTERMException) else "the error"
+            logger.info(
+                f"saved {self.directory(trainer) / 'last.ckpt'} at frame {pl_module.frames} "
+                f"after {reason}; resume with --ckpt_path last"
+            )
 
-    def save(self, trainer: L.Trainer, best: bool = True) -> None:
-        self._write(trainer, "last.ckpt")
+    def save(self, trainer: L.Trainer, best: bool = True) -> bool:
+        """Write ``last.ckpt`` (and ``best.ckpt`` on a new best return MA); whether
+        ``last.ckpt`` was written."""
+        written = self._write(trainer, "last.ckpt")
         ma = trainer.callback_metrics.get("episode/return_ma")
-        if best and self.save_best and ma is not None and float(ma) > self.best_return_ma:
+        better = ma is not None and float(ma) > self.best_return_ma
+        if best and self.save_best and better and self._write(trainer, "best.ckpt"):
             self.best_return_ma = float(ma)
-            self._write(trainer, "best.ckpt")
+        return written
 
-    def _write(self, trainer: L.Trainer, name: str) -> None:
+    def _write(self, trainer: L.Trainer, name: str) -> bool:
         path = self.directory(trainer) / name
+        frames = trainer.lightning_module.frames
+        # DDP keeps the weights equal on every rank, so every rank decides alike.
+        bad = next(
+            (
+                key
+                for key, tensor in trainer.lightning_module.state_dict().items()
+                if torch.is_floating_point(tensor) and not bool(torch.isfinite(tensor).all())
+            ),
+            None,
+        )
+        if bad is not None:
+            if trainer.is_global_zero:
+                logger.error(
+                    f"not saving {name} at frame {frames}: the weights are not finite "
+                    f"({bad}); {self._kept(trainer, name)}"
+                )
+            return False
         tmp = path.with_suffix(".ckpt.tmp")
         if trainer.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(tmp, weights_only=False)
+        try:
+            trainer.save_checkpoint(tmp, weights_only=False)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # Only rank 0 writes: it failed before Trainer.save_checkpoint's closing barrier,
+            # in which the other ranks wait.
+            trainer.strategy.barrier("Trainer.save_checkpoint")
+            logger.error(
+                f"disk full: could not save {name} at frame {frames} ({err.strerror}); "
+                f"{self._kept(trainer, name)}"
+            )
+            return False
         if trainer.is_global_zero:
             os.replace(tmp, path)
+        self.saved_frames[name] = frames
+        return True
+
+    def _kept(self, trainer: L.Trainer, name: str) -> str:
+        """``kept …/last.ckpt (frame 4096)``: what the run folder holds instead (rank 0)."""
+        path = self.directory(trainer) / name
+        if not path.is_file():
+            return f"no {name} was saved before"
+        if name not in self.saved_frames:  # written by an earlier session: read its clock
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            self.saved_frames[name] = checkpoint_frames(checkpoint)
+        return f"kept {path} (frame {self.saved_frames[name]})"
 
     @override
     def state_dict(self) -> dict:

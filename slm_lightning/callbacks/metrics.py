@@ -102,7 +102,10 @@ class MetricsTracker(Callback):
         self.start_frames = pl_module.frames
         self._t0 = self._last_log_time = time.perf_counter()
         self._last_log_frames = pl_module.frames
-        self.next_log = max(self.next_log, pl_module.frames + self.log_frequency)
+        # The next multiple of log_frequency after the clock; a resumed run keeps the row that
+        # was due when its checkpoint was written (logged at the first epoch end if overdue).
+        due = (pl_module.frames // self.log_frequency + 1) * self.log_frequency
+        self.next_log = min(self.next_log, due) if self.next_log > 0 else due
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -7,6 +7,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from gymnasium.vector import VectorEnv
+from loguru import logger
 from torch import Tensor
 
 from slm_lightning.data.replay import ReplayMemory
@@ -32,7 +33,8 @@ class OffPolicyRollout(VectorRollout):
     One ``iter()`` (one Lightning epoch) runs enough such cycles to cover about
     ``epoch_frames`` frames, so per-epoch hooks (metrics, checkpoints) stay off the
     per-step path. No batch is yielded before the frame clock reaches the agent's
-    ``learning_starts``. Because the dataset has a length, Lightning does not prefetch:
+    ``learning_starts`` (after a resume from a checkpoint without the replay memory,
+    before ``learning_starts`` more frames have refilled it). Because the dataset has a length, Lightning does not prefetch:
     every update happens before the next env step, as in the sequential algorithm.
 
     Args:
@@ -69,6 +71,9 @@ class OffPolicyRollout(VectorRollout):
         self.checkpoint_memory = checkpoint_memory
         frames_per_cycle = training_frequency * env_spec.num_envs * world_size
         self.cycles_per_epoch = max(1, math.ceil(epoch_frames / frames_per_cycle))
+        # No updates before this frame: the agent's learning_starts, and after a resume from a
+        # checkpoint without the memory, learning_starts frames more to fill it again.
+        self.learning_resumes = agent.learning_starts
 
     def __len__(self) -> int:
         return self.cycles_per_epoch * self.updates_per_step
@@ -89,7 +94,7 @@ class OffPolicyRollout(VectorRollout):
             self.agent.env_actions(actions)
         )
         next_obs = np.asarray(next_obs, dtype=self.memory.obs_dtype)
-        self.record_step(next_obs, info)
+        self.record_step(next_obs, rewards, info)
         # NEXT_STEP autoreset: the step after a done only resets; it is not a transition.
         # On the done step itself next_obs is the true final observation.
         self.memory.add(obs, actions, rewards, next_obs, terminated, truncated, ~self.prev_done)
@@ -102,7 +107,7 @@ class OffPolicyRollout(VectorRollout):
                 return
             for _ in range(self.training_frequency):
                 self.step()
-            if self.frames < self.agent.learning_starts or len(self.memory) == 0:
+            if self.frames < self.learning_resumes or len(self.memory) == 0:
                 continue
             for _ in range(self.updates_per_step):
                 batch = self.agent.sample_batch(self.memory)
@@ -119,3 +124,14 @@ class OffPolicyRollout(VectorRollout):
         super().load_state_dict(state)
         if state["memory"] is not None:
             self.memory.load_state_dict(state["memory"])
+            return
+        # Saved with checkpoint_memory: false. Updating at once would fit the first few
+        # transitions over and over; fill the memory as a new run does.
+        starts = self.agent.learning_starts
+        self.learning_resumes = max(starts, self.frames + starts)
+        if starts > 0:
+            logger.info(
+                f"the checkpoint holds no replay memory (checkpoint_memory: false): collecting "
+                f"learning_starts={starts} frames, to frame {self.learning_resumes}, before "
+                "updating again"
+            )

@@ -158,7 +158,7 @@ class OnPolicyRollout(VectorRollout):
             # NEXT_STEP autoreset: the step after a done only resets; it is not a transition.
             mem.valid[t] = ~prev_done
             obs = np.asarray(next_obs, dtype=mem.obs.dtype)
-            self.record_step(obs, info)
+            self.record_step(obs, rewards, info)
             prev_done = next_step_resets(terminated, truncated, info)
         obs_t = torch.as_tensor(obs, device=agent.device)
         if recurrent:

@@ -86,19 +86,32 @@ class VectorRollout(IterableDataset):
         self.obs = np.asarray(obs, dtype=obs_dtype)
         self.prev_done = np.zeros(self.env.num_envs, dtype=bool)
 
-    def record_step(self, next_obs: np.ndarray, info: dict[str, Any]) -> None:
+    def record_step(self, next_obs: np.ndarray, rewards: np.ndarray, info: dict[str, Any]) -> None:
         """Advance the frame clock by one vector step, log finished episodes, and stop on a
-        non-finite observation with the sub-env that produced it."""
+        non-finite observation or reward with the sub-env that produced it.
+
+        Args:
+            next_obs: the step's observations, ``(num_envs, *obs_shape)``.
+            rewards: the step's rewards, ``(num_envs,)``.
+            info: the vector env's info dict.
+        """
         self.frames += self.env.num_envs * self.world_size
         if "_episode" in info:
             done = info["_episode"]
             self.episodes.add(self.frames, info["episode"]["r"][done], info["episode"]["l"][done])
-        if np.issubdtype(next_obs.dtype, np.floating) and not np.isfinite(next_obs).all():
-            env_index = int(np.argwhere(~np.isfinite(next_obs.reshape(len(next_obs), -1)))[0][0])
-            raise FloatingPointError(
-                f"env {self.env_spec.name} (sub-env {env_index}) returned a non-finite observation "
-                f"at frame {self.frames}"
-            )
+        # A NaN that reached the returns would reach the weights, and from there every later
+        # action (torch's "probability tensor contains either inf, nan or element < 0").
+        self._check_finite(next_obs, "observation")
+        self._check_finite(np.asarray(rewards), "reward")
+
+    def _check_finite(self, values: np.ndarray, what: str) -> None:
+        if not np.issubdtype(values.dtype, np.floating) or np.isfinite(values).all():
+            return
+        env_index = int(np.argwhere(~np.isfinite(values.reshape(len(values), -1)))[0][0])
+        raise FloatingPointError(
+            f"env {self.env_spec.name} (sub-env {env_index}) returned a non-finite {what} "
+            f"at frame {self.frames}"
+        )
 
     def close(self) -> None:
         if self.env is not None:
