@@ -18,7 +18,6 @@ import yaml
 from slm_lightning import cli as cli_module
 from slm_lightning.algorithms import PPO
 from slm_lightning.callbacks import RunSummary
-from slm_lightning.schedules import scheduled
 
 CONFIG = Path(__file__).parents[1] / "configs" / "ppo_cartpole.yaml"
 NUM_ENVS, HORIZON = 4, 32
@@ -349,7 +348,13 @@ class RestoredState(L.Callback):
 @pytest.mark.parametrize("config", ["ppo_cartpole", "dqn_cartpole"])
 def test_resume_restores_every_state_exactly(config, isolated_run) -> None:
     path = CONFIG.parent / f"{config}.yaml"
-    small = ["--model.init_args.env.num_envs=4", "--metrics.log_frequency=256"]
+    small = [
+        "--model.init_args.env.num_envs=4",
+        "--metrics.log_frequency=256",
+        # A schedule that ends before max_frames, so the lr of the first resumed update
+        # depends on the saved frame clock and on end_frame.
+        "--model.init_args.lr={start: 0.004, end: 0.0, end_frame: 3072}",
+    ]
     if config == "dqn_cartpole":
         small.append("--model.init_args.learning_starts=200")
     run = isolated_run / "run"
@@ -386,9 +391,10 @@ def test_resume_restores_every_state_exactly(config, isolated_run) -> None:
     tracker = ckpt["callbacks"]["MetricsTracker"]
     for key in ("recent", "episodes", "history", "best_return_ma", "next_log"):
         assert probe.tracker[key] == tracker[key], key  # the moving-average window included
-    # The learning rate of the first resumed update is the schedule's value at the saved frame.
-    hp = ckpt["hyper_parameters"]
-    assert probe.lr == pytest.approx(scheduled(hp["lr"], saved["frames"], 2048))
+    # The learning rate of the first resumed update is the schedule's value at the saved frame:
+    # 0.004 * (1 - 1024 / 3072) = 0.0026667.
+    assert saved["frames"] == 1024
+    assert probe.lr == pytest.approx(0.004 * 2 / 3)
 
 
 @pytest.mark.parametrize("greedy", [True, False])
