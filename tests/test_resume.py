@@ -120,14 +120,29 @@ def test_fit_writes_run_folder(first) -> None:
     assert s["frames"] % ROLLOUT == 0
     assert s["start_frames"] == 0
     assert s["episodes"] > 0
-    assert 8 <= s["return_ma"] <= 500  # CartPole returns
+
+    # Every finished episode, in order, with the frame clock at its end.
+    history = load(run / "checkpoints" / "last.ckpt")["callbacks"]["MetricsTracker"]["history"]
+    returns, ends = history["returns"], history["frames"]
+    assert len(returns) == s["episodes"]
+    assert ends == sorted(ends) and ends[-1] <= s["frames"]
+    # A CartPole return is the episode's length; each step of a sub-env is one frame, and so is
+    # the NEXT_STEP reset after each episode: no episode is counted twice or runs into the next.
+    assert all(r == int(r) and 8 <= r <= 500 for r in returns)
+    assert sum(returns) + len(returns) <= s["frames"]
+    # The moving average is the mean of the last 100 (window) returns.
+    assert s["return_ma"] == pytest.approx(np.mean(returns[-100:]), abs=1e-3)
 
     rows = metrics_rows(run)
     assert [r["rollout/frames"] for r in rows] == sorted(r["rollout/frames"] for r in rows)
     assert rows[-1]["rollout/frames"] == s["frames"]
-    assert rows[-1]["rollout/episodes"] == s["episodes"]
-    assert rows[-1]["episode/return_ma"] == pytest.approx(s["return_ma"], abs=1e-3)
     assert len(rows) >= N // 512
+    for row in rows:  # each row's episode figures are those of the episodes finished by then
+        done = [r for r, end in zip(returns, ends, strict=True) if end <= row["rollout/frames"]]
+        assert row["rollout/episodes"] == len(done)
+        if done:
+            assert row["episode/return"] == done[-1]
+            assert row["episode/return_ma"] == pytest.approx(np.mean(done[-100:]))
 
 
 def test_checkpoint_round_trip(first) -> None:
