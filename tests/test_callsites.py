@@ -67,8 +67,8 @@ def metric(model, key: str) -> float:
 
 
 def onpolicy_batch(obs_dim: int, **fields: list) -> dict[str, Tensor]:
-    """A minibatch as the on-policy rollout yields it (observations are irrelevant here:
-    every net below has constant outputs)."""
+    """A minibatch as the on-policy rollout yields it, with random observations (the nets
+    whose outputs the expected numbers depend on are constant)."""
     batch = {key: torch.tensor(value, dtype=torch.float32) for key, value in fields.items()}
     n = len(next(iter(batch.values())))
     if "actions" in batch and batch["actions"].dim() == 1:
@@ -215,7 +215,7 @@ def test_crossq_bootstraps_from_the_min_of_its_own_critics() -> None:
     # targets = (1 + 0.9 * min(1, 3), 0.5) = (1.9, 0.5)
     # loss = 0.5 * ((1 - 1.9)^2 + (1 - 0.5)^2) / 2 + 0.5 * ((3 - 1.9)^2 + (3 - 0.5)^2) / 2
     #      = 0.5 * (0.81 + 0.25) / 2 + 0.5 * (1.21 + 6.25) / 2 = 0.265 + 1.865 = 2.13
-    # (with the max: targets (3.7, 0.5), loss 2.94)
+    # (with the max: targets (3.7, 0.5), loss 0.5 * (7.29 + 0.25) / 2 + 0.5 * (0.49 + 6.25) / 2 = 3.57)
     assert metric(model, "train/critic_loss") == pytest.approx(2.13, rel=1e-5)
     # Actor: -E[min(1, 3) - alpha log pi] = -1 (with the max: -3)
     assert metric(model, "train/actor_loss") == pytest.approx(-1.0, rel=1e-5)
@@ -236,7 +236,6 @@ def test_gaussian_log_prob_and_entropy_sum_over_action_dimensions() -> None:
         policy.log_std.copy_(torch.tensor([math.log(0.5), 0.0]))
     attach(model)
     batch = onpolicy_batch(8, actions=[[1.0, -0.5], [0.0, 1.5]], advantages=[2.0, -1.0])
-    batch["actions"] = batch["actions"].float()
 
     loss = model.training_step(batch, 0)
 
@@ -471,31 +470,29 @@ class RecordingLogger:
 
 
 def test_return_moving_average_covers_the_window() -> None:
-    """Fifteen episodes of returns 1..15 with a window of 12. Catches a moving average over
-    another number of episodes (e.g. 10: 10.5), and a best average taken before the window
-    is full."""
+    """Fifteen episodes of returns 15, 14, .., 1 with a window of 12. Catches a moving average
+    over another number of episodes (e.g. the last 10: 5.5), and a best average or a target
+    counted before the window is full (best 15, target reached at frame 10)."""
     tracker = MetricsTracker(log_frequency=100, window=12, target_return=8.0)
     episodes = EpisodeLog()
     trainer = SimpleNamespace(
         world_size=1, callback_metrics={}, global_step=7, is_global_zero=True,
         loggers=[RecordingLogger()],
     )  # fmt: skip
-    module = SimpleNamespace(
-        rollout=SimpleNamespace(episodes=episodes, frames=150), trainer=trainer, train_metrics={}
-    )
-    module.frames = 150
-    for i in range(1, 16):  # episode i ends at frame 10 i with return i
-        episodes.add(10 * i, np.array([float(i)]), np.array([i]))
+    rollout = SimpleNamespace(episodes=episodes, frames=150)
+    module = SimpleNamespace(rollout=rollout, frames=150, trainer=trainer, train_metrics={})
+    for i in range(1, 16):  # episode i ends at frame 10 i with return 16 - i
+        episodes.add(10 * i, np.array([16.0 - i]), np.array([10]))
     tracker.update(module)
-    # Mean of the last 12 returns (4..15) = (4 + 15) / 2 = 9.5.
-    assert tracker.return_ma == pytest.approx(9.5)
-    # Full windows end at episodes 12..15: means 6.5, 7.5, 8.5, 9.5; the best is the last.
+    # Mean of the last 12 returns (12, 11, .., 1) = (12 + 1) / 2 = 6.5.
+    assert tracker.return_ma == pytest.approx(6.5)
+    # Full windows end at episodes 12..15: means 9.5, 8.5, 7.5, 6.5; the best is the first.
     assert tracker.best_return_ma == pytest.approx(9.5)
-    # The first full-window mean >= 8 is 8.5, at episode 14 (frame 140).
-    assert tracker.frames_to_target == 140
-    assert float(trainer.callback_metrics["episode/return_ma"]) == pytest.approx(9.5)
+    # The first full-window mean >= 8 is 9.5, at episode 12 (frame 120).
+    assert tracker.frames_to_target == 120
+    assert float(trainer.callback_metrics["episode/return_ma"]) == pytest.approx(6.5)
     tracker.log_row(trainer, module)
     (row,) = trainer.loggers[0].rows
-    assert row["episode/return_ma"] == pytest.approx(9.5)
-    assert row["episode/return"] == 15.0 and row["episode/best_return_ma"] == pytest.approx(9.5)
+    assert row["episode/return_ma"] == pytest.approx(6.5)
+    assert row["episode/return"] == 1.0 and row["episode/best_return_ma"] == pytest.approx(9.5)
     assert row["rollout/episodes"] == 15 and row["rollout/frames"] == 150
