@@ -262,6 +262,9 @@ def test_prioritized_training_step_updates_sampled_priorities_and_weights_the_lo
 
 def test_uniform_replay_loss_is_unweighted():
     model = small_dqn(loss="mse")
+    with torch.no_grad():  # a target net that differs from the online one
+        for p in model.target.parameters():
+            p.add_(0.1 * torch.randn_like(p))
     batch = hand_batch()
     with torch.no_grad():
         q = model.policy(batch["obs"]).gather(-1, batch["actions"].unsqueeze(-1)).squeeze(-1)

@@ -2,14 +2,17 @@
 and PPO drives a continuous-action env with actions inside its Box."""
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from gymnasium.envs.classic_control.pendulum import PendulumEnv
 
 from slm_lightning import cli as cli_module
 from slm_lightning.algorithms import PPO, RLAlgorithm
+from slm_lightning.callbacks import RunSummary
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 RANDOM_CARTPOLE_RETURN = 22  # mean episode return of the uniform random policy
@@ -58,6 +61,16 @@ def test_pendulum_actions_inside_box(tmp_path: Path, monkeypatch) -> None:
         return env_actions
 
     monkeypatch.setattr(RLAlgorithm, "env_actions", spy)
+    # What each sub-env receives and returns: (sub-env, torque, raw reward) per env step.
+    stepped: list[tuple[int, float, float]] = []
+    pendulum_step = PendulumEnv.step
+
+    def step(self, u):
+        result = pendulum_step(self, u)
+        stepped.append((id(self), float(np.asarray(u).item()), float(result[1])))
+        return result
+
+    monkeypatch.setattr(PendulumEnv, "step", step)
     made = []
 
     class Recording(cli_module.SLMLabCLI):
@@ -66,13 +79,14 @@ def test_pendulum_actions_inside_box(tmp_path: Path, monkeypatch) -> None:
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(cli_module, "SLMLabCLI", Recording)
-    num_envs, frames = 4, 2048
+    num_envs, frames, horizon = 4, 2048, 128
     s = fit(
         "ppo_pendulum.yaml",
         tmp_path / "run",
         f"--model.init_args.max_frames={frames}",
         f"--model.init_args.env.num_envs={num_envs}",
-        "--model.init_args.time_horizon=128",
+        "--model.init_args.env.vectorization=sync",  # sub-envs in this process, for the spy
+        f"--model.init_args.time_horizon={horizon}",
     )
     model = made[0].model
     assert isinstance(model, PPO)
@@ -88,13 +102,38 @@ def test_pendulum_actions_inside_box(tmp_path: Path, monkeypatch) -> None:
     # The Gaussian samples do leave [-1, 1]; they are clipped there and rescaled onto the Box.
     assert (np.abs(raw) > 1).any()
     np.testing.assert_allclose(env, low + (np.clip(raw, -1, 1) + 1) * 0.5 * (high - low), rtol=1e-6)
-    assert env.min() < -0.5 and env.max() > 0.5
+    # The first rollout samples from the initial policy: mean ~0 (output weights of gain
+    # 0.01), std exp(log_std_init) = exp(-0.5) = 0.607 (standard error of the std ~0.02).
+    first = raw[: horizon * num_envs, 0]
+    assert abs(first.mean()) < 0.1
+    assert first.std() == pytest.approx(math.exp(-0.5), abs=0.06)
 
+    # Greedy actions are the Gaussian's mean, rescaled: low + (clip(mu, -1, 1) + 1) / 2 (high - low).
     obs = torch.as_tensor(np.stack([model.observation_space.sample() for _ in range(64)]))
     with torch.no_grad():
-        dist, _ = model.policy(obs)
-    greedy = model.env_actions(model.policy.greedy(dist).numpy())
-    assert (greedy >= low).all() and (greedy <= high).all()
+        mean = model.policy.actor_head(model.policy.actor_body(obs)).numpy()
+        greedy = model.env_actions(model.eval_actions(obs, greedy=True).numpy())
+    np.testing.assert_allclose(greedy, low + (np.clip(mean, -1, 1) + 1) * 0.5 * (high - low),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
 
-    assert s["frames"] >= frames and s["episodes"] > 0
-    assert -16.3 * 200 <= s["return_ma"] <= 0  # Pendulum's per-step reward is in [-16.3, 0]
+    # Each sub-env stepped 512 times: two 200-step episodes, each followed by a reset step
+    # (NEXT_STEP autoreset, no env step), then 110 steps of a third; it applied the torques
+    # the policy sent, in order (the reset steps' actions are ignored).
+    by_env: dict[int, list[tuple[float, float]]] = {}
+    for env_id, u, reward in stepped:
+        by_env.setdefault(env_id, []).append((u, reward))
+    assert sorted(len(steps) for steps in by_env.values()) == [510] * num_envs
+    applied = np.delete(env.reshape(-1, num_envs), [200, 401], axis=0)  # the two reset steps
+    assert sorted(tuple(np.asarray(steps)[:, 0]) for steps in by_env.values()) == sorted(
+        tuple(column) for column in applied.T.astype(float)
+    )
+    # The returns tracked are the raw (unnormalised) rewards each episode received, summed.
+    episode_returns = sorted(
+        sum(reward for _, reward in steps[start : start + 200])
+        for steps in by_env.values()
+        for start in (0, 200)
+    )
+    assert s["frames"] == frames and s["episodes"] == 2 * num_envs
+    tracked = RunSummary.tracker(made[0].trainer).history["returns"]
+    assert sorted(tracked) == pytest.approx(episode_returns, rel=1e-5)
+    assert s["return_ma"] == pytest.approx(np.mean(episode_returns), rel=1e-4)

@@ -18,7 +18,6 @@ import yaml
 from slm_lightning import cli as cli_module
 from slm_lightning.algorithms import PPO
 from slm_lightning.callbacks import RunSummary
-from slm_lightning.schedules import scheduled
 
 CONFIG = Path(__file__).parents[1] / "configs" / "ppo_cartpole.yaml"
 NUM_ENVS, HORIZON = 4, 32
@@ -121,14 +120,29 @@ def test_fit_writes_run_folder(first) -> None:
     assert s["frames"] % ROLLOUT == 0
     assert s["start_frames"] == 0
     assert s["episodes"] > 0
-    assert 8 <= s["return_ma"] <= 500  # CartPole returns
+
+    # Every finished episode, in order, with the frame clock at its end.
+    history = load(run / "checkpoints" / "last.ckpt")["callbacks"]["MetricsTracker"]["history"]
+    returns, ends = history["returns"], history["frames"]
+    assert len(returns) == s["episodes"]
+    assert ends == sorted(ends) and ends[-1] <= s["frames"]
+    # A CartPole return is the episode's length; each step of a sub-env is one frame, and so is
+    # the NEXT_STEP reset after each episode: no episode is counted twice or runs into the next.
+    assert all(r == int(r) and 8 <= r <= 500 for r in returns)
+    assert sum(returns) + len(returns) <= s["frames"]
+    # The moving average is the mean of the last 100 (window) returns.
+    assert s["return_ma"] == pytest.approx(np.mean(returns[-100:]), abs=1e-3)
 
     rows = metrics_rows(run)
     assert [r["rollout/frames"] for r in rows] == sorted(r["rollout/frames"] for r in rows)
     assert rows[-1]["rollout/frames"] == s["frames"]
-    assert rows[-1]["rollout/episodes"] == s["episodes"]
-    assert rows[-1]["episode/return_ma"] == pytest.approx(s["return_ma"], abs=1e-3)
     assert len(rows) >= N // 512
+    for row in rows:  # each row's episode figures are those of the episodes finished by then
+        done = [r for r, end in zip(returns, ends, strict=True) if end <= row["rollout/frames"]]
+        assert row["rollout/episodes"] == len(done)
+        if done:
+            assert row["episode/return"] == done[-1]
+            assert row["episode/return_ma"] == pytest.approx(np.mean(done[-100:]))
 
 
 def test_checkpoint_round_trip(first) -> None:
@@ -349,7 +363,13 @@ class RestoredState(L.Callback):
 @pytest.mark.parametrize("config", ["ppo_cartpole", "dqn_cartpole"])
 def test_resume_restores_every_state_exactly(config, isolated_run) -> None:
     path = CONFIG.parent / f"{config}.yaml"
-    small = ["--model.init_args.env.num_envs=4", "--metrics.log_frequency=256"]
+    small = [
+        "--model.init_args.env.num_envs=4",
+        "--metrics.log_frequency=256",
+        # A schedule that ends before max_frames, so the lr of the first resumed update
+        # depends on the saved frame clock and on end_frame.
+        "--model.init_args.lr={start: 0.004, end: 0.0, end_frame: 3072}",
+    ]
     if config == "dqn_cartpole":
         small.append("--model.init_args.learning_starts=200")
     run = isolated_run / "run"
@@ -386,9 +406,10 @@ def test_resume_restores_every_state_exactly(config, isolated_run) -> None:
     tracker = ckpt["callbacks"]["MetricsTracker"]
     for key in ("recent", "episodes", "history", "best_return_ma", "next_log"):
         assert probe.tracker[key] == tracker[key], key  # the moving-average window included
-    # The learning rate of the first resumed update is the schedule's value at the saved frame.
-    hp = ckpt["hyper_parameters"]
-    assert probe.lr == pytest.approx(scheduled(hp["lr"], saved["frames"], 2048))
+    # The learning rate of the first resumed update is the schedule's value at the saved frame:
+    # 0.004 * (1 - 1024 / 3072) = 0.0026667.
+    assert saved["frames"] == 1024
+    assert probe.lr == pytest.approx(0.004 * 2 / 3)
 
 
 @pytest.mark.parametrize("greedy", [True, False])

@@ -238,6 +238,17 @@ def test_preset_prints_with_a_config(preset: Path, capsys) -> None:
     assert printed["model"]["class_path"] == "slm_lightning.algorithms.PPO"
 
 
+def wandb_run_ids(root: Path) -> list[str]:
+    """The W&B run id of each offline run folder under ``root``, from its ``run-<id>.wandb``.
+
+    Not from the folder name ``offline-run-<second>-<id>``: wandb (0.31,
+    ``_WandbInit.set_sync_dir_suffix``) appends ``-1`` to it when the same run already has a
+    folder of that second, as a resume started within the same second does.
+    """
+    files = sorted(root.glob("wandb/offline-run-*/run-*.wandb"))
+    return [path.stem.removeprefix("run-") for path in files]
+
+
 def test_in_place_resume_continues_the_same_wandb_run(isolated_run: Path) -> None:
     """``--ckpt_path last`` resumes the run folder in place and the W&B run with it."""
     preset = ["--config", str(PRESETS / "wandb.yaml")]
@@ -245,8 +256,7 @@ def test_in_place_resume_continues_the_same_wandb_run(isolated_run: Path) -> Non
     wandb.finish()
     folder = run_folder(isolated_run, PPO_CARTPOLE)
     run_id = (folder / "wandb_run_id").read_text()
-    (first,) = isolated_run.glob("wandb/offline-run-*")
-    assert first.name.endswith(run_id)
+    assert wandb_run_ids(isolated_run) == [run_id]
 
     main(
         [
@@ -262,8 +272,7 @@ def test_in_place_resume_continues_the_same_wandb_run(isolated_run: Path) -> Non
     wandb.finish()
     assert run_folder(isolated_run, PPO_CARTPOLE) == folder  # resumed in place
     assert (folder / "wandb_run_id").read_text() == run_id
-    runs = sorted(isolated_run.glob("wandb/offline-run-*"))
-    assert len(runs) == 2 and all(run.name.endswith(run_id) for run in runs)
+    assert wandb_run_ids(isolated_run) == [run_id, run_id]  # two sessions of one W&B run
     with (folder / "metrics.csv").open() as f:
         frames = [int(float(row["rollout/frames"])) for row in csv.DictReader(f)]
     assert frames == [1024, 2048, 3072, 4096]
