@@ -3,6 +3,7 @@
 import csv
 import json
 import struct
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -68,6 +69,24 @@ def read_wandb_records(path: Path) -> list[wandb_internal_pb2.Record]:
     return records
 
 
+def wait_for_records(path: Path, kinds: set[str], timeout: float = 30.0) -> list:
+    """The records of ``path`` once it holds every record type in ``kinds``.
+
+    W&B's service process writes the offline file on its own schedule: right after
+    ``wandb.finish()`` returns on a busy machine it may still hold only its header.
+    """
+    deadline = time.monotonic() + timeout
+    size = -1
+    while True:
+        records = read_wandb_records(path)
+        if kinds <= {r.WhichOneof("record_type") for r in records} and path.stat().st_size == size:
+            return records  # every kind there, and nothing written for the last 0.2 s
+        size = path.stat().st_size
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} holds no {sorted(kinds)} records after {timeout} s")
+        time.sleep(0.2)
+
+
 def test_wandb_and_tensorboard_presets_log_metrics_config_and_video(isolated_run: Path) -> None:
     presets = [str(PRESETS / name) for name in ("wandb.yaml", "tensorboard.yaml", "video.yaml")]
     main(["fit", "--config", PPO_CARTPOLE, *(a for p in presets for a in ("--config", p)), *SHORT])
@@ -82,7 +101,7 @@ def test_wandb_and_tensorboard_presets_log_metrics_config_and_video(isolated_run
     # W&B: an offline run under $WANDB_DIR named after the config, with the resolved config,
     # every metric row with frames as its step, and the video.
     (run_file,) = isolated_run.glob("wandb/offline-run-*/run-*.wandb")
-    records = read_wandb_records(run_file)
+    records = wait_for_records(run_file, {"run", "history"})
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert run.display_name == "ppo_cartpole"
     assert "slm-lab" in run.tags
