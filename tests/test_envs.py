@@ -69,7 +69,7 @@ def test_unknown_id_is_a_config_error_with_suggestion(name, suggestion):
     with pytest.raises(ConfigError) as info:
         make_vector_env(EnvSpec(name=name, num_envs=1))
     message = str(info.value)
-    assert message.startswith("env.name")
+    assert message.startswith("model.init_args.env.name")
     assert f"Did you mean: `{suggestion}`" in message
     assert "\n" not in message
 

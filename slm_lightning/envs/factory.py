@@ -1,5 +1,6 @@
 """Build the gymnasium vector env an algorithm rolls out, from a typed :class:`EnvSpec`."""
 
+import inspect
 import os
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -7,6 +8,7 @@ from functools import partial
 from typing import Any, Literal
 
 import gymnasium as gym
+from gymnasium.envs.registration import load_env_creator
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.wrappers import FrameStackObservation
 from gymnasium.wrappers.vector import NormalizeObservation, NormalizeReward, RecordEpisodeStatistics
@@ -24,6 +26,10 @@ _CHEAP_ENTRY_POINTS = ("gymnasium.envs.classic_control", "gymnasium.envs.toy_tex
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key and what is allowed."""
+
+
+# The env spec's key as users type it on the command line and in configs.
+ENV_KEY = "model.init_args.env"
 
 
 @dataclass
@@ -63,14 +69,10 @@ class EnvSpec:
     atari: AtariSpec = field(default_factory=AtariSpec)
 
     def __post_init__(self) -> None:
-        if self.num_envs < 1:
-            raise ConfigError(f"env.num_envs must be >= 1, got {self.num_envs}")
-        if self.num_workers is not None and self.num_workers < 1:
-            raise ConfigError(f"env.num_workers must be >= 1, got {self.num_workers}")
-        if self.frame_stack < 1:
-            raise ConfigError(f"env.frame_stack must be >= 1, got {self.frame_stack}")
-        if self.max_episode_steps is not None and self.max_episode_steps < 1:
-            raise ConfigError(f"env.max_episode_steps must be >= 1, got {self.max_episode_steps}")
+        for key in ("num_envs", "num_workers", "frame_stack", "max_episode_steps"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{ENV_KEY}.{key} must be >= 1, got {value}")
 
     @property
     def env_id(self) -> str:
@@ -87,7 +89,7 @@ class EnvSpec:
         try:
             return gym.spec(env_id)
         except gym.error.Error as err:  # NameNotFound / VersionNotFound / NamespaceNotFound
-            raise ConfigError(f"env.name: {err}".replace("\n", " ")) from None
+            raise ConfigError(f"{ENV_KEY}.name: {err}".replace("\n", " ")) from None
 
     def reward_threshold(self) -> float | None:
         """The return at which gymnasium considers the task solved, if it defines one."""
@@ -123,6 +125,36 @@ def resolve_vectorization(spec: EnvSpec, registry_spec: gym.envs.registration.En
     return "blocks"
 
 
+def check_env_kwargs(
+    spec: EnvSpec, registry_spec: gym.envs.registration.EnvSpec, vectorized: bool
+) -> None:
+    """Raise a :class:`ConfigError` naming the ``env.kwargs`` the env's constructor does not
+    take, with the ones it does; constructors with ``**kwargs`` are left to themselves.
+
+    Args:
+        spec: the environment spec.
+        registry_spec: its registered gymnasium spec.
+        vectorized: the env is built through its ``vector_entry_point``.
+    """
+    entry = registry_spec.vector_entry_point if vectorized else registry_spec.entry_point
+    creator = load_env_creator(entry) if isinstance(entry, str) else entry
+    try:
+        parameters = inspect.signature(creator).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C extension without a signature
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return
+    takes = sorted({p.name for p in parameters} - {"self", "num_envs"})
+    accepted = set(takes)
+    if not vectorized:  # gym.make's own keywords (max_episode_steps, disable_env_checker …)
+        accepted |= set(inspect.signature(gym.make).parameters) - {"id", "kwargs"}
+    if unknown := sorted(set(spec.kwargs) - accepted):
+        raise ConfigError(
+            f"{ENV_KEY}.kwargs: {spec.env_id} does not take {', '.join(unknown)}; "
+            f"its constructor takes {', '.join(takes) or 'no arguments'}"
+        )
+
+
 def block_workers(spec: EnvSpec) -> int:
     """Worker processes for ``blocks``: ``spec.num_workers``, else one per core with at least
     two sub-envs each (so a step's pipe round trip is shared by a block, not one env); never
@@ -152,12 +184,13 @@ def make_vector_env(spec: EnvSpec, seed: int | None = None, gamma: float = 0.99)
     mode = resolve_vectorization(spec, registry_spec)
     if mode == "vector_entry_point" and registry_spec.vector_entry_point is None:
         raise ConfigError(
-            f"env.vectorization: {env_id} has no vector_entry_point; use auto, sync or async"
+            f"{ENV_KEY}.vectorization: {env_id} has no vector_entry_point; use auto, sync or async"
         )
     if mode == "vector_entry_point" and spec.frame_stack > 1:
         raise ConfigError(
-            "env.frame_stack needs vectorization sync, async or auto, not vector_entry_point"
+            f"{ENV_KEY}.frame_stack needs vectorization sync, async or auto, not vector_entry_point"
         )
+    check_env_kwargs(spec, registry_spec, vectorized=mode == "vector_entry_point")
     wrappers = (
         []
         if spec.frame_stack == 1
@@ -185,12 +218,12 @@ def make_vector_env(spec: EnvSpec, seed: int | None = None, gamma: float = 0.99)
                 wrappers=wrappers or None,
                 **kwargs,
             )
-    except TypeError as err:
-        raise ConfigError(f"env.kwargs: {env_id} rejected {sorted(kwargs)}: {err}") from None
+    except TypeError as err:  # a constructor with **kwargs that passes them on
+        raise ConfigError(f"{ENV_KEY}.kwargs: {env_id} rejected {sorted(kwargs)}: {err}") from None
     autoreset = env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
     if autoreset != AutoresetMode.NEXT_STEP:
         raise ConfigError(
-            f"env.name: {env_id} autoresets in {autoreset}; only NEXT_STEP is supported"
+            f"{ENV_KEY}.name: {env_id} autoresets in {autoreset}; only NEXT_STEP is supported"
         )
     workers = f" in {env.num_workers} workers" if isinstance(env, BlockVectorEnv) else ""
     logger.info(f"env {env_id}: {spec.num_envs} envs, vectorization={mode}{workers}")
@@ -220,11 +253,13 @@ def probe_spaces(spec: EnvSpec) -> tuple[gym.Space, gym.Space]:
         return spaces
     env_id, migration_kwargs = migrate_env_id(spec.name)
     kwargs = {**migration_kwargs, **spec.kwargs}
-    if resolve_vectorization(spec, registry_spec) == "vector_entry_point":
-        if registry_spec.vector_entry_point is None:
-            raise ConfigError(
-                f"env.vectorization: {env_id} has no vector_entry_point; use auto, sync or async"
-            )
+    vectorized = resolve_vectorization(spec, registry_spec) == "vector_entry_point"
+    if vectorized and registry_spec.vector_entry_point is None:
+        raise ConfigError(
+            f"{ENV_KEY}.vectorization: {env_id} has no vector_entry_point; use auto, sync or async"
+        )
+    check_env_kwargs(spec, registry_spec, vectorized)
+    if vectorized:
         env = gym.make_vec(env_id, 1, vectorization_mode="vector_entry_point", **kwargs)
         spaces = env.single_observation_space, env.single_action_space
     else:
@@ -239,7 +274,7 @@ def make_single_env(spec: EnvSpec) -> gym.Env:
     (migrated id, constructor kwargs, time limit, frame stacking), unseeded and not reset.
     Not for ``ALE/...`` ids, which only run in ale-py's native vector env."""
     if is_atari(spec.name):
-        raise ConfigError(f"env.name: {spec.name} runs only in ale-py's native vector env")
+        raise ConfigError(f"{ENV_KEY}.name: {spec.name} runs only in ale-py's native vector env")
     registry_spec = spec.registry_spec()
     route_mujoco_warnings(registry_spec)
     env_id, migration_kwargs = migrate_env_id(spec.name)
