@@ -3,12 +3,14 @@
 import inspect
 import os
 from copy import deepcopy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Literal
 
 import gymnasium as gym
-from gymnasium.envs.registration import load_env_creator
+
+# _find_spec is private in gymnasium 1.4.0: the id lookup of make/make_vec (see registry_spec).
+from gymnasium.envs.registration import _find_spec, load_env_creator
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.wrappers import FrameStackObservation
 from gymnasium.wrappers.vector import NormalizeObservation, NormalizeReward, RecordEpisodeStatistics
@@ -80,15 +82,23 @@ class EnvSpec:
         return migrate_env_id(self.name)[0]
 
     def registry_spec(self) -> gym.envs.registration.EnvSpec:
-        """The registered gymnasium spec; a :class:`ConfigError` naming close matches if unknown."""
+        """The registered gymnasium spec; a :class:`ConfigError` naming close matches if unknown.
+
+        A ``module:EnvId`` name (gymnasium's convention for envs registered on import, e.g.
+        ``my_package.envs:Corridor-v0``) imports ``module`` first. ``gym.make`` and
+        ``gym.make_vec`` do that through ``gymnasium.envs.registration._find_spec``, but
+        ``gym.spec`` does not (gymnasium 1.4.0), so the lookup uses the same helper; every
+        process that builds an env (blocks and async workers included) goes through here.
+        """
         env_id = self.env_id
         if env_id.startswith("ALE/"):
             import ale_py
 
             gym.register_envs(ale_py)
         try:
-            return gym.spec(env_id)
-        except gym.error.Error as err:  # NameNotFound / VersionNotFound / NamespaceNotFound
+            return _find_spec(env_id)
+        # NameNotFound / VersionNotFound / NamespaceNotFound, or a module: that does not import
+        except (gym.error.Error, ModuleNotFoundError) as err:
             raise ConfigError(f"{ENV_KEY}.name: {err}".replace("\n", " ")) from None
 
     def reward_threshold(self) -> float | None:
@@ -109,11 +119,35 @@ def route_mujoco_warnings(registry_spec: gym.envs.registration.EnvSpec) -> None:
         mujoco.set_mju_user_warning(lambda message: logger.debug(f"MuJoCo: {message}"))
 
 
-def resolve_vectorization(spec: EnvSpec, registry_spec: gym.envs.registration.EnvSpec) -> str:
-    """Pick the vectorization mode for ``auto`` (explicit modes are returned unchanged)."""
+def resolve_vectorization(
+    spec: EnvSpec, registry_spec: gym.envs.registration.EnvSpec, warn: bool = False
+) -> str:
+    """The vectorization mode to build ``spec`` with.
+
+    ``auto`` picks the env's native vectorised implementation where it has one, else sync
+    or ``blocks`` (see :class:`EnvSpec`). An explicit mode is kept, except
+    ``vector_entry_point`` for an env that has none (or with ``frame_stack`` > 1, which it
+    cannot wrap): that falls back to auto's choice, so a config written for CartPole still
+    runs when pointed at another env from the command line.
+
+    Args:
+        spec: the environment spec.
+        registry_spec: its registered gymnasium spec.
+        warn: log a warning when an explicit mode falls back.
+    """
+    native = registry_spec.vector_entry_point is not None and spec.frame_stack == 1
+    if spec.vectorization == "vector_entry_point" and not native:
+        mode = resolve_vectorization(replace(spec, vectorization="auto"), registry_spec)
+        if warn:
+            why = "no vector_entry_point" if spec.frame_stack == 1 else "frame_stack > 1"
+            logger.warning(
+                f"{ENV_KEY}.vectorization=vector_entry_point: {spec.env_id} has {why}; "
+                f"using {mode} (auto's choice)"
+            )
+        return mode
     if spec.vectorization != "auto":
         return spec.vectorization
-    if registry_spec.vector_entry_point is not None and spec.frame_stack == 1:
+    if native:
         return "vector_entry_point"
     entry = registry_spec.entry_point if isinstance(registry_spec.entry_point, str) else ""
     cheap = entry.startswith(_CHEAP_ENTRY_POINTS)
@@ -181,15 +215,7 @@ def make_vector_env(spec: EnvSpec, seed: int | None = None, gamma: float = 0.99)
     if is_atari(spec.name):
         return _wrap_and_reset(make_atari_env(spec, registry_spec), spec, seed, gamma)
     env_id, migration_kwargs = migrate_env_id(spec.name)
-    mode = resolve_vectorization(spec, registry_spec)
-    if mode == "vector_entry_point" and registry_spec.vector_entry_point is None:
-        raise ConfigError(
-            f"{ENV_KEY}.vectorization: {env_id} has no vector_entry_point; use auto, sync or async"
-        )
-    if mode == "vector_entry_point" and spec.frame_stack > 1:
-        raise ConfigError(
-            f"{ENV_KEY}.frame_stack needs vectorization sync, async or auto, not vector_entry_point"
-        )
+    mode = resolve_vectorization(spec, registry_spec, warn=True)
     check_env_kwargs(spec, registry_spec, vectorized=mode == "vector_entry_point")
     wrappers = (
         []
@@ -254,10 +280,6 @@ def probe_spaces(spec: EnvSpec) -> tuple[gym.Space, gym.Space]:
     env_id, migration_kwargs = migrate_env_id(spec.name)
     kwargs = {**migration_kwargs, **spec.kwargs}
     vectorized = resolve_vectorization(spec, registry_spec) == "vector_entry_point"
-    if vectorized and registry_spec.vector_entry_point is None:
-        raise ConfigError(
-            f"{ENV_KEY}.vectorization: {env_id} has no vector_entry_point; use auto, sync or async"
-        )
     check_env_kwargs(spec, registry_spec, vectorized)
     if vectorized:
         env = gym.make_vec(env_id, 1, vectorization_mode="vector_entry_point", **kwargs)
