@@ -21,6 +21,7 @@ import yaml
 from jsonargparse import Namespace
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -28,7 +29,7 @@ from loguru import logger
 from typing_extensions import override
 
 from slm_lightning.algorithms.base import RLAlgorithm
-from slm_lightning.callbacks import FrameCheckpoint, MetricsTracker, RunSummary
+from slm_lightning.callbacks import FrameCheckpoint, FrameProgressBar, MetricsTracker, RunSummary
 from slm_lightning.compile import CompileNetworks, compile_backend
 from slm_lightning.envs.factory import ConfigError
 from slm_lightning.warm_start import (
@@ -43,10 +44,10 @@ from slm_lightning.warm_start import (
 
 # RL training is driven by the frame clock, not by epochs over a dataset: one epoch is one
 # rollout-and-update cycle, there is no validation loop during fit, checkpoints come from
-# FrameCheckpoint, and the per-step progress bar would cost more than a small update.
+# FrameCheckpoint, and the progress bar is FrameProgressBar (see instantiate_trainer).
 TRAINER_DEFAULTS = {
     "max_epochs": -1,
-    "enable_progress_bar": False,
+    "enable_progress_bar": True,
     "enable_checkpointing": False,
     "enable_model_summary": False,
     "num_sanity_val_steps": 0,
@@ -68,6 +69,8 @@ class SLMLabCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(MetricsTracker, "metrics")
         parser.add_lightning_class_args(FrameCheckpoint, "checkpoint")
+        # Not a callback key: it joins the trainer only when the progress bar is enabled.
+        parser.add_class_arguments(FrameProgressBar, "progress")
         parser.add_argument(
             "--torch_threads",
             type=int,
@@ -85,6 +88,24 @@ class SLMLabCLI(LightningCLI):
             "replay memory start fresh. To continue a run instead, use --ckpt_path.",
         )
         add_compile_arguments(parser)
+
+    @override
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        # FrameProgressBar replaces Lightning's batch-counting bar unless the config names a
+        # progress bar of its own or disables it (Lightning rejects a ProgressBar callback
+        # with enable_progress_bar=false). It goes with the default callbacks, which Lightning
+        # runs after the metrics callbacks, so it shows the episodes of the cycle just ended.
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer = config.trainer
+        given = trainer.callbacks if isinstance(trainer.callbacks, list) else [trainer.callbacks]
+        if trainer.enable_progress_bar and not any(isinstance(c, ProgressBar) for c in given):
+            defaults = self.trainer_defaults.get("callbacks") or []
+            defaults = defaults if isinstance(defaults, list) else [defaults]
+            self.trainer_defaults = {
+                **self.trainer_defaults,
+                "callbacks": [config.progress, *defaults],
+            }
+        return super().instantiate_trainer(**kwargs)
 
     @override
     def _parse_ckpt_path(self) -> None:
@@ -575,6 +596,7 @@ _SECTIONS: dict[str, type] = {
     "trainer": Trainer,
     "metrics": MetricsTracker,
     "checkpoint": FrameCheckpoint,
+    "progress": FrameProgressBar,
 }
 
 Segment = tuple[str, str]  # ("key", "env.num_envs") or ("class", "slm_lightning.algorithms.PPO")

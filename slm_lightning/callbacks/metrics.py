@@ -154,9 +154,13 @@ class MetricsTracker(Callback):
                     and ma >= self.target_return
                 ):
                     self.frames_to_target, self.seconds_to_target = frame, now
+        # callback_metrics lets Lightning's EarlyStopping, checkpoint monitors and the
+        # progress bar use them.
+        trainer.callback_metrics["rollout/episodes"] = torch.tensor(self.episodes)
         if self.recent:
-            # callback_metrics lets Lightning's EarlyStopping and checkpoint monitors use it.
             trainer.callback_metrics["episode/return_ma"] = torch.tensor(self.return_ma)
+        if self.best_return_ma > -math.inf:
+            trainer.callback_metrics["episode/best_return_ma"] = torch.tensor(self.best_return_ma)
 
     def log_row(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Send one row of metrics to the loggers (and to the console when LOG_METRICS=true)."""
