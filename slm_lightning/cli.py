@@ -1,5 +1,6 @@
 """The ``slm-lab`` command: LightningCLI with RL defaults, the run folder, and one-line errors."""
 
+import dataclasses
 import difflib
 import importlib
 import inspect
@@ -17,13 +18,16 @@ import torch
 import yaml
 from jsonargparse import Namespace
 from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from loguru import logger
 from typing_extensions import override
 
 from slm_lightning.algorithms.base import RLAlgorithm
-from slm_lightning.callbacks import FrameCheckpoint, MetricsTracker, RunSummary
+from slm_lightning.callbacks import FrameCheckpoint, FrameProgressBar, MetricsTracker, RunSummary
 from slm_lightning.compile import CompileNetworks, compile_backend
 from slm_lightning.envs.factory import ConfigError
 from slm_lightning.run_folder import RunConfig, claim_run_dir, keep_metrics_file, release_run_dirs
@@ -40,10 +44,10 @@ from slm_lightning.warm_start import (
 
 # RL training is driven by the frame clock, not by epochs over a dataset: one epoch is one
 # rollout-and-update cycle, there is no validation loop during fit, checkpoints come from
-# FrameCheckpoint, and the per-step progress bar would cost more than a small update.
+# FrameCheckpoint, and the progress bar is FrameProgressBar (see instantiate_trainer).
 TRAINER_DEFAULTS = {
     "max_epochs": -1,
-    "enable_progress_bar": False,
+    "enable_progress_bar": True,
     "enable_checkpointing": False,
     "enable_model_summary": False,
     "num_sanity_val_steps": 0,
@@ -79,6 +83,8 @@ class SLMLabCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(MetricsTracker, "metrics")
         parser.add_lightning_class_args(FrameCheckpoint, "checkpoint")
+        # Not a callback key: it joins the trainer only when the progress bar is enabled.
+        parser.add_class_arguments(FrameProgressBar, "progress")
         parser.add_argument(
             "--torch_threads",
             type=int,
@@ -96,6 +102,24 @@ class SLMLabCLI(LightningCLI):
             "replay memory start fresh. To continue a run instead, use --ckpt_path.",
         )
         add_compile_arguments(parser)
+
+    @override
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        # FrameProgressBar replaces Lightning's batch-counting bar unless the config names a
+        # progress bar of its own or disables it (Lightning rejects a ProgressBar callback
+        # with enable_progress_bar=false). It goes with the default callbacks, which Lightning
+        # runs after the metrics callbacks, so it shows the episodes of the cycle just ended.
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer = config.trainer
+        given = trainer.callbacks if isinstance(trainer.callbacks, list) else [trainer.callbacks]
+        if trainer.enable_progress_bar and not any(isinstance(c, ProgressBar) for c in given):
+            defaults = self.trainer_defaults.get("callbacks") or []
+            defaults = defaults if isinstance(defaults, list) else [defaults]
+            self.trainer_defaults = {
+                **self.trainer_defaults,
+                "callbacks": [config.progress, *defaults],
+            }
+        return super().instantiate_trainer(**kwargs)
 
     @override
     def _parse_ckpt_path(self) -> None:
@@ -117,6 +141,7 @@ class SLMLabCLI(LightningCLI):
                 f"ckpt_path: {self.subcommand} evaluates a trained agent; pass "
                 "--ckpt_path=path/to.ckpt (or last, or best)"
             )
+        check_machine(trainer)
         resolve_checkpoint_alias(config, self.subcommand)
         if trainer.default_root_dir is None:
             configs = config.get("config") or []
@@ -393,6 +418,71 @@ def flat_config(value: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def check_machine(trainer: Namespace) -> None:
+    """Raise a one-line :class:`ConfigError` if this machine cannot serve the run's trainer
+    settings, before the run folder exists: the accelerator asked for, a writable run folder,
+    and a W&B login when a W&B logger will log online.
+
+    Args:
+        trainer: the parsed ``trainer`` section (before instantiation).
+    """
+    from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
+
+    accelerator = trainer.get("accelerator")
+    needs = {
+        "gpu": (CUDAAccelerator, MPSAccelerator),
+        "cuda": (CUDAAccelerator,),
+        "mps": (MPSAccelerator,),
+    }
+    kinds = needs.get(accelerator, ()) if isinstance(accelerator, str) else ()
+    if kinds and not any(kind.is_available() for kind in kinds):
+        raise ConfigError(
+            f"trainer.accelerator={accelerator}: torch sees no such device on this machine; "
+            "use --trainer.accelerator cpu (or auto, which takes a GPU where there is one)"
+        )
+    run_dir = trainer.get("default_root_dir")
+    target = Path(run_dir if run_dir is not None else "runs").absolute()
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        why = "is not writable" if existing.is_dir() else "is not a folder"
+        raise ConfigError(
+            f"trainer.default_root_dir: cannot write the run folder {target}: {existing} {why}; "
+            "pass a writable folder with --trainer.default_root_dir"
+        )
+    if wandb_logs_online(trainer.get("logger")):
+        import wandb
+
+        # verify=False: no network; prompt=False: report instead of waiting for input.
+        if not wandb.login(verify=False, prompt=False):
+            wandb.teardown()  # forget the settings the check loaded (tests run W&B in-process)
+            raise ConfigError(
+                "trainer.logger: W&B logs online but this machine is not logged in: run "
+                "`uv run wandb login` once, or set WANDB_MODE=offline to log locally "
+                "(`wandb sync` uploads later)"
+            )
+
+
+def wandb_logs_online(loggers: Any) -> bool:
+    """Whether a ``trainer.logger`` entry is a W&B logger that will log online: neither its
+    ``offline``/``mode`` arguments nor ``WANDB_MODE``/``WANDB_DISABLED`` make it local.
+
+    Args:
+        loggers: the parsed ``trainer.logger`` value (None, a bool, an entry or a list).
+    """
+    from lightning.pytorch.loggers import WandbLogger
+
+    if os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes"):
+        return False
+    for entry in loggers if isinstance(loggers, list) else [loggers]:
+        cls = _logger_class(entry)
+        if cls is None or not issubclass(cls, WandbLogger) or entry.init_args.get("offline"):
+            continue
+        mode = entry.init_args.get("mode") or os.environ.get("WANDB_MODE") or "online"
+        if mode.lower() not in ("offline", "dryrun", "disabled"):
+            return True
+    return False
+
+
 def _logger_class(entry: Any) -> type | None:
     """The class a ``class_path`` logger entry names (None for an instance or a bad path)."""
     if not isinstance(entry, Namespace) or not isinstance(entry.get("class_path"), str):
@@ -471,51 +561,297 @@ def _config_error_in_chain(err: BaseException) -> ConfigError | None:
     return None
 
 
-def _unknown_key_message(class_path: str, key: str) -> str:
-    """``model.init_args.<key>: unknown key for <Class>; did you mean …`` for a nested key."""
+# jsonargparse (4.x) reports a bad value as an indented tree: a `Parser key "x":` line per
+# nesting level, a `Problem with given class_path 'C':` line where a class was tried, one
+# line per alternative of a Union, and the failing check at the leaves.
+_TREE_KEY = re.compile(r'^Parser key "([^"]+)":\s*(.*)$')
+_TREE_CLASS = re.compile(r"^Problem with given class_path '([\w.]+)':\s*(.*)$")
+_TREE_NOISE = re.compile(
+    r"^(Does not validate against any of the Union subtypes|Subtypes: |Errors:|Given value"
+    r"|Expected a <class 'NoneType'>|Expected a path but|Expected a dot import path string"
+    r"|Expected a <class '\w+'>$)"
+)
+_UNKNOWN_KEY = (
+    re.compile(r"^Option '([\w.]+)' is not accepted"),
+    re.compile(r"^Group '([\w.]+)' does not accept option '([\w.]+)'"),
+    re.compile(r"^Key ['\"]([\w.]+)['\"] is not expected"),
+    re.compile(r"^unrecognized arguments: --([\w.]+)"),
+)
+_BAD_VALUE = re.compile(r"^Expected a (.+?)\. Got value: (.*)$")
+_BAD_NUMBER = re.compile(r"^Not of type \w+: (.*)$")
+_NO_CLASS = re.compile(r"^(module '[\w.]+' has no attribute '\w+'|No module named .*)$")
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+# The classes behind the top-level sections of a config, for the accepted keys of a typo.
+_SECTIONS: dict[str, type] = {
+    "trainer": Trainer,
+    "metrics": MetricsTracker,
+    "checkpoint": FrameCheckpoint,
+    "progress": FrameProgressBar,
+}
+
+Segment = tuple[str, str]  # ("key", "env.num_envs") or ("class", "slm_lightning.algorithms.PPO")
+
+
+def _tree_lines(text: str) -> list[tuple[tuple[Segment, ...], str]]:
+    """Each line of a jsonargparse error tree, with the keys and classes above it."""
+    stack: list[tuple[int, Segment]] = []
+    lines: list[tuple[tuple[Segment, ...], str]] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        indent = len(raw) - len(raw.lstrip())
+        line = line.removeprefix("- ")
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        path = tuple(segment for _, segment in stack)
+        if match := _TREE_KEY.match(line) or _TREE_CLASS.match(line):
+            kind = "key" if line.startswith("Parser key") else "class"
+            stack.append((indent, (kind, match.group(1))))
+            path = (*path, (kind, match.group(1)))
+            line = match.group(2)  # a message on the same line, as in `Parser key "x": ...`
+        if line:
+            lines.append((path, line))
+    return lines
+
+
+def _describe_value(value: str) -> str:
+    """A value from the tree as the message shows it: 8.5 as is, a word quoted."""
+    return value if re.fullmatch(r"[-+]?[\d.]+(e[-+]?\d+)?", value) else repr(value)
+
+
+def _type_name(name: str) -> str:
+    """``an integer`` for ``int``, ``null`` for ``NoneType``, ``a Schedule`` for a class."""
+    if name == "NoneType":
+        return "null"
+    return _TYPE_NAMES.get(name, f"a {name.rpartition('.')[2]}")
+
+
+def _union_message(lines: list[tuple[tuple[Segment, ...], str]]) -> str | None:
+    """``<key>: expected an integer or null, got 'foo'`` for the innermost Union whose every
+    alternative rejected the value's type."""
+    unions = [(path, line) for path, line in lines if line.startswith("Subtypes: ")]
+    if not unions:
+        return None
+    path, subtypes = max(unions, key=lambda item: len(item[0]))
+    given = [line for p, line in lines if p == path and line.startswith("Given value: ")]
+    names = [_type_name(name) for name in re.findall(r"<class '([\w.]+)'>", subtypes)]
+    value = _describe_value(given[-1].removeprefix("Given value: ")) if given else "?"
+    return f"{_resolve_path(path)[0]}: expected {' or '.join(names)}, got {value}"
+
+
+def _leaf_rank(leaf: str) -> int:
+    """How well a leaf explains the error when a Union tried several types (lower wins): an
+    unknown key of the class the value was meant for; a check that failed on a value of the
+    right type (a bound, our own validation); a value of the wrong type; a class that could
+    not be imported."""
+    if any(pattern.match(leaf) for pattern in _UNKNOWN_KEY):
+        return 0
+    if _NO_CLASS.match(leaf):
+        return 3
+    if _BAD_VALUE.match(leaf) or (
+        (match := _BAD_NUMBER.match(leaf)) and match.group(1).startswith("expected")
+    ):
+        return 2
+    return 1
+
+
+def _import_class(class_path: str) -> type | None:
     module, _, name = class_path.rpartition(".")
-    owner: Any = getattr(importlib.import_module(module), name)
-    *parents, leaf = key.split(".")
-    for parent in parents:  # walk into dataclass-typed arguments such as env.*
-        hints = typing.get_type_hints(owner.__init__)
-        owner = next(
-            (
-                t
-                for t in typing.get_args(hints.get(parent)) or (hints.get(parent),)
-                if inspect.isclass(t)
-            ),
-            None,
-        )
-        if owner is None:
-            break
-    params = (
-        [p for p in inspect.signature(owner).parameters if p != "self"] if owner is not None else []
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return cls if inspect.isclass(cls) else None
+
+
+def _class_of_annotation(owner: type, name: str) -> type | None:
+    """The class an ``__init__`` argument of ``owner`` is typed with (``EnvSpec`` for ``env``,
+    ``MLPSpec`` for ``actor: MLPSpec | None``), or None."""
+    try:
+        hint = typing.get_type_hints(owner.__init__).get(name)
+    except (NameError, TypeError):
+        return None
+    return next((t for t in typing.get_args(hint) or (hint,) if inspect.isclass(t)), None)
+
+
+def _accepted_keys(owner: type) -> list[str]:
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    parameters = inspect.signature(owner).parameters.values()
+    return [p.name for p in parameters if p.name != "self" and p.kind not in variadic]
+
+
+def _resolve_path(path: tuple[Segment, ...], key: str = "") -> tuple[str, type | None]:
+    """The key as the user types it (``model.init_args.actor.activation``) and the class that
+    owns its last part.
+
+    Args:
+        path: the keys and classes above a leaf of the error tree.
+        key: a dotted key below the path (an unknown key the leaf names).
+    """
+    parts: list[str] = []
+    segments = [*path, ("key", key)] if key else list(path)
+    top = segments[0][1].partition(".")[0] if segments and segments[0][0] == "key" else ""
+    owner: type | None = _SECTIONS.get(top)
+    if owner is not None:  # `metrics.log_frequency`: the section's class owns the rest
+        rest = segments[0][1].partition(".")[2]
+        segments = [*([("key", rest)] if rest else []), *segments[1:]]
+        parts.append(top)
+    for index, (kind, value) in enumerate(segments):
+        if kind == "class":
+            owner = _import_class(value)
+            # A subclass is configured as class_path + init_args; a dataclass by its fields.
+            if owner is None or not dataclasses.is_dataclass(owner):
+                parts.append("init_args")
+            continue
+        names = value.split(".")
+        parts.extend(names)
+        last = index == len(segments) - 1
+        for name in names[:-1] if last else names:  # walk into dataclass-typed arguments
+            owner = _class_of_annotation(owner, name) if owner is not None else None
+    if parts == ["config"]:  # the config file option
+        return "--config", None
+    return ".".join(parts), owner
+
+
+def _unknown_key_message(key: str, owner: type | None) -> str:
+    """``<key>: unknown key for <Class>; did you mean …? accepted: …``."""
+    if owner is None:
+        return f"{key}: unknown key"
+    leaf = key.rpartition(".")[2]
+    accepted = _accepted_keys(owner)
+    close = difflib.get_close_matches(leaf, accepted, n=3)
+    hint = f"did you mean {', '.join(close)}?" if close else ""
+    if not close or len(accepted) <= 12:  # a long list only when nothing is close
+        hint = f"{hint} accepted: {', '.join(accepted)}".strip()
+    return f"{key}: unknown key for {owner.__name__}; {hint}"
+
+
+def _bad_value_message(key: str, expected: str, value: str) -> str:
+    """``<key>: expected an integer, got 'sixteen'`` or, for a Literal, the allowed values."""
+    if expected.startswith(("typing.Literal[", "Literal[")):
+        choices = re.findall(r"'([^']*)'", expected)
+        return f"{key}: {value!r} is not allowed; choose one of {', '.join(choices)}"
+    name = re.fullmatch(r"<class '([\w.]+)'>", expected)
+    wanted = _type_name(name.group(1)) if name else expected
+    return f"{key}: expected {wanted}, got {_describe_value(value)}"
+
+
+def _unknown_class_message(key: str, class_path: str, text: str) -> str:
+    """``model: unknown class_path …; did you mean …? choose one of …`` from the Union's base."""
+    base = re.search(r"Subtypes: \[<class '([\w.]+)'>", text)
+    base_class = _import_class(base.group(1)) if base else None
+    if base_class is None:
+        return f"{key}: unknown class_path {class_path}"
+    package = base_class.__module__.rpartition(".")[0] or base_class.__module__
+    names = sorted(
+        name
+        for name, value in vars(importlib.import_module(package)).items()
+        if inspect.isclass(value) and issubclass(value, base_class) and value is not base_class
     )
-    close = difflib.get_close_matches(leaf, params, n=3)
-    hint = f"did you mean {', '.join(close)}?" if close else f"accepted: {', '.join(params)}"
-    return f"model.init_args.{key}: unknown key for {getattr(owner, '__name__', name)}; {hint}"
+    choices = [f"{package}.{name}" for name in names]
+    close = difflib.get_close_matches(class_path, choices, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"{key}: unknown class_path {class_path}; {hint}choose one of {', '.join(names)} (in {package})"
 
 
-def explain(err: BaseException) -> str:
+def _config_files(args: list[str]) -> list[str]:
+    """The ``--config`` files of a command line, in order."""
+    files = []
+    for index, arg in enumerate(args):
+        if arg == "--config" and index + 1 < len(args):
+            files.append(args[index + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.partition("=")[2])
+    return files
+
+
+def _no_algorithm_message(args: list[str]) -> str:
+    """``model: no algorithm is set; …`` naming the presets given without a config."""
+    presets = [f for f in _config_files(args) if Path(f).parent.name == "callbacks"]
+    if not presets:
+        return (
+            "model: no algorithm is set; give a config (slm-lab fit --config "
+            "configs/ppo_cartpole.yaml) or a class (--model slm_lightning.algorithms.PPO)"
+        )
+    given = " ".join(f"--config {f}" for f in presets)
+    what = "is a preset that adds" if len(presets) == 1 else "are presets that add"
+    return (
+        f"model: no algorithm is set; {', '.join(presets)} {what} to a config: give the "
+        f"config first, e.g. slm-lab fit --config configs/ppo_cartpole.yaml {given}"
+    )
+
+
+def _not_a_mapping_message(args: list[str]) -> str | None:
+    """``--config <file>: …`` for the config file that is empty or not a YAML mapping."""
+    for name in _config_files(args):
+        try:
+            content = yaml.safe_load(Path(name).read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        if content is None:
+            return f"--config {name}: the file is empty; a config is a YAML mapping (model:, trainer:, …)"
+        if not isinstance(content, dict):
+            return (
+                f"--config {name}: expected a YAML mapping (model:, trainer:, …), "
+                f"got a {type(content).__name__}"
+            )
+    return None
+
+
+def _explain_tree(text: str, args: list[str]) -> str | None:
+    """One line for a jsonargparse error tree, or None if it does not look like one."""
+    lines = _tree_lines(text)
+    leaves = [(path, line) for path, line in lines if not _TREE_NOISE.match(line)]
+    if not leaves:
+        return _union_message(lines)
+    classes = {value for path, _ in leaves for kind, value in path if kind == "class"}
+    if any(_import_class(value) is RLAlgorithm for value in classes):
+        return _no_algorithm_message(args)  # the base class: no config named an algorithm
+    path, leaf = min(leaves, key=lambda item: (_leaf_rank(item[1]), -len(item[0])))
+    for pattern in _UNKNOWN_KEY:
+        if match := pattern.match(leaf):
+            key, owner = _resolve_path(path, ".".join(match.groups()))
+            return _unknown_key_message(key, owner)
+    key, _ = _resolve_path(path)
+    if match := _BAD_VALUE.match(leaf):
+        return _bad_value_message(key, match.group(1), match.group(2))
+    if match := _BAD_NUMBER.match(leaf):
+        return f"{key}: {match.group(1)}"
+    if _NO_CLASS.match(leaf) and path and path[-1][0] == "class":
+        return _unknown_class_message(_resolve_path(path[:-1])[0], path[-1][1], text)
+    if match := re.match(r"^(?:\w+Error: )?(.*)$", leaf):
+        return f"{key}: {match.group(1)}" if key else match.group(1)
+    return None
+
+
+def explain(err: BaseException, args: list[str] | None = None) -> str:
     """Condense a configuration error into one line naming the key and what is allowed.
 
-    jsonargparse reports a typo'd key or a failed class instantiation as a multi-line tree;
-    users need the offending key, and for an unknown key the closest accepted names.
+    jsonargparse reports a bad value as a multi-line tree over the Unions it tried (the
+    model's class, ``float | Schedule`` …); users need the key as they type it
+    (``model.init_args.env.vectorization``) and what is allowed there: the accepted keys of
+    the class that owns a typo'd key, the values of a ``Literal``, the type of a number.
+
+    Args:
+        err: the error raised while parsing or instantiating the config.
+        args: the command line, to name the config file an error comes from.
     """
+    args = list(sys.argv[1:] if args is None else args)
     config_error = _config_error_in_chain(err)
-    text = str(config_error) if config_error is not None else str(err)
-    if config_error is None and isinstance(err, ArgumentError):
-        for line in text.splitlines():
-            if (match := re.search(r"ConfigError: (.*)", line)) or (
-                match := re.search(r"ValueError: (.*)", line)
-            ):
-                return match.group(1)
-        unknown = re.search(
-            r"(?:Option|Key) ['\"]([\w.]+)['\"] is not (?:accepted|expected)", text
-        ) or re.search(r"unrecognized arguments: --([\w.]+)", text)
-        class_path = re.search(r"class_path '([\w.]+)'", text)
-        if unknown and class_path:
-            return _unknown_key_message(class_path.group(1), unknown.group(1))
+    if config_error is not None:
+        return str(config_error).replace("\n", " ")
+    text = str(err)
+    if isinstance(err, MisconfigurationException):
+        return f"trainer: {text}"
+    if isinstance(err, ArgumentError):
+        if re.search(r"arguments are required: (\w+\.)?model\b", text):
+            return _no_algorithm_message(args)
+        if text.startswith("Unexpected config:") and (message := _not_a_mapping_message(args)):
+            return message
+        if (line := _explain_tree(text, args)) is not None:
+            return line
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return " ".join(lines[:3]) if lines else type(err).__name__
 
@@ -552,13 +888,13 @@ def main(args: list[str] | None = None) -> None:
             parser_kwargs={"exit_on_error": False},
             args=args,
         )
-    except (ConfigError, ArgumentError) as err:
-        logger.error(explain(err))
+    except (ConfigError, ArgumentError, MisconfigurationException) as err:
+        logger.error(explain(err, args))
         sys.exit(2)
     except ValueError as err:  # a class failed to instantiate: is it our validation?
-        if (config_error := _config_error_in_chain(err)) is None:
+        if _config_error_in_chain(err) is None:
             raise
-        logger.error(str(config_error))
+        logger.error(explain(err, args))
         sys.exit(2)
     except FloatingPointError as err:
         # A non-finite reward, observation or loss: a fault of the run, not bad input (exit 1).

@@ -3,6 +3,8 @@
 from dataclasses import dataclass
 from typing import Literal
 
+from slm_lightning.config_types import Count, PositiveCount
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -21,8 +23,8 @@ class Schedule:
 
     start: float
     end: float
-    start_frame: int = 0
-    end_frame: int | None = None
+    start_frame: Count = 0
+    end_frame: PositiveCount | None = None
     kind: Literal["linear", "exponential"] = "linear"
 
     def __post_init__(self) -> None:

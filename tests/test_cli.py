@@ -213,8 +213,6 @@ def corrupt_checkpoint(tmp: Path) -> str:
     return str(path)
 
 
-AUTO = ["--model.init_args.env.vectorization=auto"]  # ppo_cartpole.yaml asks for CartPole's own
-
 # (case id, extra arguments given the tmp dir, substrings the single error line must contain)
 ERROR_CASES = [
     (
@@ -248,20 +246,12 @@ ERROR_CASES = [
     ),
     (
         "tuple-observations",
-        lambda t: ["--model.init_args.env.name=Blackjack-v1", *AUTO],
+        lambda t: ["--model.init_args.env.name=Blackjack-v1"],
         ["PPO", "Blackjack-v1", "Box", "Tuple"],
     ),
     (
-        "no-vector-entry-point",
-        lambda t: [
-            "--model.init_args.env.name=Blackjack-v1",
-            "--model.init_args.env.vectorization=vector_entry_point",
-        ],
-        ["env.vectorization", "Blackjack-v1", "vector_entry_point"],
-    ),
-    (
         "multibinary-actions",
-        lambda t: ["--model.init_args.env.name=SlmTestMultiBinaryAction-v0", *AUTO],
+        lambda t: ["--model.init_args.env.name=SlmTestMultiBinaryAction-v0"],
         ["PPO", "SlmTestMultiBinaryAction-v0", "MultiBinary", "Discrete", "Box"],
     ),
 ]

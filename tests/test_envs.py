@@ -3,6 +3,7 @@
 import gymnasium as gym
 import numpy as np
 import pytest
+from loguru import logger
 
 from slm_lightning.envs import factory
 from slm_lightning.envs.factory import (
@@ -41,7 +42,9 @@ from slm_lightning.envs.normalization import (
     ],
 )
 def test_legacy_ids_migrate(legacy, current):
-    assert migrate_env_id(legacy) == (current, {})
+    # NoFrameskip-v4 had no sticky actions and the minimal action set; v5 has sticky actions.
+    v4 = {"repeat_action_probability": 0.0, "full_action_space": False}
+    assert migrate_env_id(legacy) == (current, v4 if current.startswith("ALE/") else {})
     assert EnvSpec(name=legacy).env_id == current
 
 
@@ -69,7 +72,7 @@ def test_unknown_id_is_a_config_error_with_suggestion(name, suggestion):
     with pytest.raises(ConfigError) as info:
         make_vector_env(EnvSpec(name=name, num_envs=1))
     message = str(info.value)
-    assert message.startswith("env.name")
+    assert message.startswith("model.init_args.env.name")
     assert f"Did you mean: `{suggestion}`" in message
     assert "\n" not in message
 
@@ -123,9 +126,37 @@ def test_explicit_vectorization_is_kept(mode):
     assert resolve_vectorization(spec, spec.registry_spec()) == mode
 
 
-def test_vector_entry_point_without_one_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"env\.vectorization"):
-        make_vector_env(EnvSpec(name="Pendulum-v1", num_envs=2, vectorization="vector_entry_point"))
+@pytest.fixture
+def warnings_logged():
+    """The messages loguru logs at WARNING and above during the test."""
+    messages: list[str] = []
+    handler = logger.add(
+        lambda message: messages.append(message.record["message"]), level="WARNING"
+    )
+    yield messages
+    logger.remove(handler)
+
+
+@pytest.mark.parametrize(
+    ("name", "frame_stack", "why"),
+    [("Pendulum-v1", 1, "no vector_entry_point"), ("CartPole-v1", 2, "frame_stack > 1")],
+)
+def test_vector_entry_point_the_env_lacks_falls_back_to_auto(
+    name, frame_stack, why, warnings_logged
+):
+    spec = EnvSpec(
+        name=name, num_envs=2, vectorization="vector_entry_point", frame_stack=frame_stack
+    )
+    env = make_vector_env(spec, seed=0)
+    try:
+        assert isinstance(env.unwrapped, gym.vector.SyncVectorEnv)  # auto's choice for both
+        assert env.observation_space.shape[0] == 2
+    finally:
+        env.close()
+    assert warnings_logged == [
+        f"model.init_args.env.vectorization=vector_entry_point: {name} has {why}; "
+        "using sync (auto's choice)"
+    ]
 
 
 def test_probe_spaces():

@@ -241,7 +241,7 @@ def finished_run(isolated_run) -> Path:
             "ckpt_path: {ckpt} was trained with env.normalize_obs=false; this config has "
             "model.init_args.env.normalize_obs=true: they must match to resume",
         ),
-        (["--model.init_args.lr=-1"], 2, "model.init_args.lr must be >= 0, got -1.0"),
+        (["--model.init_args.lr=-1"], 2, "model.init_args.lr: must be >= 0, got -1"),
         (
             ["--model.init_args.lr={start: 0.001, end: -0.1}"],
             2,

@@ -7,6 +7,7 @@ from typing_extensions import override
 
 from slm_lightning.algorithms.base import RLAlgorithm
 from slm_lightning.algorithms.ppo import normalize
+from slm_lightning.config_types import NonNegativeFloat, PositiveCount
 from slm_lightning.data.onpolicy import OnPolicyMemory
 from slm_lightning.envs.factory import ConfigError, EnvSpec
 from slm_lightning.nets.actor_critic import ActorCritic
@@ -46,7 +47,7 @@ class A2C(RLAlgorithm):
     def __init__(
         self,
         env: EnvSpec,
-        max_frames: int = 1_000_000,
+        max_frames: PositiveCount = 1_000_000,
         gamma: float = 0.99,
         returns: Literal["gae", "nstep"] = "gae",
         gae_lambda: float = 0.95,
@@ -54,8 +55,8 @@ class A2C(RLAlgorithm):
         time_horizon: int = 5,
         value_coef: float = 0.5,
         entropy_coef: float | Schedule = 0.0,
-        lr: float | Schedule = 7e-4,
-        critic_lr: float | Schedule | None = None,
+        lr: NonNegativeFloat | Schedule = 7e-4,
+        critic_lr: NonNegativeFloat | Schedule | None = None,
         max_grad_norm: float | None = 0.5,
         normalize_advantages: bool = False,
         actor: MLPSpec | None = None,

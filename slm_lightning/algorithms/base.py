@@ -12,6 +12,7 @@ from gymnasium import spaces
 from torch import Tensor
 from typing_extensions import override
 
+from slm_lightning.config_types import PositiveCount
 from slm_lightning.data.evaluation import EvaluationEpisodes
 from slm_lightning.data.rollout import OnPolicyRollout
 from slm_lightning.envs.factory import ConfigError, EnvSpec, probe_spaces
@@ -56,7 +57,7 @@ class RLAlgorithm(L.LightningModule):
     def __init__(
         self,
         env: EnvSpec,
-        max_frames: int,
+        max_frames: PositiveCount,
         gamma: float,
         eval_episodes: int = 10,
         eval_greedy: bool = True,

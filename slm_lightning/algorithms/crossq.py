@@ -22,6 +22,7 @@ from slm_lightning.algorithms.sac import (
     twin_critic_loss,
     update_actor_and_alpha,
 )
+from slm_lightning.config_types import Count, NonNegativeFloat, PositiveCount
 from slm_lightning.data.offpolicy import OffPolicyRollout
 from slm_lightning.data.replay import ReplayMemory
 from slm_lightning.envs.factory import ConfigError, EnvSpec
@@ -73,17 +74,17 @@ class CrossQ(RLAlgorithm):
     def __init__(
         self,
         env: EnvSpec,
-        max_frames: int = 1_000_000,
+        max_frames: PositiveCount = 1_000_000,
         gamma: float = 0.99,
         actor: MLPSpec | None = None,
         critic: MLPSpec | None = None,
-        actor_lr: float = 1e-3,
-        critic_lr: float = 1e-3,
-        alpha_lr: float = 1e-3,
+        actor_lr: NonNegativeFloat = 1e-3,
+        critic_lr: NonNegativeFloat = 1e-3,
+        alpha_lr: NonNegativeFloat = 1e-3,
         adam_beta1: float = 0.5,
         batch_size: int = 256,
-        memory_size: int = 1_000_000,
-        learning_starts: int = 5_000,
+        memory_size: PositiveCount = 1_000_000,
+        learning_starts: Count = 5_000,
         training_frequency: int = 1,
         updates_per_step: int = 1,
         policy_delay: int = 3,

@@ -12,6 +12,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from slm_lightning.algorithms.base import RLAlgorithm
+from slm_lightning.config_types import Count, NonNegativeFloat, PositiveCount
 from slm_lightning.data.frame_replay import FrameReplay, PrioritizedFrameReplay
 from slm_lightning.data.offpolicy import OffPolicyRollout
 from slm_lightning.data.prioritized import PrioritizedReplay
@@ -88,16 +89,16 @@ class DQN(RLAlgorithm):
     def __init__(
         self,
         env: EnvSpec,
-        max_frames: int = 100_000,
+        max_frames: PositiveCount = 100_000,
         gamma: float = 0.99,
         double: bool = False,
         dueling: bool = False,
         net: MLPSpec | None = None,
         conv: ConvSpec | None = None,
-        lr: float | Schedule = 1e-3,
+        lr: NonNegativeFloat | Schedule = 1e-3,
         batch_size: int = 64,
-        memory_size: int = 100_000,
-        learning_starts: int = 1_000,
+        memory_size: PositiveCount = 100_000,
+        learning_starts: Count = 1_000,
         training_frequency: int = 1,
         updates_per_step: int = 1,
         n_steps: int = 1,

@@ -5,6 +5,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from slm_lightning.algorithms.base import RLAlgorithm
+from slm_lightning.config_types import NonNegativeFloat, PositiveCount
 from slm_lightning.data.onpolicy import OnPolicyMemory
 from slm_lightning.data.rollout import OnPolicyRollout
 from slm_lightning.envs.factory import ConfigError, EnvSpec
@@ -84,7 +85,7 @@ class PPO(RLAlgorithm):
     def __init__(
         self,
         env: EnvSpec,
-        max_frames: int = 1_000_000,
+        max_frames: PositiveCount = 1_000_000,
         gamma: float = 0.99,
         gae_lambda: float = 0.95,
         time_horizon: int = 128,
@@ -94,8 +95,8 @@ class PPO(RLAlgorithm):
         clip_value: float | None = None,
         value_coef: float = 0.5,
         entropy_coef: float | Schedule = 0.0,
-        lr: float | Schedule = 3e-4,
-        critic_lr: float | Schedule | None = None,
+        lr: NonNegativeFloat | Schedule = 3e-4,
+        critic_lr: NonNegativeFloat | Schedule | None = None,
         max_grad_norm: float | None = 0.5,
         normalize_advantages: bool = True,
         target_kl: float | None = None,

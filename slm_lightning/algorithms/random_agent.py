@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from slm_lightning.algorithms.base import RLAlgorithm
+from slm_lightning.config_types import PositiveCount
 from slm_lightning.data.onpolicy import OnPolicyMemory
 from slm_lightning.envs.factory import EnvSpec
 
@@ -49,7 +50,7 @@ class RandomAgent(RLAlgorithm):
     def __init__(
         self,
         env: EnvSpec,
-        max_frames: int = 100_000,
+        max_frames: PositiveCount = 100_000,
         time_horizon: int = 128,
         eval_episodes: int = 10,
     ) -> None:

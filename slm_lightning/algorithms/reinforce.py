@@ -4,6 +4,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from slm_lightning.algorithms.base import RLAlgorithm
+from slm_lightning.config_types import NonNegativeFloat, PositiveCount
 from slm_lightning.data.onpolicy import OnPolicyMemory
 from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.nets.actor_critic import ActorCritic
@@ -38,14 +39,14 @@ class Reinforce(RLAlgorithm):
     def __init__(
         self,
         env: EnvSpec,
-        max_frames: int = 1_000_000,
+        max_frames: PositiveCount = 1_000_000,
         gamma: float = 0.99,
         time_horizon: int = 256,
         training_epochs: int = 1,
         num_minibatches: int = 1,
         center_returns: bool = True,
         entropy_coef: float | Schedule = 0.01,
-        lr: float | Schedule = 2e-3,
+        lr: NonNegativeFloat | Schedule = 2e-3,
         max_grad_norm: float | None = None,
         actor: MLPSpec | None = None,
         log_std_init: float = 0.0,

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from slm_lightning.algorithms.base import RLAlgorithm
+from slm_lightning.config_types import Count, NonNegativeFloat, PositiveCount
 from slm_lightning.data.offpolicy import OffPolicyRollout
 from slm_lightning.data.replay import ReplayMemory
 from slm_lightning.envs.factory import ConfigError, EnvSpec
@@ -283,16 +284,16 @@ class SAC(RLAlgorithm):
     def __init__(
         self,
         env: EnvSpec,
-        max_frames: int = 1_000_000,
+        max_frames: PositiveCount = 1_000_000,
         gamma: float = 0.99,
         actor: MLPSpec | None = None,
         critic: MLPSpec | None = None,
-        actor_lr: float = 3e-4,
-        critic_lr: float = 3e-4,
-        alpha_lr: float = 3e-4,
+        actor_lr: NonNegativeFloat = 3e-4,
+        critic_lr: NonNegativeFloat = 3e-4,
+        alpha_lr: NonNegativeFloat = 3e-4,
         batch_size: int = 256,
-        memory_size: int = 1_000_000,
-        learning_starts: int = 5_000,
+        memory_size: PositiveCount = 1_000_000,
+        learning_starts: Count = 5_000,
         training_frequency: int = 1,
         updates_per_step: int = 1,
         tau: float = 0.005,

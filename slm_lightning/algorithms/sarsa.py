@@ -9,6 +9,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from slm_lightning.algorithms.base import RLAlgorithm
+from slm_lightning.config_types import NonNegativeFloat, PositiveCount
 from slm_lightning.data.onpolicy import OnPolicyMemory
 from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.nets.mlp import MLPSpec
@@ -48,10 +49,10 @@ class SARSA(RLAlgorithm):
     def __init__(
         self,
         env: EnvSpec,
-        max_frames: int = 200_000,
+        max_frames: PositiveCount = 200_000,
         gamma: float = 0.99,
         net: MLPSpec | None = None,
-        lr: float | Schedule = 1e-3,
+        lr: NonNegativeFloat | Schedule = 1e-3,
         time_horizon: int = 32,
         training_epochs: int = 1,
         num_minibatches: int = 1,

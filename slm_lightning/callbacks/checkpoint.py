@@ -16,6 +16,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from loguru import logger
 from typing_extensions import override
 
+from slm_lightning.config_types import PositiveCount
+from slm_lightning.envs.factory import ConfigError
 from slm_lightning.warm_start import checkpoint_frames
 
 # Exit status of a run stopped by SIGTERM, as a shell reports a process killed by it: the job
@@ -53,10 +55,13 @@ class FrameCheckpoint(Callback):
     """
 
     def __init__(
-        self, every_n_frames: int = 50_000, dirpath: str | None = None, save_best: bool = True
+        self,
+        every_n_frames: PositiveCount = 50_000,
+        dirpath: str | None = None,
+        save_best: bool = True,
     ) -> None:
         if every_n_frames < 1:
-            raise ValueError(f"checkpoint.every_n_frames must be >= 1, got {every_n_frames}")
+            raise ConfigError(f"checkpoint.every_n_frames must be >= 1, got {every_n_frames}")
         self.every_n_frames = every_n_frames
         self.dirpath = dirpath
         self.save_best = save_best

@@ -13,6 +13,9 @@ from lightning.pytorch.callbacks import Callback
 from loguru import logger
 from typing_extensions import override
 
+from slm_lightning.config_types import PositiveCount
+from slm_lightning.envs.factory import ConfigError
+
 # Metric keys, shared by every algorithm (algorithms add their own under train/):
 #   rollout/frames, rollout/fps, rollout/episodes, rollout/updates,
 #   episode/return, episode/length, episode/return_ma, episode/best_return_ma,
@@ -55,15 +58,15 @@ class MetricsTracker(Callback):
 
     def __init__(
         self,
-        log_frequency: int = 10_000,
+        log_frequency: PositiveCount = 10_000,
         window: int = 100,
         target_return: float | None = None,
         print_metrics: bool | None = None,
     ) -> None:
         if log_frequency < 1:
-            raise ValueError(f"metrics.log_frequency must be >= 1, got {log_frequency}")
+            raise ConfigError(f"metrics.log_frequency must be >= 1, got {log_frequency}")
         if window < 1:
-            raise ValueError(f"metrics.window must be >= 1, got {window}")
+            raise ConfigError(f"metrics.window must be >= 1, got {window}")
         self.log_frequency = log_frequency
         self.window = window
         self.target_return = target_return
@@ -154,9 +157,13 @@ class MetricsTracker(Callback):
                     and ma >= self.target_return
                 ):
                     self.frames_to_target, self.seconds_to_target = frame, now
+        # callback_metrics lets Lightning's EarlyStopping, checkpoint monitors and the
+        # progress bar use them.
+        trainer.callback_metrics["rollout/episodes"] = torch.tensor(self.episodes)
         if self.recent:
-            # callback_metrics lets Lightning's EarlyStopping and checkpoint monitors use it.
             trainer.callback_metrics["episode/return_ma"] = torch.tensor(self.return_ma)
+        if self.best_return_ma > -math.inf:
+            trainer.callback_metrics["episode/best_return_ma"] = torch.tensor(self.best_return_ma)
 
     def log_row(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Send one row of metrics to the loggers (and to the console when LOG_METRICS=true)."""

@@ -18,7 +18,7 @@ convert them to float and divide by 255 on the training device.
 """
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
@@ -67,7 +67,8 @@ class AtariSpec:
 
     Args:
         repeat_action_probability: sticky actions: each emulator frame repeats the previous
-            action with this probability (v5 default 0.25; 0 for the deterministic v4 setting).
+            action with this probability (v5 default 0.25; 0 for the deterministic v4 setting,
+            which legacy ``XNoFrameskip-v4`` ids always use, with the minimal action set).
         full_action_space: all 18 joystick actions instead of the game's minimal set.
         frameskip: emulator frames per agent step; observations max-pool the last two.
         stack_num: frames stacked into one observation.
@@ -216,6 +217,7 @@ def _native_kwargs(spec: "EnvSpec", registry_spec: gym.envs.registration.EnvSpec
         "noop_max": atari.noop_max,
         "num_threads": atari.num_threads,
         "max_num_frames_per_episode": max_frames,
+        **migrate_env_id(spec.name)[1],  # XNoFrameskip-v4: no sticky actions, as in v4
         **spec.kwargs,
         # Clipping happens in AtariGameEpisodes, after the raw score has been recorded, and
         # life losses are signalled there: ale-py's episodic_life restarts the whole game at
@@ -243,9 +245,10 @@ def make_atari_env(
     kwargs = _native_kwargs(spec, registry_spec)
     env = AtariVectorEnv(_game(registry_spec), num_envs or spec.num_envs, **kwargs)
     if num_envs is None:
+        legacy = migrate_env_id(spec.name)[1]  # the settings in force, not the spec's
         logger.info(
             f"env {registry_spec.id}: {spec.num_envs} envs, ale-py AtariVectorEnv "
-            f"(num_threads={spec.atari.num_threads or 'auto'}, {spec.atari})"
+            f"(num_threads={spec.atari.num_threads or 'auto'}, {replace(spec.atari, **legacy)})"
         )
     return AtariGameEpisodes(
         env, episodic_life=spec.atari.episodic_life, reward_clipping=spec.atari.reward_clipping

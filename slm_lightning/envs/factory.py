@@ -1,13 +1,17 @@
 """Build the gymnasium vector env an algorithm rolls out, from a typed :class:`EnvSpec`."""
 
+import inspect
 import os
 from copy import deepcopy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Literal
 
 import gymnasium as gym
 import numpy as np
+
+# _find_spec is private in gymnasium 1.4.0: the id lookup of make/make_vec (see registry_spec).
+from gymnasium.envs.registration import _find_spec, load_env_creator
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.wrappers import FrameStackObservation
 from gymnasium.wrappers.vector import NormalizeObservation, NormalizeReward, RecordEpisodeStatistics
@@ -25,6 +29,10 @@ _CHEAP_ENTRY_POINTS = ("gymnasium.envs.classic_control", "gymnasium.envs.toy_tex
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key and what is allowed."""
+
+
+# The env spec's key as users type it on the command line and in configs.
+ENV_KEY = "model.init_args.env"
 
 
 @dataclass
@@ -64,14 +72,10 @@ class EnvSpec:
     atari: AtariSpec = field(default_factory=AtariSpec)
 
     def __post_init__(self) -> None:
-        if self.num_envs < 1:
-            raise ConfigError(f"env.num_envs must be >= 1, got {self.num_envs}")
-        if self.num_workers is not None and self.num_workers < 1:
-            raise ConfigError(f"env.num_workers must be >= 1, got {self.num_workers}")
-        if self.frame_stack < 1:
-            raise ConfigError(f"env.frame_stack must be >= 1, got {self.frame_stack}")
-        if self.max_episode_steps is not None and self.max_episode_steps < 1:
-            raise ConfigError(f"env.max_episode_steps must be >= 1, got {self.max_episode_steps}")
+        for key in ("num_envs", "num_workers", "frame_stack", "max_episode_steps"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{ENV_KEY}.{key} must be >= 1, got {value}")
 
     @property
     def env_id(self) -> str:
@@ -79,16 +83,24 @@ class EnvSpec:
         return migrate_env_id(self.name)[0]
 
     def registry_spec(self) -> gym.envs.registration.EnvSpec:
-        """The registered gymnasium spec; a :class:`ConfigError` naming close matches if unknown."""
+        """The registered gymnasium spec; a :class:`ConfigError` naming close matches if unknown.
+
+        A ``module:EnvId`` name (gymnasium's convention for envs registered on import, e.g.
+        ``my_package.envs:Corridor-v0``) imports ``module`` first. ``gym.make`` and
+        ``gym.make_vec`` do that through ``gymnasium.envs.registration._find_spec``, but
+        ``gym.spec`` does not (gymnasium 1.4.0), so the lookup uses the same helper; every
+        process that builds an env (blocks and async workers included) goes through here.
+        """
         env_id = self.env_id
         if env_id.startswith("ALE/"):
             import ale_py
 
             gym.register_envs(ale_py)
         try:
-            return gym.spec(env_id)
-        except gym.error.Error as err:  # NameNotFound / VersionNotFound / NamespaceNotFound
-            raise ConfigError(f"env.name: {err}".replace("\n", " ")) from None
+            return _find_spec(env_id)
+        # NameNotFound / VersionNotFound / NamespaceNotFound, or a module: that does not import
+        except (gym.error.Error, ModuleNotFoundError) as err:
+            raise ConfigError(f"{ENV_KEY}.name: {err}".replace("\n", " ")) from None
 
     def reward_threshold(self) -> float | None:
         """The return at which gymnasium considers the task solved, if it defines one."""
@@ -108,11 +120,35 @@ def route_mujoco_warnings(registry_spec: gym.envs.registration.EnvSpec) -> None:
         mujoco.set_mju_user_warning(lambda message: logger.debug(f"MuJoCo: {message}"))
 
 
-def resolve_vectorization(spec: EnvSpec, registry_spec: gym.envs.registration.EnvSpec) -> str:
-    """Pick the vectorization mode for ``auto`` (explicit modes are returned unchanged)."""
+def resolve_vectorization(
+    spec: EnvSpec, registry_spec: gym.envs.registration.EnvSpec, warn: bool = False
+) -> str:
+    """The vectorization mode to build ``spec`` with.
+
+    ``auto`` picks the env's native vectorised implementation where it has one, else sync
+    or ``blocks`` (see :class:`EnvSpec`). An explicit mode is kept, except
+    ``vector_entry_point`` for an env that has none (or with ``frame_stack`` > 1, which it
+    cannot wrap): that falls back to auto's choice, so a config written for CartPole still
+    runs when pointed at another env from the command line.
+
+    Args:
+        spec: the environment spec.
+        registry_spec: its registered gymnasium spec.
+        warn: log a warning when an explicit mode falls back.
+    """
+    native = registry_spec.vector_entry_point is not None and spec.frame_stack == 1
+    if spec.vectorization == "vector_entry_point" and not native:
+        mode = resolve_vectorization(replace(spec, vectorization="auto"), registry_spec)
+        if warn:
+            why = "no vector_entry_point" if spec.frame_stack == 1 else "frame_stack > 1"
+            logger.warning(
+                f"{ENV_KEY}.vectorization=vector_entry_point: {spec.env_id} has {why}; "
+                f"using {mode} (auto's choice)"
+            )
+        return mode
     if spec.vectorization != "auto":
         return spec.vectorization
-    if registry_spec.vector_entry_point is not None and spec.frame_stack == 1:
+    if native:
         return "vector_entry_point"
     entry = registry_spec.entry_point if isinstance(registry_spec.entry_point, str) else ""
     cheap = entry.startswith(_CHEAP_ENTRY_POINTS)
@@ -122,6 +158,36 @@ def resolve_vectorization(spec: EnvSpec, registry_spec: gym.envs.registration.En
     if cheap or (os.cpu_count() or 1) < 2 or spec.num_envs < 4:
         return "sync"
     return "blocks"
+
+
+def check_env_kwargs(
+    spec: EnvSpec, registry_spec: gym.envs.registration.EnvSpec, vectorized: bool
+) -> None:
+    """Raise a :class:`ConfigError` naming the ``env.kwargs`` the env's constructor does not
+    take, with the ones it does; constructors with ``**kwargs`` are left to themselves.
+
+    Args:
+        spec: the environment spec.
+        registry_spec: its registered gymnasium spec.
+        vectorized: the env is built through its ``vector_entry_point``.
+    """
+    entry = registry_spec.vector_entry_point if vectorized else registry_spec.entry_point
+    creator = load_env_creator(entry) if isinstance(entry, str) else entry
+    try:
+        parameters = inspect.signature(creator).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C extension without a signature
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return
+    takes = sorted({p.name for p in parameters} - {"self", "num_envs"})
+    accepted = set(takes)
+    if not vectorized:  # gym.make's own keywords (max_episode_steps, disable_env_checker …)
+        accepted |= set(inspect.signature(gym.make).parameters) - {"id", "kwargs"}
+    if unknown := sorted(set(spec.kwargs) - accepted):
+        raise ConfigError(
+            f"{ENV_KEY}.kwargs: {spec.env_id} does not take {', '.join(unknown)}; "
+            f"its constructor takes {', '.join(takes) or 'no arguments'}"
+        )
 
 
 def block_workers(spec: EnvSpec) -> int:
@@ -151,15 +217,8 @@ def make_vector_env(spec: EnvSpec, seed: int | None = None, gamma: float = 0.99)
     if is_atari(spec.name):
         return _wrap_and_reset(make_atari_env(spec, registry_spec), spec, seed, gamma)
     env_id, migration_kwargs = migrate_env_id(spec.name)
-    mode = resolve_vectorization(spec, registry_spec)
-    if mode == "vector_entry_point" and registry_spec.vector_entry_point is None:
-        raise ConfigError(
-            f"env.vectorization: {env_id} has no vector_entry_point; use auto, sync or async"
-        )
-    if mode == "vector_entry_point" and spec.frame_stack > 1:
-        raise ConfigError(
-            "env.frame_stack needs vectorization sync, async or auto, not vector_entry_point"
-        )
+    mode = resolve_vectorization(spec, registry_spec, warn=True)
+    check_env_kwargs(spec, registry_spec, vectorized=mode == "vector_entry_point")
     wrappers = (
         []
         if spec.frame_stack == 1
@@ -187,12 +246,12 @@ def make_vector_env(spec: EnvSpec, seed: int | None = None, gamma: float = 0.99)
                 wrappers=wrappers or None,
                 **kwargs,
             )
-    except TypeError as err:
-        raise ConfigError(f"env.kwargs: {env_id} rejected {sorted(kwargs)}: {err}") from None
+    except TypeError as err:  # a constructor with **kwargs that passes them on
+        raise ConfigError(f"{ENV_KEY}.kwargs: {env_id} rejected {sorted(kwargs)}: {err}") from None
     autoreset = env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
     if autoreset != AutoresetMode.NEXT_STEP:
         raise ConfigError(
-            f"env.name: {env_id} autoresets in {autoreset}; only NEXT_STEP is supported"
+            f"{ENV_KEY}.name: {env_id} autoresets in {autoreset}; only NEXT_STEP is supported"
         )
     workers = f" in {env.num_workers} workers" if isinstance(env, BlockVectorEnv) else ""
     logger.info(f"env {env_id}: {spec.num_envs} envs, vectorization={mode}{workers}")
@@ -238,11 +297,9 @@ def probe_spaces(spec: EnvSpec) -> tuple[gym.Space, gym.Space]:
         return spaces
     env_id, migration_kwargs = migrate_env_id(spec.name)
     kwargs = {**migration_kwargs, **spec.kwargs}
-    if resolve_vectorization(spec, registry_spec) == "vector_entry_point":
-        if registry_spec.vector_entry_point is None:
-            raise ConfigError(
-                f"env.vectorization: {env_id} has no vector_entry_point; use auto, sync or async"
-            )
+    vectorized = resolve_vectorization(spec, registry_spec) == "vector_entry_point"
+    check_env_kwargs(spec, registry_spec, vectorized)
+    if vectorized:
         env = gym.make_vec(env_id, 1, vectorization_mode="vector_entry_point", **kwargs)
         spaces = env.single_observation_space, env.single_action_space
     else:
@@ -257,7 +314,7 @@ def make_single_env(spec: EnvSpec) -> gym.Env:
     (migrated id, constructor kwargs, time limit, frame stacking), unseeded and not reset.
     Not for ``ALE/...`` ids, which only run in ale-py's native vector env."""
     if is_atari(spec.name):
-        raise ConfigError(f"env.name: {spec.name} runs only in ale-py's native vector env")
+        raise ConfigError(f"{ENV_KEY}.name: {spec.name} runs only in ale-py's native vector env")
     registry_spec = spec.registry_spec()
     route_mujoco_warnings(registry_spec)
     env_id, migration_kwargs = migrate_env_id(spec.name)
