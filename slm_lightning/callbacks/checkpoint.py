@@ -70,18 +70,26 @@ class FrameCheckpoint(Callback):
         self.stop_signal: signal.Signals | None = None  # the first stop signal received
         self.stopping = False  # fit is ending: later signals are ignored
         self._handler_pid: int | None = None  # the process whose signals the handler handles
+        self._directory: Path | None = None  # resolved when training starts
 
     @property
     def state_key(self) -> str:
         return "FrameCheckpoint"
 
     def directory(self, trainer: L.Trainer) -> Path:
+        """Where the checkpoints go; the run folder is resolved once, when training starts."""
         if self.dirpath is not None:
             return Path(self.dirpath)
+        if self._directory is not None:
+            return self._directory
         return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # trainer.log_dir broadcasts rank 0's folder under DDP, a collective: ask here, where
+        # every rank is, so that on_exception (maybe on one rank alone) never has to.
+        if self.dirpath is None:
+            self._directory = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
         # Lightning registered its SIGTERM handler when fit began and restores the previous
         # handlers when fit ends; replacing it here keeps its mid-epoch stop from firing.
         self.stop_signal = None
@@ -138,8 +146,9 @@ class FrameCheckpoint(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         self.stopping = True
+        # No collectives here: this rank may be failing alone, and the others would not answer.
         if pl_module.frames > 0:
-            self.save(trainer, best=False)
+            self.save(trainer, best=False, collective=False)
             if trainer.is_global_zero:
                 if isinstance(exception, SIGTERMException):
                     reason = "SIGTERM"
@@ -152,19 +161,33 @@ class FrameCheckpoint(Callback):
                     f"after {reason}; resume with --ckpt_path last"
                 )
 
-    def save(self, trainer: L.Trainer, best: bool = True) -> None:
-        self._write(trainer, "last.ckpt")
+    def save(self, trainer: L.Trainer, best: bool = True, collective: bool = True) -> None:
+        """Write ``last.ckpt`` and, with ``best``, ``best.ckpt`` if the return MA improved.
+
+        Args:
+            trainer: the trainer.
+            best: also consider ``best.ckpt``.
+            collective: every rank calls this at the same point; False after an exception,
+                when rank 0 writes without waiting for the others.
+        """
+        self._write(trainer, "last.ckpt", collective)
         ma = trainer.callback_metrics.get("episode/return_ma")
         if best and self.save_best and ma is not None and float(ma) > self.best_return_ma:
             self.best_return_ma = float(ma)
-            self._write(trainer, "best.ckpt")
+            self._write(trainer, "best.ckpt", collective)
 
-    def _write(self, trainer: L.Trainer, name: str) -> None:
+    def _write(self, trainer: L.Trainer, name: str, collective: bool = True) -> None:
         path = self.directory(trainer) / name
         tmp = path.with_suffix(".ckpt.tmp")
         if trainer.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(tmp, weights_only=False)
+        if collective:
+            trainer.save_checkpoint(tmp, weights_only=False)
+        elif trainer.is_global_zero:
+            # Trainer.save_checkpoint ends in a barrier (Lightning 2.6) that the other ranks may
+            # never reach; build and write rank 0's checkpoint as it does, without the barrier.
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+            trainer.strategy.save_checkpoint(checkpoint, tmp)
         if trainer.is_global_zero:
             os.replace(tmp, path)
 
