@@ -6,6 +6,7 @@ import importlib
 import inspect
 import os
 import re
+import signal
 import sys
 import typing
 import warnings
@@ -28,6 +29,7 @@ from typing_extensions import override
 
 from slm_lightning.algorithms.base import RLAlgorithm
 from slm_lightning.callbacks import FrameCheckpoint, FrameProgressBar, MetricsTracker, RunSummary
+from slm_lightning.callbacks.checkpoint import SIGINT_EXIT_CODE
 from slm_lightning.compile import CompileNetworks, compile_backend
 from slm_lightning.envs.factory import ConfigError
 from slm_lightning.run_folder import RunConfig, claim_run_dir, keep_metrics_file, release_run_dirs
@@ -902,6 +904,19 @@ def main(args: list[str] | None = None) -> None:
         # finite checkpoint was kept (FrameCheckpoint said which frame it holds).
         logger.error(str(err))
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C outside fit (parsing, instantiating)
+        sys.exit(SIGINT_EXIT_CODE)
+    except SystemExit as err:
+        # Lightning 2.6 ends a fit interrupted by KeyboardInterrupt with sys.exit(1)
+        # (trainer/call.py, _call_and_handle_interrupt); a shell reports Ctrl-C as 130.
+        if err.code == 1 and isinstance(err.__context__, KeyboardInterrupt):
+            err = SystemExit(SIGINT_EXIT_CODE)
+        if err.code == SIGINT_EXIT_CODE:
+            # Fit has saved and closed what it owns. Another Ctrl-C while the interpreter exits
+            # (W&B's atexit hook finishing its run) ends the process at once, as the shell's 130,
+            # rather than raising KeyboardInterrupt inside an atexit hook.
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+        raise err from None
 
 
 if __name__ == "__main__":

@@ -79,6 +79,22 @@ class RankReport(Callback):
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
 
 
+class FailOnRank(Callback):
+    """Raises RuntimeError on one rank alone at the end of a rollout cycle (test only).
+
+    Args:
+        rank: the failing rank.
+        epoch: the cycle (1-based) at whose end it fails.
+    """
+
+    def __init__(self, rank: int = 1, epoch: int = 2) -> None:
+        self.rank, self.epoch = rank, epoch
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if trainer.global_rank == self.rank and trainer.current_epoch + 1 >= self.epoch:
+            raise RuntimeError(f"rank {self.rank} failed")
+
+
 def run_slm_lab(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     """Run ``slm-lab`` in its own process group; kill the whole group if it hangs."""
     proc = subprocess.Popen(
@@ -184,3 +200,37 @@ def test_ddp_two_cpu_ranks(tmp_path: Path, config_name: str, budget: int, extra:
     assert checkpoint["global_step"] == r0["global_step"]
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert str(config["trainer"]["devices"]) == "2"
+
+
+def test_a_rank_failing_alone_stops_every_rank(tmp_path: Path) -> None:
+    """Rank 1 raises while rank 0 trains on: its on_exception hooks run no collective (which
+    rank 0 would never join), so it exits; rank 0's next collective then fails, and rank 0
+    saves a resumable checkpoint on its way out (without waiting for rank 1)."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    env.pop("SLM_RUN_STAMP", None)
+    run = tmp_path / "run"
+    result = run_slm_lab(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "ppo_cartpole.yaml"),
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=2",
+            "--trainer.strategy=ddp",
+            f"--trainer.default_root_dir={run}",
+            "--model.init_args.max_frames=100000000",
+            "--model.init_args.env.num_envs=8",
+            "--trainer.callbacks+=tests.test_ddp.FailOnRank",
+        ],
+        cwd=tmp_path,
+        env=env,
+    )
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert "rank 1 failed" in result.stdout, result.stdout[-3000:]
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    (state,) = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert state["frames"] >= 2 * 2 * 8 * 16  # two rollout cycles of both ranks
+    assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())

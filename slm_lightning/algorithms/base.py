@@ -335,7 +335,33 @@ class RLAlgorithm(L.LightningModule):
             self.trainer.should_stop = True
 
     @override
-    def teardown(self, stage: str) -> None:
-        # Runs after success and after an exception, so async env workers never outlive fit.
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [CloseEnvsOnException()]
+
+    def close_envs(self) -> None:
+        """Close the rollout's vector env, ending its worker processes (if any)."""
         if self.rollout is not None:
             self.rollout.close()
+
+    @override
+    def teardown(self, stage: str) -> None:
+        # After a fit, validate or test that ended normally; CloseEnvsOnException covers the rest.
+        self.close_envs()
+
+
+class CloseEnvsOnException(L.Callback):
+    """Closes an :class:`RLAlgorithm`'s envs when fit fails or is stopped by a signal.
+
+    Lightning 2.6 calls no LightningModule hook then (``trainer/call.py``,
+    ``_call_and_handle_interrupt``: the callbacks' ``on_exception``, no ``teardown``), and
+    worker processes left running would keep the process from exiting. The algorithm returns
+    this from ``configure_callbacks``, so it runs after the trainer's callbacks: FrameCheckpoint
+    has saved the rollout (with the envs' normaliser statistics) by then.
+    """
+
+    @override
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(pl_module, RLAlgorithm):
+            pl_module.close_envs()

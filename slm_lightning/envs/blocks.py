@@ -12,7 +12,6 @@ step sends each worker a one-word command and gets back only the non-empty ``inf
 import contextlib
 import multiprocessing
 import os
-import signal
 import traceback
 from collections.abc import Callable, Sequence
 from copy import deepcopy
@@ -33,6 +32,8 @@ from gymnasium.vector.utils import (
     read_from_shared_memory,
     write_to_shared_memory,
 )
+
+from slm_lightning.envs.workers import leave_signals_to_parent
 
 # One sub-env's info dicts, tagged with its index in the whole vector env.
 IndexedInfos = list[tuple[int, dict[str, Any]]]
@@ -302,7 +303,7 @@ def _block_worker(
     """
     parent_pipe.close()
     # Ctrl-C is the parent's to handle: it closes the workers through the pipe.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    leave_signals_to_parent()
     envs: list[Env] = []
     index = start  # the sub-env being worked on, for error messages
     closing = False

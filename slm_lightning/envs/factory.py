@@ -20,6 +20,7 @@ from loguru import logger
 from slm_lightning.envs.atari import LIFE_LOSS, AtariSpec, is_atari, make_atari_env
 from slm_lightning.envs.blocks import BlockVectorEnv
 from slm_lightning.envs.names import migrate_env_id
+from slm_lightning.envs.workers import async_worker
 
 Vectorization = Literal["auto", "sync", "async", "blocks", "vector_entry_point"]
 
@@ -230,6 +231,8 @@ def make_vector_env(spec: EnvSpec, seed: int | None = None, gamma: float = 0.99)
     vector_kwargs = (
         {} if mode == "vector_entry_point" else {"autoreset_mode": AutoresetMode.NEXT_STEP}
     )
+    if mode == "async":
+        vector_kwargs["worker"] = async_worker  # workers leave SIGINT / SIGTERM to the trainer
     try:
         if mode == "blocks":
             env = BlockVectorEnv(
