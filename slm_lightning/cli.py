@@ -33,6 +33,7 @@ from slm_lightning.callbacks.checkpoint import SIGINT_EXIT_CODE
 from slm_lightning.compile import CompileNetworks, compile_backend
 from slm_lightning.envs.factory import ConfigError
 from slm_lightning.run_folder import RunConfig, claim_run_dir, keep_metrics_file, release_run_dirs
+from slm_lightning.schedules import check_schedules
 from slm_lightning.warm_start import (
     WarmStartNormalizers,
     check_checkpoint_file,
@@ -144,6 +145,9 @@ class SLMLabCLI(LightningCLI):
                 "--ckpt_path=path/to.ckpt (or last, or best)"
             )
         check_machine(trainer)
+        model = config.get("model")
+        if isinstance(model, Namespace) and (cls := _import_class(model.get("class_path", ""))):
+            check_schedules(cls, model.get("init_args") or Namespace(), "model.init_args.")
         resolve_checkpoint_alias(config, self.subcommand)
         if trainer.default_root_dir is None:
             configs = config.get("config") or []

@@ -1,9 +1,14 @@
 """Hyperparameters that change with the frame clock (learning rate, entropy, clip range …)."""
 
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
+
+from jsonargparse import Namespace
 
 from slm_lightning.config_types import Count, PositiveCount
+from slm_lightning.envs.factory import ConfigError
 
 
 @dataclass(frozen=True)
@@ -55,3 +60,28 @@ def scheduled(value: "float | Schedule | dict", frames: int, max_frames: int) ->
     if isinstance(value, dict):
         value = Schedule(**value)
     return value.value(frames, max_frames) if isinstance(value, Schedule) else float(value)
+
+
+def check_schedules(cls: type, init_args: Namespace | Mapping[str, Any], prefix: str) -> None:
+    """Check every schedule given for a ``float | Schedule`` argument of ``cls`` before the
+    class is instantiated, and name the key of a bad one.
+
+    jsonargparse (4.53) checks a schedule's own rules (``end_frame`` after ``start_frame``,
+    positive ends of an exponential schedule) only when it instantiates the class, and then
+    reports the failure as a Union error that no longer names the argument.
+
+    Args:
+        cls: the algorithm class.
+        init_args: its arguments as parsed (schedules still mappings).
+        prefix: the keys' prefix as the user types it, e.g. ``model.init_args.``.
+    """
+    for name, hint in typing.get_type_hints(cls.__init__).items():
+        value = init_args.get(name)
+        if isinstance(value, Namespace):
+            value = value.as_dict()
+        if Schedule not in typing.get_args(hint) or not isinstance(value, Mapping):
+            continue
+        try:
+            Schedule(**dict(value))
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{prefix}{name}: {err}") from None

@@ -136,6 +136,23 @@ CASES = [
         "accepted: start, end, start_frame, end_frame, kind",
     ),
     case(
+        "schedule-ending-before-it-starts",
+        lambda t, m: [
+            *FIT,
+            "--model.init_args.lr={start: 0.001, end: 0.0, start_frame: 100, end_frame: 50}",
+        ],
+        "model.init_args.lr: schedule end_frame (50) must exceed start_frame (100)",
+    ),
+    case(
+        "exponential-schedule-to-zero",
+        lambda t, m: [
+            *FIT,
+            "--model.init_args.entropy_coef={start: 0.01, end: 0.0, kind: exponential}",
+        ],
+        "model.init_args.entropy_coef: an exponential schedule needs start and end > 0, "
+        "got 0.01, 0.0",
+    ),
+    case(
         "negative-lr",
         lambda t, m: [*FIT, "--model.init_args.lr", "-1"],
         "model.init_args.lr: must be >= 0, got -1",

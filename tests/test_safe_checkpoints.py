@@ -245,7 +245,7 @@ def finished_run(isolated_run) -> Path:
         (
             ["--model.init_args.lr={start: 0.001, end: -0.1}"],
             2,
-            "model.init_args.lr must be >= 0, got -0.1",
+            "model.init_args.lr: must be >= 0, got -0.1",
         ),
         # A fault at the first step of the resumed session: no frame collected.
         (["--model.init_args.env.kwargs={crash_after: 0}"], None, None),

@@ -144,7 +144,7 @@ class RLAlgorithm(L.LightningModule):
             ends = (rate.start, rate.end) if isinstance(rate, Schedule) else (rate,)
             bad = next((value for value in ends if value is not None and value < 0), None)
             if bad is not None:
-                raise ConfigError(f"model.init_args.{key} must be >= 0, got {bad}")
+                raise ConfigError(f"model.init_args.{key}: must be >= 0, got {bad}")
 
     def check_replay(self, learning_starts: int, batch_size: int, memory_size: int) -> None:
         """Raise a :class:`ConfigError` for replay settings under which nothing would train:

@@ -96,15 +96,19 @@ class AtariSpec:
 
         if not 0.0 <= self.repeat_action_probability <= 1.0:
             raise ConfigError(
-                "env.atari.repeat_action_probability must be in [0, 1], "
+                "model.init_args.env.atari.repeat_action_probability must be in [0, 1], "
                 f"got {self.repeat_action_probability}"
             )
         for key in ("frameskip", "stack_num"):
             if getattr(self, key) < 1:
-                raise ConfigError(f"env.atari.{key} must be >= 1, got {getattr(self, key)}")
+                raise ConfigError(
+                    f"model.init_args.env.atari.{key} must be >= 1, got {getattr(self, key)}"
+                )
         for key in ("noop_max", "num_threads"):
             if getattr(self, key) < 0:
-                raise ConfigError(f"env.atari.{key} must be >= 0, got {getattr(self, key)}")
+                raise ConfigError(
+                    f"model.init_args.env.atari.{key} must be >= 0, got {getattr(self, key)}"
+                )
 
 
 def is_atari(env_id: str) -> bool:
@@ -193,16 +197,16 @@ def _native_kwargs(spec: "EnvSpec", registry_spec: gym.envs.registration.EnvSpec
     for key in spec.kwargs:
         if key in _RESERVED_KWARGS:
             raise ConfigError(
-                f"env.kwargs.{key} is not allowed for ALE envs: {_RESERVED_KWARGS[key]}"
+                f"model.init_args.env.kwargs.{key} is not allowed for ALE envs: {_RESERVED_KWARGS[key]}"
             )
         if key not in allowed:
             extra = sorted(allowed - set(_RESERVED_KWARGS))
             raise ConfigError(
-                f"env.kwargs.{key}: unknown AtariVectorEnv argument; allowed: {extra}"
+                f"model.init_args.env.kwargs.{key}: unknown AtariVectorEnv argument; allowed: {extra}"
             )
     if spec.frame_stack != 1:
         raise ConfigError(
-            f"env.frame_stack must be 1 for ALE envs (got {spec.frame_stack}); "
+            f"model.init_args.env.frame_stack must be 1 for ALE envs (got {spec.frame_stack}); "
             "frames are stacked natively, set env.atari.stack_num"
         )
     atari: AtariSpec = spec.atari
@@ -294,7 +298,9 @@ def make_atari_render_env(spec: "EnvSpec") -> gym.Env:
     registry_spec = spec.registry_spec()
     native = _native_kwargs(spec, registry_spec)
     if not native.get("maxpool", True):
-        raise ValueError("env.kwargs.maxpool=false: gymnasium's AtariPreprocessing max-pools")
+        raise ValueError(
+            "model.init_args.env.kwargs.maxpool=false: gymnasium's AtariPreprocessing max-pools"
+        )
     env = gym.make(
         registry_spec.id,
         render_mode="rgb_array",

@@ -33,7 +33,7 @@ def load_normalizer_state(env: VectorEnv, state: dict[str, dict[str, Any]]) -> N
     if set(state) != set(wrappers):
         raise ValueError(
             f"checkpoint has normaliser state {sorted(state)} but the env has {sorted(wrappers)}; "
-            "env.normalize_obs / env.normalize_reward must match the checkpointed run"
+            "model.init_args.env.normalize_obs / normalize_reward must match the checkpointed run"
         )
     for key, saved in state.items():
         rms = getattr(wrappers[key], key)
