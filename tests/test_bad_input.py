@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from slm_lightning.algorithms import RLAlgorithm
-from slm_lightning.cli import TRAINER_DEFAULTS, SLMLabCLI, main
+from slm_lightning.cli import main
+from tests.cli_helpers import instantiate
 
 ROOT = Path(__file__).parents[1]
 PPO_CARTPOLE = str(ROOT / "configs" / "ppo_cartpole.yaml")
@@ -234,18 +234,6 @@ def test_bad_input_gets_one_line_and_status_2(
         assert errors[0] == expected
     assert not (isolated_run / "runs").exists()
     assert sorted(p.relative_to(isolated_run) for p in isolated_run.rglob("*")) == before
-
-
-def instantiate(args: list[str]) -> SLMLabCLI:
-    return SLMLabCLI(
-        RLAlgorithm,
-        subclass_mode_model=True,
-        trainer_defaults=TRAINER_DEFAULTS,
-        auto_configure_optimizers=False,
-        parser_kwargs={"exit_on_error": False},
-        args=args,
-        run=False,
-    )
 
 
 def test_counts_accept_integral_scientific_notation(isolated_run: Path) -> None:

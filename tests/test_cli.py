@@ -11,9 +11,10 @@ import pytest
 import yaml
 from gymnasium import spaces
 
-from slm_lightning.algorithms import A2C, PPO, Reinforce, RLAlgorithm
+from slm_lightning.algorithms import A2C, PPO, Reinforce
 from slm_lightning.callbacks import FrameCheckpoint, MetricsTracker, RunSummary
-from slm_lightning.cli import TRAINER_DEFAULTS, SLMLabCLI, main
+from slm_lightning.cli import main
+from tests.cli_helpers import instantiate
 
 ROOT = Path(__file__).parents[1]
 CONFIGS = ROOT / "configs"
@@ -26,19 +27,6 @@ ERROR_LINE = re.compile(r"^\d\d:\d\d:\d\d ERROR\s+(.*)$", re.MULTILINE)
 def command_line(monkeypatch):
     """The CLI sees only the args given to it, as ``slm-lab`` would (not pytest's argv)."""
     monkeypatch.setattr("sys.argv", ["slm-lab"])
-
-
-def instantiate(args: list[str]) -> SLMLabCLI:
-    """Parse and instantiate like ``main`` does, without running a subcommand."""
-    return SLMLabCLI(
-        RLAlgorithm,
-        subclass_mode_model=True,
-        trainer_defaults=TRAINER_DEFAULTS,
-        auto_configure_optimizers=False,
-        parser_kwargs={"exit_on_error": False},
-        args=args,
-        run=False,
-    )
 
 
 def plain(value):

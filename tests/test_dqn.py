@@ -28,6 +28,7 @@ from slm_lightning.data.replay import ReplayMemory
 from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.nets.mlp import MLPSpec
 from slm_lightning.nets.q_network import QNetwork, boltzmann, epsilon_greedy
+from tests.cli_helpers import run_main
 
 # Every hyperparameter the tests below count on, spelled out rather than read from
 # configs/dqn_cartpole.yaml, whose tuning may change.
@@ -55,17 +56,8 @@ def command_line(monkeypatch):
 
 def fit(run_dir: Path, *extra: str) -> tuple[cli_module.SLMLabCLI, dict]:
     """``slm-lab fit`` of DQN on CartPole in-process; returns the CLI and summary.json."""
-    made = []
-
-    class Recording(cli_module.SLMLabCLI):
-        def __init__(self, *args, **kwargs):
-            made.append(self)
-            super().__init__(*args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cli_module, "SLMLabCLI", Recording)
-        cli_module.main(["fit", f"--trainer.default_root_dir={run_dir}", *BASE, *extra])
-    return made[0], json.loads((run_dir / "summary.json").read_text())
+    cli = run_main(["fit", f"--trainer.default_root_dir={run_dir}", *BASE, *extra])
+    return cli, json.loads((run_dir / "summary.json").read_text())
 
 
 def metrics_rows(run_dir: Path) -> list[dict[str, float]]:
@@ -481,8 +473,7 @@ PER_NSTEP = ["--model.init_args.prioritized=true", "--model.init_args.n_steps=3"
 def first(tmp_path_factory):
     """A 3000-frame prioritized 3-step DQN fit; the memory's next samples are taken here."""
     root = tmp_path_factory.mktemp("dqn_first")
-    with contextlib.chdir(root), pytest.MonkeyPatch.context() as mp:
-        mp.setattr("sys.argv", ["slm-lab"])
+    with contextlib.chdir(root):
         cli, s = fit(root / "run", "--model.init_args.max_frames=3000", *SMALL, *PER_NSTEP)
     memory = cli.model.rollout.memory
     snapshot = copy.deepcopy(memory.state_dict())

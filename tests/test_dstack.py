@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from slm_lightning.algorithms import RLAlgorithm
-from slm_lightning.cli import TRAINER_DEFAULTS, SLMLabCLI, main
+from slm_lightning.cli import main
+from tests.cli_helpers import instantiate
 
 ROOT = Path(__file__).parents[1]
 TASKS = sorted((ROOT / ".dstack").glob("*.yml"))
@@ -111,15 +112,7 @@ def test_task_command_parses(task: Path, capsys) -> None:
             skip = True
             continue
         model_args.append(re.sub(r"^--trainer\.accelerator=gpu$", "--trainer.accelerator=cpu", arg))
-    cli = SLMLabCLI(
-        RLAlgorithm,
-        subclass_mode_model=True,
-        trainer_defaults=TRAINER_DEFAULTS,
-        auto_configure_optimizers=False,
-        parser_kwargs={"exit_on_error": False},
-        args=model_args,
-        run=False,
-    )
+    cli = instantiate(model_args)
     assert isinstance(cli.model, RLAlgorithm)
     config = yaml.safe_load(Path(args[args.index("--config") + 1]).read_text())
     assert type(cli.model).__name__ == config["model"]["class_path"].rsplit(".", 1)[-1]

@@ -13,6 +13,7 @@ from gymnasium.envs.classic_control.pendulum import PendulumEnv
 from slm_lightning import cli as cli_module
 from slm_lightning.algorithms import PPO, RLAlgorithm
 from slm_lightning.callbacks import RunSummary
+from tests.cli_helpers import recording_cli
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 RANDOM_CARTPOLE_RETURN = 22  # mean episode return of the uniform random policy
@@ -71,23 +72,16 @@ def test_pendulum_actions_inside_box(tmp_path: Path, monkeypatch) -> None:
         return result
 
     monkeypatch.setattr(PendulumEnv, "step", step)
-    made = []
-
-    class Recording(cli_module.SLMLabCLI):
-        def __init__(self, *args, **kwargs):
-            made.append(self)
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(cli_module, "SLMLabCLI", Recording)
     num_envs, frames, horizon = 4, 2048, 128
-    s = fit(
-        "ppo_pendulum.yaml",
-        tmp_path / "run",
-        f"--model.init_args.max_frames={frames}",
-        f"--model.init_args.env.num_envs={num_envs}",
-        "--model.init_args.env.vectorization=sync",  # sub-envs in this process, for the spy
-        f"--model.init_args.time_horizon={horizon}",
-    )
+    with recording_cli() as made:
+        s = fit(
+            "ppo_pendulum.yaml",
+            tmp_path / "run",
+            f"--model.init_args.max_frames={frames}",
+            f"--model.init_args.env.num_envs={num_envs}",
+            "--model.init_args.env.vectorization=sync",  # sub-envs in this process, for the spy
+            f"--model.init_args.time_horizon={horizon}",
+        )
     model = made[0].model
     assert isinstance(model, PPO)
     low, high = model.action_space.low, model.action_space.high

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from slm_lightning.algorithms import RLAlgorithm
 from slm_lightning.callbacks import FrameProgressBar
-from slm_lightning.cli import TRAINER_DEFAULTS, SLMLabCLI, main
+from slm_lightning.cli import main
+from tests.cli_helpers import instantiate
 
 ROOT = Path(__file__).parents[1]
 PPO_CARTPOLE = str(ROOT / "configs" / "ppo_cartpole.yaml")
@@ -63,18 +63,6 @@ def test_terminal_bar_counts_frames(capsys) -> None:
     final = [line for line in last if line.startswith("PPO:")][-1]
     assert re.match(r"PPO: 100%\|█+\| 6\.14k/6\.14k \[\S+, \S+ frames/s, episodes=\d+", final)
     assert re.search(r"return_ma=[\d.]+", final)
-
-
-def instantiate(args: list[str]) -> SLMLabCLI:
-    return SLMLabCLI(
-        RLAlgorithm,
-        subclass_mode_model=True,
-        trainer_defaults=TRAINER_DEFAULTS,
-        auto_configure_optimizers=False,
-        parser_kwargs={"exit_on_error": False},
-        args=args,
-        run=False,
-    )
 
 
 @pytest.mark.parametrize(

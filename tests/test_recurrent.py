@@ -12,13 +12,13 @@ import pytest
 import torch
 from gymnasium import spaces
 
-from slm_lightning import cli as cli_module
 from slm_lightning.algorithms import PPO
 from slm_lightning.data import vector_rollout as rollout_module
 from slm_lightning.data.rollout import OnPolicyRollout
 from slm_lightning.envs import CARTPOLE_NO_VELOCITY_ID, EnvSpec, make_vector_env, probe_spaces
 from slm_lightning.nets.mlp import MLPSpec
 from slm_lightning.nets.recurrent import RecurrentActorCritic, RecurrentSpec
+from tests.cli_helpers import run_main
 from tests.test_rollout import ENV_ID, LENGTHS, SEED, N, counting_vector_env
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -285,21 +285,11 @@ SMALL = [
 
 def fit(config: str, run_dir: Path, *extra: str):
     """``slm-lab fit`` in-process; returns the CLI object and the run summary."""
-    made = []
-
-    class Recording(cli_module.SLMLabCLI):
-        def __init__(self, *args, **kwargs):
-            made.append(self)
-            super().__init__(*args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cli_module, "SLMLabCLI", Recording)
-        mp.setattr("sys.argv", ["slm-lab"])
-        cli_module.main(
-            ["fit", "--config", str(CONFIGS / config), f"--trainer.default_root_dir={run_dir}"]
-            + list(extra)
-        )
-    return made[0], json.loads((run_dir / "summary.json").read_text())
+    cli = run_main(
+        ["fit", "--config", str(CONFIGS / config), f"--trainer.default_root_dir={run_dir}"]
+        + list(extra)
+    )
+    return cli, json.loads((run_dir / "summary.json").read_text())
 
 
 @pytest.mark.parametrize("cell", CELLS)

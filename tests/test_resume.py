@@ -18,6 +18,7 @@ import yaml
 from slm_lightning import cli as cli_module
 from slm_lightning.algorithms import PPO
 from slm_lightning.callbacks import RunSummary
+from tests.cli_helpers import run_main
 
 CONFIG = Path(__file__).parents[1] / "configs" / "ppo_cartpole.yaml"
 NUM_ENVS, HORIZON = 4, 32
@@ -34,27 +35,9 @@ SMALL = [
 
 def fit(run_dir: Path, *extra: str):
     """``slm-lab fit`` in-process through ``main``; returns the CLI object (trained model)."""
-    made = []
-
-    class Recording(cli_module.SLMLabCLI):
-        def __init__(self, *args, **kwargs):
-            made.append(self)
-            super().__init__(*args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cli_module, "SLMLabCLI", Recording)
-        mp.setattr("sys.argv", ["slm-lab"])
-        cli_module.main(
-            [
-                "fit",
-                "--config",
-                str(CONFIG),
-                f"--trainer.default_root_dir={run_dir}",
-                *SMALL,
-                *extra,
-            ]
-        )
-    return made[0]
+    return run_main(
+        ["fit", "--config", str(CONFIG), f"--trainer.default_root_dir={run_dir}", *SMALL, *extra]
+    )
 
 
 def summary(run_dir: Path) -> dict:

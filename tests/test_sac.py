@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from gymnasium import spaces
 from torch.distributions import Normal, TanhTransform, TransformedDistribution
 
-from slm_lightning import cli as cli_module
 from slm_lightning.algorithms import SAC, CrossQ
 from slm_lightning.algorithms.sac import (
     alpha_loss,
@@ -34,6 +33,7 @@ from slm_lightning.nets.sac_nets import (
     TwinQ,
     tanh_log_det,
 )
+from tests.cli_helpers import run_main
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 TINY = MLPSpec([16, 16], "relu")
@@ -43,19 +43,8 @@ PENDULUM_OBS = spaces.Box(-8.0, 8.0, (3,), np.float32)
 
 def fit(config: str, run_dir: Path, *extra: str):
     """``slm-lab fit`` in-process; returns the CLI object (trained model and trainer)."""
-    made = []
-
-    class Recording(cli_module.SLMLabCLI):
-        def __init__(self, *args, **kwargs):
-            made.append(self)
-            super().__init__(*args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cli_module, "SLMLabCLI", Recording)
-        mp.setattr("sys.argv", ["slm-lab"])
-        args = ["fit", "--config", str(CONFIGS / config), f"--trainer.default_root_dir={run_dir}"]
-        cli_module.main([*args, *extra])
-    return made[0]
+    args = ["fit", "--config", str(CONFIGS / config), f"--trainer.default_root_dir={run_dir}"]
+    return run_main([*args, *extra])
 
 
 SHORT = [  # 600 frames of one env, one update per frame from frame 200 on, tiny nets

@@ -20,6 +20,7 @@ from slm_lightning.data.onpolicy import OnPolicyMemory
 from slm_lightning.data.rollout import OnPolicyRollout
 from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.nets.mlp import MLPSpec
+from tests.cli_helpers import run_main
 
 ERROR_LINE = re.compile(r"^\d\d:\d\d:\d\d ERROR\s+(.*)$", re.MULTILINE)
 RANDOM_CARTPOLE_RETURN = 22  # mean episode return of the uniform random policy
@@ -34,27 +35,18 @@ def command_line(monkeypatch):
 
 def fit(run_dir: Path, algorithm: str, env: str, *extra: str) -> tuple[cli_module.SLMLabCLI, dict]:
     """``slm-lab fit`` without a config file; returns the CLI object and summary.json."""
-    made = []
-
-    class Recording(cli_module.SLMLabCLI):
-        def __init__(self, *args, **kwargs):
-            made.append(self)
-            super().__init__(*args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cli_module, "SLMLabCLI", Recording)
-        cli_module.main(
-            [
-                "fit",
-                "--seed_everything=0",
-                "--trainer.accelerator=cpu",
-                f"--trainer.default_root_dir={run_dir}",
-                f"--model=slm_lightning.algorithms.{algorithm}",
-                f"--model.init_args.env.name={env}",
-                *extra,
-            ]
-        )
-    return made[0], json.loads((run_dir / "summary.json").read_text())
+    cli = run_main(
+        [
+            "fit",
+            "--seed_everything=0",
+            "--trainer.accelerator=cpu",
+            f"--trainer.default_root_dir={run_dir}",
+            f"--model=slm_lightning.algorithms.{algorithm}",
+            f"--model.init_args.env.name={env}",
+            *extra,
+        ]
+    )
+    return cli, json.loads((run_dir / "summary.json").read_text())
 
 
 def sarsa(**kwargs) -> SARSA:

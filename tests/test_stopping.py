@@ -21,10 +21,11 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from slm_lightning import cli as cli_module
 from slm_lightning.callbacks import FrameCheckpoint
 from slm_lightning.callbacks.checkpoint import SIGINTException
+from slm_lightning.cli import SLMLabCLI
 from slm_lightning.envs.factory import EnvSpec, make_vector_env
+from tests.cli_helpers import recording_cli, run_main
 
 ROOT = Path(__file__).parents[1]
 CONFIG = ROOT / "configs" / "ppo_cartpole.yaml"
@@ -83,22 +84,12 @@ class InterruptAtEpoch(Callback):
         raise KeyboardInterrupt
 
 
-def fit(run: Path, mode: str, *extra: str, made: list | None = None) -> None:
-    """``slm-lab fit`` in-process through ``main``; the CLI object is appended to ``made``."""
-    made = [] if made is None else made
-
-    class Recording(cli_module.SLMLabCLI):
-        def __init__(self, *args, **kwargs):
-            made.append(self)
-            super().__init__(*args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cli_module, "SLMLabCLI", Recording)
-        mp.setattr("sys.argv", ["slm-lab"])
-        cli_module.main(
-            ["fit", "--config", str(CONFIG), f"--trainer.default_root_dir={run}", *small(mode)]
-            + list(extra)
-        )
+def fit(run: Path, mode: str, *extra: str) -> SLMLabCLI:
+    """``slm-lab fit`` in-process through ``main``; returns the CLI object."""
+    return run_main(
+        ["fit", "--config", str(CONFIG), f"--trainer.default_root_dir={run}", *small(mode)]
+        + list(extra)
+    )
 
 
 def children(pid: int) -> list[int]:
@@ -274,10 +265,10 @@ def test_stopped_run_exits_in_time_and_resumes(mode: str, how: str, status: int,
 
 
 def test_second_sigint_stops_mid_cycle_and_closes_the_workers(tmp_path, restore_signals) -> None:
-    run, made = tmp_path / "run", []
-    with pytest.raises(SystemExit) as stopped:
+    run = tmp_path / "run"
+    with recording_cli() as made, pytest.raises(SystemExit) as stopped:
         fit(run, "blocks", "--trainer.callbacks+=tests.test_stopping.SigintTwiceMidEpoch",
-            "--model.init_args.max_frames=100000", made=made)  # fmt: skip
+            "--model.init_args.max_frames=100000")  # fmt: skip
     assert stopped.value.code == 130
     (callback,) = [c for c in made[0].trainer.callbacks if isinstance(c, SigintTwiceMidEpoch)]
     assert len(callback.worker_pids) == 2

@@ -17,10 +17,10 @@ from gymnasium.wrappers import NormalizeObservation
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from wandb.proto import wandb_internal_pb2
 
-from slm_lightning.algorithms import RLAlgorithm
 from slm_lightning.callbacks import EarlyStopOnReturn, MetricsTracker, VideoRecorder
-from slm_lightning.cli import TRAINER_DEFAULTS, SLMLabCLI, main
+from slm_lightning.cli import main
 from slm_lightning.envs.factory import ConfigError, EnvSpec
+from tests.cli_helpers import instantiate
 
 ROOT = Path(__file__).parents[1]
 PRESETS = ROOT / "callbacks"
@@ -161,18 +161,6 @@ def test_early_stop_without_a_target_names_the_key() -> None:
     with pytest.raises(ConfigError, match="target_return"):
         EarlyStopOnReturn().target(trainer, module)
     assert EarlyStopOnReturn(target_return=-300).target(trainer, module) == -300
-
-
-def instantiate(args: list[str]) -> SLMLabCLI:
-    return SLMLabCLI(
-        RLAlgorithm,
-        subclass_mode_model=True,
-        trainer_defaults=TRAINER_DEFAULTS,
-        auto_configure_optimizers=False,
-        parser_kwargs={"exit_on_error": False},
-        args=args,
-        run=False,
-    )
 
 
 def test_video_mp4s_have_one_frame_per_step_plus_reset(isolated_run: Path) -> None:
