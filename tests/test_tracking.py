@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import wandb
 import yaml
+from google.protobuf.message import DecodeError
 from gymnasium.wrappers import NormalizeObservation
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from wandb.proto import wandb_internal_pb2
@@ -73,12 +74,18 @@ def wait_for_records(path: Path, kinds: set[str], timeout: float = 30.0) -> list
     """The records of ``path`` once it holds every record type in ``kinds``.
 
     W&B's service process writes the offline file on its own schedule: right after
-    ``wandb.finish()`` returns on a busy machine it may still hold only its header.
+    ``wandb.finish()`` returns on a busy machine it may still hold only its header, or end in
+    a record not yet whole.
     """
     deadline = time.monotonic() + timeout
     size = -1
     while True:
-        records = read_wandb_records(path)
+        try:
+            records = read_wandb_records(path)
+        except (DecodeError, struct.error, ValueError):  # read while a record is being written
+            if time.monotonic() > deadline:
+                raise
+            records = []
         if kinds <= {r.WhichOneof("record_type") for r in records} and path.stat().st_size == size:
             return records  # every kind there, and nothing written for the last 0.2 s
         size = path.stat().st_size
