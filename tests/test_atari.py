@@ -26,12 +26,6 @@ CONFIGS = Path(__file__).parents[1] / "configs"
 FRAMES = spaces.Box(0, 255, (4, 84, 84), np.uint8)
 
 
-@pytest.fixture(autouse=True)
-def command_line(monkeypatch):
-    """The CLI sees only the args given to it (not pytest's argv)."""
-    monkeypatch.setattr("sys.argv", ["slm-lab"])
-
-
 # --- the env -------------------------------------------------------------------------------
 
 

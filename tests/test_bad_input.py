@@ -20,12 +20,6 @@ FIT = ["fit", "--config", PPO_CARTPOLE, "--model.init_args.max_frames=256"]
 ERROR_LINE = re.compile(r"^\d\d:\d\d:\d\d ERROR\s+(.*)$", re.MULTILINE)
 
 
-@pytest.fixture(autouse=True)
-def command_line(monkeypatch):
-    """The CLI sees only the args given to it, as ``slm-lab`` would (not pytest's argv)."""
-    monkeypatch.setattr("sys.argv", ["slm-lab"])
-
-
 def write(tmp: Path, name: str, text: str) -> str:
     path = tmp / "inputs" / name
     path.parent.mkdir(exist_ok=True)

@@ -23,12 +23,6 @@ PPO_CARTPOLE = CONFIGS / "ppo_cartpole.yaml"
 ERROR_LINE = re.compile(r"^\d\d:\d\d:\d\d ERROR\s+(.*)$", re.MULTILINE)
 
 
-@pytest.fixture(autouse=True)
-def command_line(monkeypatch):
-    """The CLI sees only the args given to it, as ``slm-lab`` would (not pytest's argv)."""
-    monkeypatch.setattr("sys.argv", ["slm-lab"])
-
-
 def plain(value):
     """A dataclass / Namespace / dict as nested plain dicts, for comparison with YAML."""
     if hasattr(value, "__dataclass_fields__"):

@@ -22,12 +22,6 @@ PPO_CARTPOLE = ROOT / "configs" / "ppo_cartpole.yaml"
 BACKENDS = ["thunder", "torch"]
 
 
-@pytest.fixture(autouse=True)
-def command_line(monkeypatch):
-    """The CLI sees only the args given to it, as ``slm-lab`` would (not pytest's argv)."""
-    monkeypatch.setattr("sys.argv", ["slm-lab"])
-
-
 def test_flag_values() -> None:
     assert compile_backend(True) == compile_backend("true") == "thunder"
     assert compile_backend("thunder") == "thunder"

@@ -48,12 +48,6 @@ ERROR_LINE = re.compile(r"^\d\d:\d\d:\d\d ERROR\s+(.*)$", re.MULTILINE)
 RANDOM_CARTPOLE_RETURN = 22  # mean episode return of the uniform random policy
 
 
-@pytest.fixture(autouse=True)
-def command_line(monkeypatch):
-    """The CLI sees only the args given to it (not pytest's argv)."""
-    monkeypatch.setattr("sys.argv", ["slm-lab"])
-
-
 def fit(run_dir: Path, *extra: str) -> tuple[cli_module.SLMLabCLI, dict]:
     """``slm-lab fit`` of DQN on CartPole in-process; returns the CLI and summary.json."""
     cli = run_main(["fit", f"--trainer.default_root_dir={run_dir}", *BASE, *extra])

@@ -24,12 +24,6 @@ TASKS = sorted((ROOT / ".dstack").glob("*.yml"))
 SLM_LAB = re.compile(r"\buv run slm-lab (.*)$", re.DOTALL)
 
 
-@pytest.fixture(autouse=True)
-def command_line(monkeypatch):
-    """The CLI sees only the args given to it, as ``slm-lab`` would (not pytest's argv)."""
-    monkeypatch.setattr("sys.argv", ["slm-lab"])
-
-
 def load(task: Path) -> dict:
     spec = yaml.safe_load(task.read_text())
     assert isinstance(spec, dict), f"{task.name}: not a mapping"

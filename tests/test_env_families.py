@@ -15,12 +15,6 @@ from slm_lightning.envs.factory import ConfigError, EnvSpec, make_single_env, pr
 CONFIGS = Path(__file__).parents[1] / "configs"
 
 
-@pytest.fixture(autouse=True)
-def command_line(monkeypatch):
-    """The CLI sees only the args given to it, as ``slm-lab`` would (not pytest's argv)."""
-    monkeypatch.setattr("sys.argv", ["slm-lab"])
-
-
 @pytest.mark.parametrize(
     "spec",
     [

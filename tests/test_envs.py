@@ -3,7 +3,6 @@
 import gymnasium as gym
 import numpy as np
 import pytest
-from loguru import logger
 
 from slm_lightning.envs import factory
 from slm_lightning.envs.factory import (
@@ -124,17 +123,6 @@ def test_vectorization_auto_blocks_only_for_costly_envs_with_cores(monkeypatch):
 def test_explicit_vectorization_is_kept(mode):
     spec = EnvSpec(name="CartPole-v1", vectorization=mode)
     assert resolve_vectorization(spec, spec.registry_spec()) == mode
-
-
-@pytest.fixture
-def warnings_logged():
-    """The messages loguru logs at WARNING and above during the test."""
-    messages: list[str] = []
-    handler = logger.add(
-        lambda message: messages.append(message.record["message"]), level="WARNING"
-    )
-    yield messages
-    logger.remove(handler)
 
 
 @pytest.mark.parametrize(

@@ -19,11 +19,6 @@ CONFIGS = Path(__file__).parents[1] / "configs"
 RANDOM_CARTPOLE_RETURN = 22  # mean episode return of the uniform random policy
 
 
-@pytest.fixture(autouse=True)
-def command_line(monkeypatch):
-    monkeypatch.setattr("sys.argv", ["slm-lab"])
-
-
 def fit(config: str, run_dir: Path, *extra: str) -> dict:
     cli_module.main(
         ["fit", "--config", str(CONFIGS / config), f"--trainer.default_root_dir={run_dir}", *extra]

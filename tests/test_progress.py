@@ -21,12 +21,6 @@ STATUS = re.compile(
 )
 
 
-@pytest.fixture(autouse=True)
-def command_line(monkeypatch):
-    """The CLI sees only the args given to it, as ``slm-lab`` would (not pytest's argv)."""
-    monkeypatch.setattr("sys.argv", ["slm-lab"])
-
-
 def test_status_lines_when_stderr_is_not_a_terminal(capsys) -> None:
     main([*FIT, "--progress.interval=1e-6"])  # capsys' stderr is not a terminal
 

@@ -27,12 +27,6 @@ RANDOM_CARTPOLE_RETURN = 22  # mean episode return of the uniform random policy
 NAN = float("nan")
 
 
-@pytest.fixture(autouse=True)
-def command_line(monkeypatch):
-    """The CLI sees only the args given to it (not pytest's argv)."""
-    monkeypatch.setattr("sys.argv", ["slm-lab"])
-
-
 def fit(run_dir: Path, algorithm: str, env: str, *extra: str) -> tuple[cli_module.SLMLabCLI, dict]:
     """``slm-lab fit`` without a config file; returns the CLI object and summary.json."""
     cli = run_main(

@@ -31,12 +31,6 @@ PPO_PENDULUM = str(ROOT / "configs" / "ppo_pendulum.yaml")
 SHORT = ["--model.init_args.max_frames=2048", "--metrics.log_frequency=1024"]
 
 
-@pytest.fixture(autouse=True)
-def command_line(monkeypatch):
-    """The CLI sees only the args given to it, as ``slm-lab`` would (not pytest's argv)."""
-    monkeypatch.setattr("sys.argv", ["slm-lab"])
-
-
 def run_folder(root: Path, config: str) -> Path:
     (folder,) = (root / "runs" / Path(config).stem).iterdir()
     return folder

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from loguru import logger
 
 from slm_lightning.cli import main
 from slm_lightning.envs.atari import AtariSpec
@@ -22,23 +21,6 @@ CONFIGS = ROOT / "configs"
 PPO_CARTPOLE = str(CONFIGS / "ppo_cartpole.yaml")
 CORRIDOR = "tests.envs_fixture:Corridor-v0"
 ERROR_LINE = re.compile(r"^\d\d:\d\d:\d\d ERROR\s+(.*)$", re.MULTILINE)
-
-
-@pytest.fixture(autouse=True)
-def command_line(monkeypatch):
-    """The CLI sees only the args given to it, as ``slm-lab`` would (not pytest's argv)."""
-    monkeypatch.setattr("sys.argv", ["slm-lab"])
-
-
-@pytest.fixture
-def warnings_logged():
-    """The messages loguru logs at WARNING and above during the test."""
-    messages: list[str] = []
-    handler = logger.add(
-        lambda message: messages.append(message.record["message"]), level="WARNING"
-    )
-    yield messages
-    logger.remove(handler)
 
 
 def fit(run_dir: Path, *extra: str) -> dict:
