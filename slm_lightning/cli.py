@@ -31,7 +31,7 @@ from slm_lightning.algorithms.base import RLAlgorithm
 from slm_lightning.callbacks import FrameCheckpoint, FrameProgressBar, MetricsTracker, RunSummary
 from slm_lightning.callbacks.checkpoint import SIGINT_EXIT_CODE
 from slm_lightning.compile import CompileNetworks, compile_backend
-from slm_lightning.envs.factory import ConfigError
+from slm_lightning.errors import ConfigError
 from slm_lightning.run_folder import RunConfig, claim_run_dir, keep_metrics_file, release_run_dirs
 from slm_lightning.schedules import check_schedules
 from slm_lightning.warm_start import (

@@ -9,7 +9,7 @@ from loguru import logger
 from torch import nn
 from typing_extensions import override
 
-from slm_lightning.envs.factory import ConfigError
+from slm_lightning.errors import ConfigError
 
 Backend = Literal["thunder", "torch"]
 BACKENDS: tuple[str, ...] = ("thunder", "torch")

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from jsonargparse import Namespace
 
 from slm_lightning.config_types import Count, PositiveCount
-from slm_lightning.envs.factory import ConfigError
+from slm_lightning.errors import ConfigError
 
 
 @dataclass(frozen=True)

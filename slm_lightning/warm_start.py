@@ -17,7 +17,7 @@ from loguru import logger
 from torch import Tensor
 from typing_extensions import override
 
-from slm_lightning.envs.factory import ConfigError
+from slm_lightning.errors import ConfigError
 
 # Listed names of mismatching tensors in an error line, before "…".
 SHOWN = 3

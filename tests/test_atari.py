@@ -16,7 +16,8 @@ from slm_lightning.data.frame_replay import FrameReplay
 from slm_lightning.data.offpolicy import OffPolicyRollout
 from slm_lightning.data.rollout import OnPolicyRollout
 from slm_lightning.envs.atari import AtariGameEpisodes, AtariSpec, make_atari_render_env
-from slm_lightning.envs.factory import ConfigError, EnvSpec, make_vector_env, probe_spaces
+from slm_lightning.envs.factory import EnvSpec, make_vector_env, probe_spaces
+from slm_lightning.errors import ConfigError
 from slm_lightning.nets.actor_critic import ActorCritic
 from slm_lightning.nets.conv import ConvBody, ConvSpec, FlatBody
 from slm_lightning.nets.mlp import MLPSpec

@@ -15,7 +15,7 @@ from torch import nn
 
 from slm_lightning.cli import main
 from slm_lightning.compile import compilable_blocks, compile_backend, compile_block
-from slm_lightning.envs.factory import ConfigError
+from slm_lightning.errors import ConfigError
 
 ROOT = Path(__file__).parents[1]
 PPO_CARTPOLE = ROOT / "configs" / "ppo_cartpole.yaml"

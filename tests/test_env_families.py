@@ -10,7 +10,8 @@ from gymnasium.utils.env_checker import check_env
 
 from slm_lightning.cli import main
 from slm_lightning.envs import CARTPOLE_NO_VELOCITY_ID
-from slm_lightning.envs.factory import ConfigError, EnvSpec, make_single_env, probe_spaces
+from slm_lightning.envs.factory import EnvSpec, make_single_env, probe_spaces
+from slm_lightning.errors import ConfigError
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 

@@ -20,7 +20,8 @@ from wandb.proto import wandb_internal_pb2
 
 from slm_lightning.callbacks import EarlyStopOnReturn, MetricsTracker, VideoRecorder
 from slm_lightning.cli import main
-from slm_lightning.envs.factory import ConfigError, EnvSpec
+from slm_lightning.envs.factory import EnvSpec
+from slm_lightning.errors import ConfigError
 from tests.cli_helpers import instantiate
 
 ROOT = Path(__file__).parents[1]

@@ -15,8 +15,9 @@ from typing_extensions import override
 from slm_lightning.config_types import PositiveCount
 from slm_lightning.data.evaluation import EvaluationEpisodes
 from slm_lightning.data.rollout import OnPolicyRollout
-from slm_lightning.envs.factory import ConfigError, EnvSpec, probe_spaces
+from slm_lightning.envs.factory import EnvSpec, probe_spaces
 from slm_lightning.envs.normalization import normalizer_state
+from slm_lightning.errors import ConfigError
 from slm_lightning.schedules import Schedule, scheduled
 
 

@@ -25,7 +25,8 @@ from slm_lightning.algorithms.sac import (
 from slm_lightning.config_types import Count, NonNegativeFloat, PositiveCount
 from slm_lightning.data.offpolicy import OffPolicyRollout
 from slm_lightning.data.replay import ReplayMemory
-from slm_lightning.envs.factory import ConfigError, EnvSpec
+from slm_lightning.envs.factory import EnvSpec
+from slm_lightning.errors import ConfigError
 from slm_lightning.nets.mlp import MLPSpec
 from slm_lightning.nets.sac_nets import BatchRenormSpec, TwinQ, make_actor
 

@@ -18,7 +18,8 @@ from slm_lightning.data.offpolicy import OffPolicyRollout
 from slm_lightning.data.prioritized import PrioritizedReplay
 from slm_lightning.data.replay import ReplayMemory
 from slm_lightning.envs.atari import is_atari
-from slm_lightning.envs.factory import ConfigError, EnvSpec
+from slm_lightning.envs.factory import EnvSpec
+from slm_lightning.errors import ConfigError
 from slm_lightning.nets.conv import ConvSpec
 from slm_lightning.nets.mlp import MLPSpec
 from slm_lightning.nets.q_network import QNetwork, boltzmann, epsilon_greedy

@@ -8,7 +8,8 @@ from slm_lightning.algorithms.base import RLAlgorithm
 from slm_lightning.config_types import NonNegativeFloat, PositiveCount
 from slm_lightning.data.onpolicy import OnPolicyMemory
 from slm_lightning.data.rollout import OnPolicyRollout
-from slm_lightning.envs.factory import ConfigError, EnvSpec
+from slm_lightning.envs.factory import EnvSpec
+from slm_lightning.errors import ConfigError
 from slm_lightning.nets.actor_critic import ActorCritic
 from slm_lightning.nets.conv import ConvSpec
 from slm_lightning.nets.mlp import MLPSpec

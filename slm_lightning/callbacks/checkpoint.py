@@ -17,7 +17,7 @@ from loguru import logger
 from typing_extensions import override
 
 from slm_lightning.config_types import PositiveCount
-from slm_lightning.envs.factory import ConfigError
+from slm_lightning.errors import ConfigError
 from slm_lightning.warm_start import checkpoint_frames
 
 # Exit status of a run stopped by SIGTERM, as a shell reports a process killed by it: the job

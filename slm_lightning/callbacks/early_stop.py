@@ -6,7 +6,7 @@ from loguru import logger
 from typing_extensions import override
 
 from slm_lightning.callbacks.metrics import MetricsTracker
-from slm_lightning.envs.factory import ConfigError
+from slm_lightning.errors import ConfigError
 
 
 class EarlyStopOnReturn(Callback):

@@ -14,7 +14,7 @@ from loguru import logger
 from typing_extensions import override
 
 from slm_lightning.config_types import PositiveCount
-from slm_lightning.envs.factory import ConfigError
+from slm_lightning.errors import ConfigError
 
 # Metric keys, shared by every algorithm (algorithms add their own under train/):
 #   rollout/frames, rollout/fps, rollout/episodes, rollout/updates,

@@ -11,7 +11,7 @@ from loguru import logger
 from tqdm import tqdm
 from typing_extensions import override
 
-from slm_lightning.envs.factory import ConfigError
+from slm_lightning.errors import ConfigError
 
 # A terminal bar redrawn more often than this costs time and shows nothing new.
 REDRAW_SECONDS = 0.25

@@ -18,8 +18,8 @@ convert them to float and divide by 255 on the training device.
 """
 
 import inspect
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import replace
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -27,9 +27,8 @@ from gymnasium.vector import AutoresetMode, VectorEnv, VectorWrapper
 from loguru import logger
 
 from slm_lightning.envs.names import migrate_env_id
-
-if TYPE_CHECKING:  # factory.py imports this module for EnvSpec.atari
-    from slm_lightning.envs.factory import EnvSpec
+from slm_lightning.envs.spec import AtariSpec, EnvSpec
+from slm_lightning.errors import ConfigError
 
 # info key: sub-envs whose ``terminated`` only marks a lost life (episodic_life); the game goes
 # on, so their next step is a real transition, not a NEXT_STEP reset.
@@ -55,60 +54,6 @@ _RESERVED_KWARGS = {
     "repeat_action_probability": "use env.atari.repeat_action_probability",
     "full_action_space": "use env.atari.full_action_space",
 }
-
-
-@dataclass
-class AtariSpec:
-    """Options of ale-py's vector env, used when ``env.name`` is an ``ALE/...`` id.
-
-    The defaults are the ``-v5`` settings (Machado et al. 2018) with the DQN preprocessing.
-    Rarer constructor arguments of ``AtariVectorEnv`` (``img_height``, ``img_width``,
-    ``maxpool``, ``use_fire_reset``, ``thread_affinity_offset``) go in ``env.kwargs``.
-
-    Args:
-        repeat_action_probability: sticky actions: each emulator frame repeats the previous
-            action with this probability (v5 default 0.25; 0 for the deterministic v4 setting,
-            which legacy ``XNoFrameskip-v4`` ids always use, with the minimal action set).
-        full_action_space: all 18 joystick actions instead of the game's minimal set.
-        frameskip: emulator frames per agent step; observations max-pool the last two.
-        stack_num: frames stacked into one observation.
-        noop_max: a reset plays a random number of no-ops, at most this many.
-        episodic_life: signal ``terminated`` when a life is lost (Mnih et al. 2015) so the
-            value is not bootstrapped across it; the game goes on, and the reported episode
-            still ends at game over. The step after a life loss is a real transition
-            (the game is not reset) and is trained on.
-        reward_clipping: train on ``sign(reward)``; reported returns are always raw scores.
-        num_threads: C++ threads stepping the envs; 0 lets ale-py choose.
-    """
-
-    repeat_action_probability: float = 0.25
-    full_action_space: bool = False
-    frameskip: int = 4
-    stack_num: int = 4
-    noop_max: int = 30
-    episodic_life: bool = False
-    reward_clipping: bool = True
-    num_threads: int = 0
-
-    def __post_init__(self) -> None:
-        # A ConfigError subclass would import factory.py, which imports this module.
-        from slm_lightning.envs.factory import ConfigError
-
-        if not 0.0 <= self.repeat_action_probability <= 1.0:
-            raise ConfigError(
-                "model.init_args.env.atari.repeat_action_probability must be in [0, 1], "
-                f"got {self.repeat_action_probability}"
-            )
-        for key in ("frameskip", "stack_num"):
-            if getattr(self, key) < 1:
-                raise ConfigError(
-                    f"model.init_args.env.atari.{key} must be >= 1, got {getattr(self, key)}"
-                )
-        for key in ("noop_max", "num_threads"):
-            if getattr(self, key) < 0:
-                raise ConfigError(
-                    f"model.init_args.env.atari.{key} must be >= 0, got {getattr(self, key)}"
-                )
 
 
 def is_atari(env_id: str) -> bool:
@@ -187,11 +132,9 @@ def _game(registry_spec: gym.envs.registration.EnvSpec) -> str:
     return str(registry_spec.kwargs["game"])
 
 
-def _native_kwargs(spec: "EnvSpec", registry_spec: gym.envs.registration.EnvSpec) -> dict[str, Any]:
+def _native_kwargs(spec: EnvSpec, registry_spec: gym.envs.registration.EnvSpec) -> dict[str, Any]:
     """AtariVectorEnv keyword arguments for ``spec`` (an :class:`EnvSpec`), validated."""
     from ale_py.vector_env import AtariVectorEnv
-
-    from slm_lightning.envs.factory import ConfigError
 
     allowed = set(inspect.signature(AtariVectorEnv.__init__).parameters) - {"self"}
     for key in spec.kwargs:
@@ -234,7 +177,7 @@ def _native_kwargs(spec: "EnvSpec", registry_spec: gym.envs.registration.EnvSpec
 
 
 def make_atari_env(
-    spec: "EnvSpec", registry_spec: gym.envs.registration.EnvSpec, num_envs: int | None = None
+    spec: EnvSpec, registry_spec: gym.envs.registration.EnvSpec, num_envs: int | None = None
 ) -> AtariGameEpisodes:
     """Build ale-py's vector env for ``spec`` (an :class:`EnvSpec` with an ``ALE/`` id),
     wrapped in :class:`AtariGameEpisodes`; not yet reset.
@@ -275,7 +218,7 @@ class FireReset(gym.Wrapper):
         return obs, info
 
 
-def make_atari_render_env(spec: "EnvSpec") -> gym.Env:
+def make_atari_render_env(spec: EnvSpec) -> gym.Env:
     """One ALE env rendering ``rgb_array`` frames whose observations match the vector env's
     of :func:`make_atari_env` (to record videos of a policy: ale-py's vector env does not render).
 

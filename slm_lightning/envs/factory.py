@@ -3,109 +3,27 @@
 import inspect
 import os
 from copy import deepcopy
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from functools import partial
-from typing import Any, Literal
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
-
-# _find_spec is private in gymnasium 1.4.0: the id lookup of make/make_vec (see registry_spec).
-from gymnasium.envs.registration import _find_spec, load_env_creator
+from gymnasium.envs.registration import load_env_creator
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.wrappers import FrameStackObservation
 from gymnasium.wrappers.vector import NormalizeObservation, NormalizeReward, RecordEpisodeStatistics
 from loguru import logger
 
-from slm_lightning.envs.atari import LIFE_LOSS, AtariSpec, is_atari, make_atari_env
+from slm_lightning.envs.atari import LIFE_LOSS, is_atari, make_atari_env
 from slm_lightning.envs.blocks import BlockVectorEnv
 from slm_lightning.envs.names import migrate_env_id
+from slm_lightning.envs.spec import ENV_KEY, EnvSpec
 from slm_lightning.envs.workers import async_worker
-
-Vectorization = Literal["auto", "sync", "async", "blocks", "vector_entry_point"]
+from slm_lightning.errors import ConfigError
 
 # Envs whose step costs microseconds: subprocess workers only add IPC overhead for them.
 _CHEAP_ENTRY_POINTS = ("gymnasium.envs.classic_control", "gymnasium.envs.toy_text")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the key and what is allowed."""
-
-
-# The env spec's key as users type it on the command line and in configs.
-ENV_KEY = "model.init_args.env"
-
-
-@dataclass
-class EnvSpec:
-    """Which environment to roll out, how many copies, and how to wrap them.
-
-    Args:
-        name: gymnasium id (``CartPole-v1``, ``ALE/Pong-v5`` …); legacy ids are migrated.
-        num_envs: parallel copies per process (per rank under DDP).
-        vectorization: ``auto`` uses the env's native vectorised implementation when it
-            has one, else sync for cheap envs, few envs or one core, else ``blocks``: one
-            worker process per core, each stepping a contiguous block of sub-envs
-            (:class:`~slm_lightning.envs.blocks.BlockVectorEnv`). ``async`` is gymnasium's
-            one process per sub-env.
-        num_workers: worker processes for ``blocks`` (at most ``num_envs``); default: the
-            CPU cores, at most ``num_envs // 2``.
-        max_episode_steps: override the registered time limit (episodes are truncated there).
-        normalize_obs: running mean/std observation normalisation (statistics checkpointed).
-        normalize_reward: scale rewards by the running std of the discounted return.
-        frame_stack: stack the last N observations (gymnasium's FrameStackObservation,
-            zero-padded after a reset); 1 disables it.
-        kwargs: extra keyword arguments for the env constructor.
-        atari: ale-py vector env options (sticky actions, episodic life, frame skip, stack
-            size, threads …), used only for ``ALE/...`` ids, which always run in ale-py's
-            native vector env; see :class:`~slm_lightning.envs.atari.AtariSpec`.
-    """
-
-    name: str = "CartPole-v1"
-    num_envs: int = 8
-    vectorization: Vectorization = "auto"
-    num_workers: int | None = None
-    max_episode_steps: int | None = None
-    normalize_obs: bool = False
-    normalize_reward: bool = False
-    frame_stack: int = 1
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    atari: AtariSpec = field(default_factory=AtariSpec)
-
-    def __post_init__(self) -> None:
-        for key in ("num_envs", "num_workers", "frame_stack", "max_episode_steps"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise ConfigError(f"{ENV_KEY}.{key} must be >= 1, got {value}")
-
-    @property
-    def env_id(self) -> str:
-        """The gymnasium id after legacy-name migration."""
-        return migrate_env_id(self.name)[0]
-
-    def registry_spec(self) -> gym.envs.registration.EnvSpec:
-        """The registered gymnasium spec; a :class:`ConfigError` naming close matches if unknown.
-
-        A ``module:EnvId`` name (gymnasium's convention for envs registered on import, e.g.
-        ``my_package.envs:Corridor-v0``) imports ``module`` first. ``gym.make`` and
-        ``gym.make_vec`` do that through ``gymnasium.envs.registration._find_spec``, but
-        ``gym.spec`` does not (gymnasium 1.4.0), so the lookup uses the same helper; every
-        process that builds an env (blocks and async workers included) goes through here.
-        """
-        env_id = self.env_id
-        if env_id.startswith("ALE/"):
-            import ale_py
-
-            gym.register_envs(ale_py)
-        try:
-            return _find_spec(env_id)
-        # NameNotFound / VersionNotFound / NamespaceNotFound, or a module: that does not import
-        except (gym.error.Error, ModuleNotFoundError) as err:
-            raise ConfigError(f"{ENV_KEY}.name: {err}".replace("\n", " ")) from None
-
-    def reward_threshold(self) -> float | None:
-        """The return at which gymnasium considers the task solved, if it defines one."""
-        return self.registry_spec().reward_threshold
 
 
 def route_mujoco_warnings(registry_spec: gym.envs.registration.EnvSpec) -> None:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from gymnasium import spaces
 from torch import Tensor, nn
 
-from slm_lightning.envs.factory import ConfigError
+from slm_lightning.errors import ConfigError
 from slm_lightning.nets.mlp import MLPSpec, mlp_body, orthogonal_init
 
 # Bounds on the Gaussian's log standard deviation before squashing (SB3 and CleanRL use these):
