@@ -30,11 +30,7 @@ from typing_extensions import override
 from slm_lightning.algorithms.base import RLAlgorithm
 from slm_lightning.callbacks import FrameCheckpoint, FrameProgressBar, MetricsTracker, RunSummary
 from slm_lightning.callbacks.checkpoint import SIGINT_EXIT_CODE
-from slm_lightning.compile import CompileNetworks, compile_backend
-from slm_lightning.errors import ConfigError
-from slm_lightning.run_folder import RunConfig, claim_run_dir, keep_metrics_file, release_run_dirs
-from slm_lightning.schedules import check_schedules
-from slm_lightning.warm_start import (
+from slm_lightning.checkpoints import (
     WarmStartNormalizers,
     check_checkpoint_file,
     check_finite,
@@ -42,8 +38,13 @@ from slm_lightning.warm_start import (
     describe,
     read_checkpoint,
     saved_algorithm,
+    saved_rollout_state,
     warm_start,
 )
+from slm_lightning.compile import CompileNetworks, compile_backend
+from slm_lightning.errors import ConfigError
+from slm_lightning.run_folder import RunConfig, claim_run_dir, keep_metrics_file, release_run_dirs
+from slm_lightning.schedules import check_schedules
 
 # RL training is driven by the frame clock, not by epochs over a dataset: one epoch is one
 # rollout-and-update cycle, there is no validation loop during fit, checkpoints come from
@@ -337,9 +338,8 @@ def check_resume(model: RLAlgorithm, checkpoint: dict[str, Any], path: str) -> N
         )
     check_weights(model, checkpoint["state_dict"], "ckpt_path", path, describe(checkpoint))
     check_finite(checkpoint["state_dict"], "ckpt_path", path)
-    fit_loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
-    rollout = (fit_loop.get("combined_loader") or [None])[0]
-    normalizers = rollout.get("normalizers") if isinstance(rollout, dict) else None
+    rollout = saved_rollout_state(checkpoint)
+    normalizers = rollout.get("normalizers") if rollout is not None else None
     if normalizers is None:  # written before the first rollout, or for evaluation
         normalizers = checkpoint.get("normalizers")
     if normalizers is not None:
@@ -354,7 +354,7 @@ def check_resume(model: RLAlgorithm, checkpoint: dict[str, Any], path: str) -> N
                     f"this config has model.init_args.env.{option}={str(not trained).lower()}: "
                     "they must match to resume"
                 )
-    memory = rollout.get("memory") if isinstance(rollout, dict) else None
+    memory = rollout.get("memory") if rollout is not None else None
     if not memory:
         return
     hp = model.hparams

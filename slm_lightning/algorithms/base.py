@@ -12,6 +12,7 @@ from gymnasium import spaces
 from torch import Tensor
 from typing_extensions import override
 
+from slm_lightning.checkpoints import saved_rollout_state
 from slm_lightning.config_types import PositiveCount
 from slm_lightning.data.evaluation import EvaluationEpisodes
 from slm_lightning.data.rollout import OnPolicyRollout
@@ -222,9 +223,7 @@ class RLAlgorithm(L.LightningModule):
         self._checkpoint_normalizers = checkpoint.get("normalizers")
         # Lightning reloads the dataloader (rollout) state only when resuming mid-epoch; from a
         # checkpoint written at the end of training the frame clock would restart at 0.
-        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
-        states = fit_loop.get("combined_loader") or [None]
-        self._rollout_state = states[0]
+        self._rollout_state = saved_rollout_state(checkpoint)
 
     def env_actions(self, actions: np.ndarray) -> np.ndarray:
         return self.policy.env_actions(actions)

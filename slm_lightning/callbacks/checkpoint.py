@@ -16,9 +16,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from loguru import logger
 from typing_extensions import override
 
+from slm_lightning.checkpoints import checkpoint_frames
 from slm_lightning.config_types import PositiveCount
 from slm_lightning.errors import ConfigError
-from slm_lightning.warm_start import checkpoint_frames
 
 # Exit status of a run stopped by SIGTERM, as a shell reports a process killed by it: the job
 # scheduler (dstack, SLURM, Kubernetes) sees a failure and may restart it with --ckpt_path last.

@@ -126,11 +126,23 @@ def check_finite(saved: dict[str, Tensor], key: str, path: str | Path) -> None:
         )
 
 
+def saved_rollout_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The rollout state (frame clock, RNGs, normalisers, replay memory) a checkpoint holds;
+    None when it was written before the first rollout. The one place that knows where in the
+    checkpoint it is.
+
+    Lightning 2.6 saves the train dataloader's ``state_dict`` (our rollout) under its private
+    ``loops.fit_loop.state_dict.combined_loader``.
+    """
+    fit_loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+    state = (fit_loop.get("combined_loader") or [None])[0]
+    return state if isinstance(state, dict) else None
+
+
 def checkpoint_frames(checkpoint: dict[str, Any]) -> int:
     """The frame clock saved in a checkpoint (0 if it holds no rollout state)."""
-    fit_loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
-    states = fit_loop.get("combined_loader") or [None]
-    return int(states[0]["frames"]) if isinstance(states[0], dict) else 0
+    state = saved_rollout_state(checkpoint)
+    return 0 if state is None else int(state["frames"])
 
 
 def describe(checkpoint: dict[str, Any]) -> str:
