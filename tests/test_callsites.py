@@ -23,6 +23,7 @@ from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.nets.actor_critic import ActorCritic
 from slm_lightning.nets.mlp import MLPSpec
 from slm_lightning.schedules import Schedule
+from slm_lightning.train_metrics import TrainMetrics
 
 TINY = MLPSpec([8], "tanh")
 CARTPOLE = EnvSpec("CartPole-v1", num_envs=1)  # Discrete(2), 4-dim observations
@@ -480,7 +481,9 @@ def test_return_moving_average_covers_the_window() -> None:
         loggers=[RecordingLogger()],
     )  # fmt: skip
     rollout = SimpleNamespace(episodes=episodes, frames=150)
-    module = SimpleNamespace(rollout=rollout, frames=150, trainer=trainer, train_metrics={})
+    module = SimpleNamespace(
+        rollout=rollout, frames=150, trainer=trainer, train_metrics=TrainMetrics()
+    )
     for i in range(1, 16):  # episode i ends at frame 10 i with return 16 - i
         episodes.add(10 * i, np.array([16.0 - i]), np.array([10]))
     tracker.update(module)

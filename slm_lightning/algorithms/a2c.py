@@ -90,7 +90,7 @@ class A2C(RLAlgorithm):
     def compute_returns(self, memory: OnPolicyMemory) -> None:
         hp = self.hparams
         memory.compute_returns(hp.returns, self.gamma, hp.gae_lambda, hp.n_steps)
-        self.train_metrics["train/explained_variance"] = memory.explained_variance()
+        self.train_metrics.add({"train/explained_variance": memory.explained_variance()})
 
     @override
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -105,13 +105,13 @@ class A2C(RLAlgorithm):
         value_loss = 0.5 * (values - batch["returns"]).pow(2).mean()
         entropy_coef = scheduled(hp.entropy_coef, self.frames, self.max_frames)
         loss = policy_loss + hp.value_coef * value_loss - entropy_coef * entropy
-        self.train_metrics.update(
+        self.train_metrics.set({"train/entropy_coef": entropy_coef})
+        self.train_metrics.add(
             {
-                "train/loss": loss.detach(),
-                "train/policy_loss": policy_loss.detach(),
-                "train/value_loss": value_loss.detach(),
-                "train/entropy": entropy.detach(),
-                "train/entropy_coef": entropy_coef,
+                "train/loss": loss,
+                "train/policy_loss": policy_loss,
+                "train/value_loss": value_loss,
+                "train/entropy": entropy,
             }
         )
         return loss

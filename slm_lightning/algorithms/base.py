@@ -20,6 +20,7 @@ from slm_lightning.envs.factory import EnvSpec, probe_spaces
 from slm_lightning.envs.normalization import normalizer_state
 from slm_lightning.errors import ConfigError
 from slm_lightning.schedules import Schedule, scheduled
+from slm_lightning.train_metrics import TrainMetrics
 
 
 def seed_global_rngs(seed: int) -> None:
@@ -93,8 +94,8 @@ class RLAlgorithm(L.LightningModule):
         self.rollout: Any = None
         self._rollout_state: dict[str, Any] | None = None
         self.stop_update = False
-        # Latest training diagnostics (detached tensors); MetricsTracker reads them when it logs.
-        self.train_metrics: dict[str, Tensor | float] = {}
+        # Training diagnostics; MetricsTracker logs their means over the updates of each row.
+        self.train_metrics = TrainMetrics()
 
     @property
     def frames(self) -> int:
@@ -266,7 +267,7 @@ class RLAlgorithm(L.LightningModule):
         optimizer = self.trainer.optimizers[0]
         for group, value in zip(optimizer.param_groups, (lr, critic_lr), strict=False):
             group["lr"] = value
-        self.train_metrics["train/lr"] = lr
+        self.train_metrics.set({"train/lr": lr})
 
     @override
     def configure_gradient_clipping(
@@ -308,7 +309,7 @@ class RLAlgorithm(L.LightningModule):
         which every algorithm records before its backward (the parts before the total)."""
         bad = {
             key: float(value.detach().float().mean())
-            for key, value in self.train_metrics.items()
+            for key, value in self.train_metrics.latest().items()
             if key.endswith("loss")
             and isinstance(value, Tensor)
             and not bool(torch.isfinite(value).all())

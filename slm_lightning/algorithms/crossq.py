@@ -185,12 +185,12 @@ class CrossQ(RLAlgorithm):
         next_q = next_q.detach().min(0).values
         target = sac_critic_target(next_q, nxt.log_probs, *terms, self.temperature.alpha)
         critic_loss = twin_critic_loss(q, target)
-        self.train_metrics["train/critic_loss"] = critic_loss.detach()  # named if not finite
+        self.train_metrics.add({"train/critic_loss": critic_loss})  # named if not finite
         critic_opt.zero_grad(set_to_none=True)
         self.manual_backward(critic_loss)
         critic_opt.step()
         self.critic_updates += 1
-        self.train_metrics["train/q_mean"] = q.detach().mean()
+        self.train_metrics.add({"train/q_mean": q.mean()})
         if self.critic_updates % self.hparams.policy_delay == 0:
             update_actor_and_alpha(
                 self.actor,

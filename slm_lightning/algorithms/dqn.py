@@ -209,12 +209,12 @@ class DQN(RLAlgorithm):
         super().on_train_epoch_start()
         hp = self.hparams
         if hp.exploration == "epsilon_greedy":
-            self.train_metrics["train/epsilon"] = scheduled(
-                hp.epsilon, self.frames, self.max_frames
+            self.train_metrics.set(
+                {"train/epsilon": scheduled(hp.epsilon, self.frames, self.max_frames)}
             )
         else:
-            self.train_metrics["train/temperature"] = scheduled(
-                hp.temperature, self.frames, self.max_frames
+            self.train_metrics.set(
+                {"train/temperature": scheduled(hp.temperature, self.frames, self.max_frames)}
             )
 
     @override
@@ -246,7 +246,7 @@ class DQN(RLAlgorithm):
             )
         else:
             loss = elementwise.mean()
-        self.train_metrics.update({"train/loss": loss.detach(), "train/q_mean": q.detach().mean()})
+        self.train_metrics.add({"train/loss": loss, "train/q_mean": q.mean()})
         return loss
 
     @override

@@ -168,7 +168,7 @@ class PPO(RLAlgorithm):
 
     def compute_returns(self, memory: OnPolicyMemory) -> None:
         memory.compute_returns("gae", self.gamma, self.hparams.gae_lambda)
-        self.train_metrics["train/explained_variance"] = memory.explained_variance()
+        self.train_metrics.add({"train/explained_variance": memory.explained_variance()})
 
     @override
     def build_rollout(self) -> OnPolicyRollout:
@@ -216,7 +216,7 @@ class PPO(RLAlgorithm):
         hp = self.hparams
         self.clip_eps = scheduled(hp.clip_eps, self.frames, self.max_frames)
         self.entropy_coef = scheduled(hp.entropy_coef, self.frames, self.max_frames)
-        self.train_metrics.update(
+        self.train_metrics.set(
             {"train/clip_eps": self.clip_eps, "train/entropy_coef": self.entropy_coef}
         )
 
@@ -244,29 +244,26 @@ class PPO(RLAlgorithm):
         if self.entropy_coef:
             entropy = self.policy.entropy(dist).mean()
             loss = loss - self.entropy_coef * entropy
-        # The loss terms of every minibatch: a non-finite loss is reported by its term.
-        self.train_metrics.update(
-            {
-                "train/loss": loss.detach(),
-                "train/policy_loss": policy_loss.detach(),
-                "train/value_loss": v_loss.detach(),
-            }
-        )
-        # Diagnostics cost a dozen small ops: compute them for the rollout's last minibatch
-        # (what the logged row shows) and every minibatch only when target_kl needs them.
-        last = batch_idx == len(self.rollout) - 1
-        if hp.target_kl is None and not last:
-            return loss
         with torch.no_grad():
+            if not self.entropy_coef:
+                entropy = self.policy.entropy(dist).mean()
             log_ratio = log_probs - batch["log_probs"]
-            # Unbiased, non-negative KL estimator (Schulman, "Approximating KL divergence").
-            approx_kl = ((log_ratio.exp() - 1) - log_ratio).mean()
-            clipfrac = ((log_ratio.exp() - 1.0).abs() > self.clip_eps).float().mean()
-            entropy = self.policy.entropy(dist).mean()
-        self.train_metrics.update(
+            ratio = log_ratio.exp()
+            # Two KL estimators (Schulman, "Approximating KL divergence"): the naive -log r
+            # and the unbiased, non-negative (r - 1) - log r, as CleanRL logs them.
+            old_approx_kl = (-log_ratio).mean()
+            approx_kl = ((ratio - 1) - log_ratio).mean()
+            clipfrac = ((ratio - 1.0).abs() > self.clip_eps).float().mean()
+        # Every minibatch's terms: a row logs their means over the update, and a non-finite
+        # loss is reported by its term.
+        self.train_metrics.add(
             {
+                "train/loss": loss,
+                "train/policy_loss": policy_loss,
+                "train/value_loss": v_loss,
                 "train/entropy": entropy,
                 "train/approx_kl": approx_kl,
+                "train/old_approx_kl": old_approx_kl,
                 "train/clipfrac": clipfrac,
             }
         )

@@ -84,12 +84,8 @@ class Reinforce(RLAlgorithm):
         policy_loss = -(log_probs * batch["advantages"]).mean()
         entropy_coef = scheduled(self.hparams.entropy_coef, self.frames, self.max_frames)
         loss = policy_loss - entropy_coef * entropy
-        self.train_metrics.update(
-            {
-                "train/loss": loss.detach(),
-                "train/policy_loss": policy_loss.detach(),
-                "train/entropy": entropy.detach(),
-                "train/entropy_coef": entropy_coef,
-            }
+        self.train_metrics.set({"train/entropy_coef": entropy_coef})
+        self.train_metrics.add(
+            {"train/loss": loss, "train/policy_loss": policy_loss, "train/entropy": entropy}
         )
         return loss

@@ -25,6 +25,7 @@ from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.errors import ConfigError
 from slm_lightning.nets.mlp import MLPSpec
 from slm_lightning.nets.sac_nets import Actor, TwinQ, make_actor
+from slm_lightning.train_metrics import TrainMetrics
 
 # Haarnoja et al. (2018b) use two hidden layers of 256 ReLU units for actor and critics.
 DEFAULT_NET = MLPSpec([256, 256], "relu")
@@ -209,7 +210,7 @@ def update_actor_and_alpha(
     obs: Tensor,
     optimizers: list,
     backward: Callable[[Tensor], None],
-    metrics: dict[str, Tensor | float],
+    metrics: TrainMetrics,
     critic_eval: bool = False,
 ) -> None:
     """One actor step (and one temperature step when tuned) on ``obs``.
@@ -230,7 +231,7 @@ def update_actor_and_alpha(
     with frozen(critic, eval_mode=critic_eval):
         q = critic(obs, pi.actions).min(0).values
     actor_loss = sac_actor_loss(q, pi.log_probs, temperature.alpha, pi.probs)
-    metrics["train/actor_loss"] = actor_loss.detach()
+    metrics.add({"train/actor_loss": actor_loss})
     actor_opt, *alpha_opt = optimizers
     actor_opt.zero_grad(set_to_none=True)
     backward(actor_loss)
@@ -242,8 +243,7 @@ def update_actor_and_alpha(
         backward(loss)
         alpha_opt[0].step()
         temperature.clamp_()
-    metrics["train/entropy"] = entropy.mean()
-    metrics["train/alpha"] = temperature.alpha
+    metrics.add({"train/entropy": entropy.mean(), "train/alpha": temperature.alpha})
 
 
 class SAC(RLAlgorithm):
@@ -379,7 +379,7 @@ class SAC(RLAlgorithm):
             target = sac_critic_target(next_q, nxt.log_probs, *terms, alpha, nxt.probs)
         q = self.critic.taken(batch["obs"], batch["actions"])
         critic_loss = twin_critic_loss(q, target)
-        self.train_metrics["train/critic_loss"] = critic_loss.detach()  # named if not finite
+        self.train_metrics.add({"train/critic_loss": critic_loss})  # named if not finite
         critic_opt.zero_grad(set_to_none=True)
         self.manual_backward(critic_loss)
         critic_opt.step()
@@ -390,7 +390,7 @@ class SAC(RLAlgorithm):
                 self.hparams.tau,
             )
         self.critic_updates += 1
-        self.train_metrics["train/q_mean"] = q.detach().mean()
+        self.train_metrics.add({"train/q_mean": q.mean()})
         if self.critic_updates % self.hparams.policy_delay == 0:
             update_actor_and_alpha(
                 self.actor,

@@ -109,7 +109,7 @@ class SARSA(RLAlgorithm):
             if hp.exploration == "epsilon_greedy"
             else ("temperature", hp.temperature)
         )
-        self.train_metrics[f"train/{key}"] = scheduled(value, self.frames, self.max_frames)
+        self.train_metrics.set({f"train/{key}": scheduled(value, self.frames, self.max_frames)})
 
     @override
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -118,5 +118,5 @@ class SARSA(RLAlgorithm):
             loss = F.smooth_l1_loss(q, batch["returns"])
         else:
             loss = 0.5 * (q - batch["returns"]).pow(2).mean()
-        self.train_metrics.update({"train/loss": loss.detach(), "train/q_mean": q.detach().mean()})
+        self.train_metrics.add({"train/loss": loss, "train/q_mean": q.mean()})
         return loss

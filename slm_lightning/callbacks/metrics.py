@@ -19,7 +19,8 @@ from slm_lightning.errors import ConfigError
 # Metric keys, shared by every algorithm (algorithms add their own under train/):
 #   rollout/frames, rollout/fps, rollout/episodes, rollout/updates,
 #   episode/return, episode/length, episode/return_ma, episode/best_return_ma,
-#   train/loss, train/entropy, train/lr, ... (from the algorithm's train_metrics)
+#   train/loss, train/entropy, train/lr, ... (from the algorithm's train_metrics: means over
+#   the updates since the previous row, and the settings in force)
 
 
 def gather_episodes(frames: list[int], returns: list[float]) -> tuple[list[int], list[float]]:
@@ -182,8 +183,7 @@ class MetricsTracker(Callback):
             metrics["episode/return_ma"] = self.return_ma
         if self.best_return_ma > -math.inf:
             metrics["episode/best_return_ma"] = self.best_return_ma
-        for key, value in pl_module.train_metrics.items():
-            metrics[key] = float(value.item() if isinstance(value, torch.Tensor) else value)
+        metrics.update(pl_module.train_metrics.pop_row())
         if trainer.is_global_zero:
             for lg in trainer.loggers:
                 lg.log_metrics(metrics, step=frames)
