@@ -15,7 +15,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from jsonargparse import Namespace
+from jsonargparse import ArgumentParser, Namespace
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import Callback
 from loguru import logger
@@ -272,6 +272,22 @@ def resolve_checkpoint_alias(config: Namespace, subcommand: str | None) -> None:
     if trainer.default_root_dir is None and dirpath is None:
         trainer.default_root_dir = str(ckpt.parent.parent)  # continue in the run's own folder
     logger.info(f"ckpt_path={alias}: resuming from {ckpt}")
+
+
+def add_warm_start_argument(parser: ArgumentParser) -> None:
+    """``--warm_start PATH``: start a new run from another run's weights (:func:`start_warm`).
+
+    Args:
+        parser: the CLI's parser (each subcommand's).
+    """
+    parser.add_argument(
+        "--warm_start",
+        type=str | None,
+        default=None,
+        help="start a new run from the network weights (and, where both runs normalise, "
+        "the normaliser statistics) of this checkpoint; frames, optimizers, schedules and "
+        "replay memory start fresh. To continue a run instead, use --ckpt_path.",
+    )
 
 
 def check_checkpoint_options(config: Namespace, subcommand: str | None) -> None:

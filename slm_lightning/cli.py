@@ -7,10 +7,7 @@ not a Trainer method is a function in :data:`EXTRA_SUBCOMMANDS`. Bad input of an
 as one line from :func:`~slm_lightning.errors.explain`.
 """
 
-import os
-import signal
 import sys
-import warnings
 from argparse import ArgumentError
 from collections.abc import Callable
 from pathlib import Path
@@ -29,8 +26,8 @@ from typing_extensions import override
 
 from slm_lightning.algorithms.base import RLAlgorithm
 from slm_lightning.callbacks import FrameCheckpoint, FrameProgressBar, MetricsTracker, RunSummary
-from slm_lightning.callbacks.checkpoint import SIGINT_EXIT_CODE
 from slm_lightning.checkpoints import (
+    add_warm_start_argument,
     check_checkpoint_options,
     load_for_resume,
     resolve_checkpoint_alias,
@@ -46,6 +43,7 @@ from slm_lightning.errors import (
 )
 from slm_lightning.loggers import continue_metrics_files, flat_config, run_loggers
 from slm_lightning.machine import check_machine
+from slm_lightning.process import configure_process, interrupt_exit_status
 from slm_lightning.run_folder import RunConfig, claim_run_dir, release_run_dirs
 from slm_lightning.schedules import check_schedules
 
@@ -115,14 +113,7 @@ class SLMLabCLI(LightningCLI):
             "ops are too small to split and whose cores also step the envs; raise it for "
             "conv nets or wide MLPs.",
         )
-        parser.add_argument(
-            "--warm_start",
-            type=str | None,
-            default=None,
-            help="start a new run from the network weights (and, where both runs normalise, "
-            "the normaliser statistics) of this checkpoint; frames, optimizers, schedules and "
-            "replay memory start fresh. To continue a run instead, use --ckpt_path.",
-        )
+        add_warm_start_argument(parser)
         add_compile_arguments(parser)
 
     @override
@@ -247,67 +238,36 @@ def main(args: list[str] | None = None) -> None:
     Args:
         args: the command line after ``slm-lab`` (default ``sys.argv[1:]``).
     """
-    logger.remove()
-    logger.add(
-        sys.stderr,
-        format="<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> {message}",
-        level="INFO",
-    )
-    # Small policy networks run faster on one intra-op thread than split across cores
-    # that are also stepping the environments (``--torch_threads`` changes it per run).
-    torch.set_num_threads(1)
-    # Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1 at import so that checking for GPUs does not
-    # initialise CUDA before a fork. Torch then answers every torch.cuda.is_available() with a
-    # fresh NVML probe (~0.1 ms), and every optimizer.step() asks: 10% of a small update. Our
-    # fork-based children (async env workers) never use CUDA, so the plain check is safe.
-    # For the fork-based DDP strategies (ddp_fork, ddp_notebook) set SLM_NVML_CUDA_CHECK=1.
-    if os.environ.get("SLM_NVML_CUDA_CHECK") != "1":
-        os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"
-    # Noise that does not apply to RL runs: we log on the frame clock, not every N steps.
-    warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
-    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+    configure_process()
     argv = list(sys.argv[1:] if args is None else args)
     command = EXTRA_SUBCOMMANDS.get(argv[0]) if argv else None
-    try:
-        if command is not None:
-            command(argv[1:])
-        else:
-            SLMLabCLI(
-                RLAlgorithm,
-                subclass_mode_model=True,
-                trainer_defaults=TRAINER_DEFAULTS,
-                save_config_kwargs={"overwrite": True},
-                auto_configure_optimizers=False,
-                parser_kwargs={"exit_on_error": False},
-                args=args,
-            )
-    except (ConfigError, ArgumentError, MisconfigurationException) as err:
-        logger.error(explain(err, args, SCHEMA))
-        sys.exit(2)
-    except ValueError as err:  # a class failed to instantiate: is it our validation?
-        if config_error_in_chain(err) is None:
-            raise
-        logger.error(explain(err, args, SCHEMA))
-        sys.exit(2)
-    except FloatingPointError as err:
-        # A non-finite reward, observation or loss: a fault of the run, not bad input (exit 1).
-        # The checks name the env and sub-env, or the algorithm and loss term; the last
-        # finite checkpoint was kept (FrameCheckpoint said which frame it holds).
-        logger.error(str(err))
-        sys.exit(1)
-    except KeyboardInterrupt:  # Ctrl-C outside fit (parsing, instantiating)
-        sys.exit(SIGINT_EXIT_CODE)
-    except SystemExit as err:
-        # Lightning 2.6 ends a fit interrupted by KeyboardInterrupt with sys.exit(1)
-        # (trainer/call.py, _call_and_handle_interrupt); a shell reports Ctrl-C as 130.
-        if err.code == 1 and isinstance(err.__context__, KeyboardInterrupt):
-            err = SystemExit(SIGINT_EXIT_CODE)
-        if err.code == SIGINT_EXIT_CODE:
-            # Fit has saved and closed what it owns. Another Ctrl-C while the interpreter exits
-            # (W&B's atexit hook finishing its run) ends the process at once, as the shell's 130,
-            # rather than raising KeyboardInterrupt inside an atexit hook.
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-        raise err from None
+    with interrupt_exit_status():
+        try:
+            if command is not None:
+                command(argv[1:])
+            else:
+                SLMLabCLI(
+                    RLAlgorithm,
+                    subclass_mode_model=True,
+                    trainer_defaults=TRAINER_DEFAULTS,
+                    save_config_kwargs={"overwrite": True},
+                    auto_configure_optimizers=False,
+                    parser_kwargs={"exit_on_error": False},
+                    args=args,
+                )
+        except (ConfigError, ArgumentError, MisconfigurationException, ValueError) as err:
+            # A ValueError from a class being instantiated is bad input if our validation raised
+            # it.
+            if isinstance(err, ValueError) and config_error_in_chain(err) is None:
+                raise
+            logger.error(explain(err, args, SCHEMA))
+            sys.exit(2)
+        except FloatingPointError as err:
+            # A non-finite reward, observation or loss: a fault of the run, not bad input
+            # (exit 1). The checks name the env and sub-env, or the algorithm and loss term;
+            # the last finite checkpoint was kept (FrameCheckpoint said which frame it holds).
+            logger.error(str(err))
+            sys.exit(1)
 
 
 if __name__ == "__main__":

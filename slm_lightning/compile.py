@@ -115,8 +115,9 @@ class CompileNetworks(Callback):
 def add_compile_arguments(parser: LightningArgumentParser) -> None:
     """``--torch-compile`` / ``--torch_compile``: thunder, torch or false (true means thunder).
 
-    The flag feeds a :class:`CompileNetworks` callback (config section ``compile``), which compiles the network blocks
-    before fitting and leaves the checkpoint keys as they are in eager runs.
+    The flag feeds a :class:`CompileNetworks` callback (config section ``compile``), which
+    compiles the network blocks before fitting and leaves the checkpoint keys as they are in
+    eager runs.
 
     Args:
         parser: the CLI's parser (each subcommand's).
