@@ -1,7 +1,10 @@
 """Reading checkpoints for ``--ckpt_path`` and ``--warm_start``, checked against the model first.
 
-A checkpoint that cannot be read or does not fit the configured model is reported as one
-:class:`~slm_lightning.envs.factory.ConfigError` line before fit writes anything. Warm start
+``--ckpt_path last`` / ``best`` name the newest run's file (:func:`resolve_checkpoint_alias`);
+a checkpoint that cannot be read or does not fit the configured model is reported as one
+:class:`~slm_lightning.errors.ConfigError` line before fit writes anything
+(:func:`check_resume`), and the copy read for the check is the one Lightning restores
+(:func:`load_for_resume`). Warm start
 (SLM Lab issue #444) begins a new run from another run's network weights, and normaliser
 statistics where both runs normalise, with fresh counters, optimizers and replay memory.
 """
@@ -12,6 +15,8 @@ from typing import Any
 
 import lightning as L
 import torch
+from jsonargparse import ArgumentParser, Namespace
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import Callback
 from loguru import logger
 from torch import Tensor
@@ -202,3 +207,230 @@ def warm_start(model: L.LightningModule, path: str | Path) -> dict[str, dict[str
         + "; frames, optimizers and memory start fresh"
     )
     return normalizers
+
+
+CHECKPOINT_ALIASES = ("last", "best")
+
+
+def resolve_checkpoint_alias(config: Namespace, subcommand: str | None) -> None:
+    """Turn ``--ckpt_path last`` / ``best`` into the file of the newest run of this config.
+
+    The file is ``<dir>/last.ckpt`` (``best.ckpt``) where ``<dir>`` is ``--checkpoint.dirpath``,
+    else ``<--trainer.default_root_dir>/checkpoints``, else the most recently written one of
+    ``runs/<config name>/*/checkpoints/``. ``fit`` then continues that run in its own folder:
+    ``metrics.csv`` keeps its rows up to the checkpoint's frame and grows from there, and the
+    checkpoints, ``config.yaml``, ``summary.json`` and ``returns.png`` are rewritten for the
+    whole run. ``fit --ckpt_path last`` with no checkpoint yet starts the run afresh (as
+    Lightning's ``ckpt_path="last"`` does), so one command serves the first start and every
+    restart of a preemptible job. ``fit --ckpt_path best`` and an explicit path resume into
+    a new run folder instead, leaving the source run (and its later history) as it was;
+    ``best`` is refused where the new session would write into the folder that holds it
+    (``--trainer.default_root_dir`` or ``--checkpoint.dirpath`` given).
+
+    Args:
+        config: the subcommand's parsed config; ``ckpt_path`` and maybe
+            ``trainer.default_root_dir`` are set in place.
+        subcommand: ``fit``, ``validate`` or ``test``.
+    """
+    alias = config.get("ckpt_path")
+    if alias not in CHECKPOINT_ALIASES:
+        return
+    trainer = config.trainer
+    name = f"{alias}.ckpt"
+    dirpath = config.get("checkpoint") and config.checkpoint.get("dirpath")
+    if dirpath is not None:
+        where, candidates = str(Path(dirpath) / name), [Path(dirpath) / name]
+    elif trainer.default_root_dir is not None:
+        where = str(Path(trainer.default_root_dir) / "checkpoints" / name)
+        candidates = [Path(where)]
+    else:
+        configs = config.get("config") or []
+        config_name = Path(str(configs[0])).stem if configs else "slmlabcli"
+        where = str(Path("runs") / config_name / "*" / "checkpoints" / name)
+        candidates = list(Path("runs", config_name).glob(f"*/checkpoints/{name}"))
+    found = sorted((p for p in candidates if p.is_file()), key=lambda p: p.stat().st_mtime)
+    if not found:
+        if alias == "last" and subcommand == "fit":
+            logger.warning(f"ckpt_path=last: no checkpoint at {where} yet; starting a new run")
+            config.ckpt_path = None
+            return
+        raise ConfigError(f"ckpt_path={alias}: no checkpoint at {where}")
+    ckpt = found[-1]
+    config.ckpt_path = str(ckpt)
+    if subcommand != "fit":
+        logger.info(f"ckpt_path={alias}: evaluating {ckpt}")
+        return
+    if alias == "best":
+        if trainer.default_root_dir is not None or dirpath is not None:
+            raise ConfigError(
+                f"ckpt_path=best: continuing from {ckpt} in its own folder would replace the "
+                f"run's later history; pass --ckpt_path={ckpt} with another "
+                "--trainer.default_root_dir (or checkpoint.dirpath) to continue it elsewhere"
+            )
+        logger.info(f"ckpt_path=best: resuming from {ckpt} into a new run folder")
+        return
+    if trainer.default_root_dir is None and dirpath is None:
+        trainer.default_root_dir = str(ckpt.parent.parent)  # continue in the run's own folder
+    logger.info(f"ckpt_path={alias}: resuming from {ckpt}")
+
+
+def add_warm_start_argument(parser: ArgumentParser) -> None:
+    """``--warm_start PATH``: start a new run from another run's weights (:func:`start_warm`).
+
+    Args:
+        parser: the CLI's parser (each subcommand's).
+    """
+    parser.add_argument(
+        "--warm_start",
+        type=str | None,
+        default=None,
+        help="start a new run from the network weights (and, where both runs normalise, "
+        "the normaliser statistics) of this checkpoint; frames, optimizers, schedules and "
+        "replay memory start fresh. To continue a run instead, use --ckpt_path.",
+    )
+
+
+def check_checkpoint_options(config: Namespace, subcommand: str | None) -> None:
+    """Check ``--ckpt_path`` and ``--warm_start`` once aliases are resolved: the files exist
+    and are zip archives, and warm start is a fit's alone and excludes ``--ckpt_path``. Sets
+    ``weights_only`` to False where it was not given: torch's default (True) rejects the
+    numpy RNG states the rollout saves.
+
+    Args:
+        config: the subcommand's parsed config (``weights_only`` may be set in place).
+        subcommand: ``fit``, ``validate`` or ``test``.
+    """
+    if config.get("ckpt_path"):
+        check_checkpoint_file(config.ckpt_path, "ckpt_path")
+        if config.get("weights_only") is None:
+            config.weights_only = False
+    if config.get("warm_start"):
+        if subcommand != "fit":
+            raise ConfigError("warm_start: only fit starts a run; use --ckpt_path here")
+        if config.get("ckpt_path"):
+            raise ConfigError(
+                "warm_start and ckpt_path exclude each other: --ckpt_path continues a run "
+                "with its counters, --warm_start starts a new one from its weights"
+            )
+        check_checkpoint_file(config.warm_start, "warm_start")
+
+
+def check_resume(model: L.LightningModule, checkpoint: dict[str, Any], path: str) -> None:
+    """Raise a one-line ConfigError unless ``checkpoint`` can resume (or evaluate) ``model``:
+    the same algorithm, the same network shapes (observation and action spaces), finite
+    weights, the same observation and reward normalisation, and a replay memory of the same
+    layout.
+
+    Args:
+        model: the configured algorithm.
+        checkpoint: the loaded checkpoint.
+        path: its file, for the message.
+    """
+    saved = saved_algorithm(checkpoint)
+    ours = type(model).__name__
+    if saved not in ("?", ours):
+        raise ConfigError(
+            f"ckpt_path: {path} was written by {describe(checkpoint)}; this config trains "
+            f"{ours}: resume with the config of that run (or --warm_start for weights alone)"
+        )
+    check_weights(model, checkpoint["state_dict"], "ckpt_path", path, describe(checkpoint))
+    check_finite(checkpoint["state_dict"], "ckpt_path", path)
+    rollout = saved_rollout_state(checkpoint)
+    normalizers = rollout.get("normalizers") if rollout is not None else None
+    if normalizers is None:  # written before the first rollout, or for evaluation
+        normalizers = checkpoint.get("normalizers")
+    if normalizers is not None:
+        # The rollout restores these into the env's wrappers when it first builds its envs,
+        # after the run folder is written to; a mismatch must stop the command before.
+        spec = model.env_spec
+        for option, key in (("normalize_obs", "obs_rms"), ("normalize_reward", "return_rms")):
+            trained = key in normalizers
+            if getattr(spec, option) != trained:
+                raise ConfigError(
+                    f"ckpt_path: {path} was trained with env.{option}={str(trained).lower()}; "
+                    f"this config has model.init_args.env.{option}={str(not trained).lower()}: "
+                    "they must match to resume"
+                )
+    memory = rollout.get("memory") if rollout is not None else None
+    if not memory:
+        return
+    # The memory's settings are read from the saved hyperparameters by name because only the
+    # replay algorithms have them (None or the default elsewhere); a memory owned by the
+    # algorithm could be compared through its own typed layout instead.
+    hp = model.hparams
+    expected = {
+        "capacity": ("memory_size", hp.get("memory_size")),
+        "num_envs": ("env.num_envs", model.env_spec.num_envs),
+        "n_steps": ("n_steps", hp.get("n_steps", 1)),
+    }
+    for field, (key, value) in expected.items():
+        if value is not None and field in memory and memory[field] != value:
+            raise ConfigError(
+                f"ckpt_path: the replay memory in {path} has {key}={memory[field]}, this "
+                f"config model.init_args.{key}={value}; they must match to resume"
+            )
+
+
+class PreloadedCheckpointIO(CheckpointIO):
+    """Returns an already loaded checkpoint the first time its path is loaded, so a large
+    checkpoint (a replay memory of gigabytes) is read once; everything else is delegated.
+
+    Args:
+        inner: the strategy's checkpoint IO.
+        path: the checkpoint file.
+        checkpoint: its content.
+    """
+
+    def __init__(self, inner: CheckpointIO, path: str, checkpoint: dict[str, Any]) -> None:
+        self.inner = inner
+        self.path = Path(path).resolve()
+        self.checkpoint: dict[str, Any] | None = checkpoint
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None):
+        self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
+
+    @override
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Any = None):
+        if self.checkpoint is not None and Path(path).resolve() == self.path:
+            checkpoint, self.checkpoint = self.checkpoint, None
+            return checkpoint
+        return self.inner.load_checkpoint(path, weights_only=weights_only)
+
+    @override
+    def remove_checkpoint(self, path: Any) -> None:
+        self.inner.remove_checkpoint(path)
+
+    @override
+    def teardown(self) -> None:
+        self.inner.teardown()
+
+
+def load_for_resume(trainer: L.Trainer, model: L.LightningModule, path: str) -> dict[str, Any]:
+    """Read and check ``--ckpt_path`` against ``model`` (:func:`check_resume`), and have the
+    trainer restore from the copy just read rather than reading the file again.
+
+    Args:
+        trainer: the instantiated trainer, before fit, validate or test.
+        model: the configured algorithm.
+        path: the checkpoint file.
+    """
+    checkpoint = read_checkpoint(path, "ckpt_path")
+    check_resume(model, checkpoint, path)
+    strategy = trainer.strategy
+    strategy.checkpoint_io = PreloadedCheckpointIO(strategy.checkpoint_io, path, checkpoint)
+    return checkpoint
+
+
+def start_warm(trainer: L.Trainer, model: L.LightningModule, path: str) -> None:
+    """``--warm_start``: load another run's weights into ``model`` (:func:`warm_start`) and
+    hand its normaliser statistics to the rollout when fit starts.
+
+    Args:
+        trainer: the instantiated trainer, before fit.
+        model: the configured algorithm.
+        path: the source run's checkpoint.
+    """
+    normalizers = warm_start(model, path)
+    if normalizers:
+        trainer.callbacks.append(WarmStartNormalizers(normalizers))

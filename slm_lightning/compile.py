@@ -1,10 +1,15 @@
-"""``--torch-compile``: compile the algorithm's networks with lightning-thunder or torch.compile."""
+"""``--torch-compile``: compile the algorithm's networks with lightning-thunder or torch.compile.
+
+Data path: :func:`add_compile_arguments` (the CLI's parser) → :func:`compile_backend` (the
+flag's value) → :class:`CompileNetworks` (before fit) → :func:`compile_block` per block.
+"""
 
 from typing import Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import LightningArgumentParser
 from loguru import logger
 from torch import nn
 from typing_extensions import override
@@ -105,3 +110,25 @@ class CompileNetworks(Callback):
             compile_block(block, self.backend)
         self.compiled = len(blocks)
         logger.info(f"torch_compile: {self.backend} compiled {len(blocks)} network blocks")
+
+
+def add_compile_arguments(parser: LightningArgumentParser) -> None:
+    """``--torch-compile`` / ``--torch_compile``: thunder, torch or false (true means thunder).
+
+    The flag feeds a :class:`CompileNetworks` callback (config section ``compile``), which
+    compiles the network blocks before fitting and leaves the checkpoint keys as they are in
+    eager runs.
+
+    Args:
+        parser: the CLI's parser (each subcommand's).
+    """
+    parser.add_lightning_class_args(CompileNetworks, "compile")
+    parser.add_argument(
+        "--torch_compile",
+        "--torch-compile",
+        type=bool | str,
+        default=False,
+        help="compile the networks: true or thunder (lightning-thunder's thunder.jit), torch "
+        "(torch.compile), false (eager). Aimed at GPUs; on a CPU expect it to be slower.",
+    )
+    parser.link_arguments("torch_compile", "compile.backend", compute_fn=compile_backend)

@@ -2,21 +2,22 @@
 written to only once a session has trained.
 
 Data path of a ``fit``: ``claim_run_dir`` (cli: before the classes are instantiated) →
-``keep_metrics_file`` (cli: before fit, for a run continued in place) → ``RunConfig`` (at the
-first epoch end, at the end of training, or on an exception after progress: ``config.yaml``,
-the hyperparameters, and ``metrics.csv`` cut back to the frame the session resumed from).
+``RunCSVLogger.continue_metrics_file`` (loggers.py; cli: before fit, for a run continued in
+place) → ``RunConfig`` (at the first epoch end, at the end of training, or on an exception
+after progress: ``config.yaml``, the hyperparameters, and ``metrics.csv`` cut back to the
+frame the session resumed from).
 """
 
-import csv
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.cli import SaveConfigCallback
 from typing_extensions import override
+
+from slm_lightning.loggers import RunCSVLogger
 
 # The run folder's name, exported by the process that created it: Lightning's DDP launcher
 # starts the other ranks with this environment, so they open the same folder.
@@ -70,72 +71,6 @@ def release_run_dirs(created: list[Path]) -> None:
             folder.rmdir()
         except OSError:  # not empty (something was written, or another run uses it)
             return
-
-
-def _csv_loggers(trainer: L.Trainer) -> list[Any]:
-    from lightning.pytorch.loggers import CSVLogger
-
-    return [lg for lg in trainer.loggers if isinstance(lg, CSVLogger)]
-
-
-def keep_metrics_file(trainer: L.Trainer) -> None:
-    """Let a run continued in its own folder keep its ``metrics.csv`` as it is.
-
-    Lightning's CSV logger deletes an existing ``metrics.csv`` when it creates its writer
-    (at setup). The file is moved aside meanwhile and the writer then appends to it under the
-    same header; rows logged after the checkpoint are dropped by :class:`RunConfig` once the
-    resumed session trains, so a resume that fails before that leaves the file unchanged.
-
-    Args:
-        trainer: the instantiated trainer, before fit (rank 0).
-    """
-    for lg in _csv_loggers(trainer):
-        path = Path(lg.log_dir) / "metrics.csv"
-        if not path.is_file():
-            continue
-        with open(path, newline="") as f:
-            header = next(csv.reader(f), [])
-        aside = path.with_name("metrics.csv.keep")
-        os.replace(path, aside)
-        with warnings.catch_warnings():  # "Previous log files … will be deleted": not this one
-            warnings.simplefilter("ignore")
-            experiment = lg.experiment
-        os.replace(aside, path)
-        experiment.metrics_keys = header  # so the next save appends under the same header
-
-
-def keep_rows_until(trainer: L.Trainer, frames: int) -> None:
-    """Drop the rows of ``metrics.csv`` logged after ``frames`` (by a session that crashed
-    after its last checkpoint); the resumed session logs them again.
-
-    Args:
-        trainer: the trainer (rank 0).
-        frames: the frame clock the session resumed from.
-    """
-    for lg in _csv_loggers(trainer):
-        path = Path(lg.log_dir) / "metrics.csv"
-        if not path.is_file():
-            continue
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            header = list(reader.fieldnames or [])
-            rows = list(reader)
-        kept = [row for row in rows if _step(row) <= frames]
-        if len(kept) == len(rows):
-            continue
-        tmp = path.with_name("metrics.csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=header)
-            writer.writeheader()
-            writer.writerows(kept)
-        os.replace(tmp, path)
-
-
-def _step(row: dict[str, str]) -> float:
-    try:
-        return float(row.get("step") or 0)
-    except ValueError:
-        return 0.0
 
 
 class RunConfig(SaveConfigCallback):
@@ -206,7 +141,9 @@ class RunConfig(SaveConfigCallback):
         self.already_saved = True
         if not trainer.is_global_zero:
             return
-        keep_rows_until(trainer, self.start_frames)
+        for lg in trainer.loggers:
+            if isinstance(lg, RunCSVLogger):
+                lg.drop_rows_after(self.start_frames)
         # Trainer(enable_autolog_hparams=False): logged here, not at setup, for the same reason.
         hparams = {k: v for k, v in pl_module.hparams_initial.items() if k != "_class_path"}
         for lg in trainer.loggers:

@@ -298,3 +298,37 @@ def test_torch_threads_option_sets_intra_op_threads() -> None:
         assert torch.get_num_threads() == 1  # the default: one thread for small policies
     finally:
         torch.set_num_threads(before)
+
+
+def test_each_trainer_gets_its_own_run_summary(isolated_run: Path) -> None:
+    # A RunSummary holds its run's summary: two trainers built in one process must not share.
+    first, second = (instantiate(["--config", str(PPO_CARTPOLE)]) for _ in range(2))
+    summaries = [
+        [cb for cb in cli.trainer.callbacks if isinstance(cb, RunSummary)]
+        for cli in (first, second)
+    ]
+    assert [len(found) for found in summaries] == [1, 1]
+    assert summaries[0][0] is not summaries[1][0]
+
+
+def test_extra_subcommands_are_dispatched_before_lightning(monkeypatch, capsys) -> None:
+    from slm_lightning import cli as cli_module
+    from slm_lightning.errors import ConfigError
+
+    calls: list[list[str]] = []
+
+    def trial(args: list[str]) -> None:
+        calls.append(args)
+        if "--sessions=0" in args:
+            raise ConfigError("sessions must be >= 1, got 0")
+
+    monkeypatch.setitem(cli_module.EXTRA_SUBCOMMANDS, "trial", trial)
+    main(["trial", "--config", "configs/x.yaml"])
+    assert calls == [["--config", "configs/x.yaml"]]
+    with pytest.raises(SystemExit) as exc:
+        main(["trial", "--sessions=0"])
+    assert exc.value.code == 2
+    assert ERROR_LINE.findall(capsys.readouterr().err) == ["sessions must be >= 1, got 0"]
+    with pytest.raises(SystemExit) as exc:  # not in the table: LightningCLI's parser says no
+        main(["trail"])
+    assert exc.value.code == 2 and len(calls) == 2

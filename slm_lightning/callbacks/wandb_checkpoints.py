@@ -9,6 +9,7 @@ from loguru import logger
 from typing_extensions import override
 
 from slm_lightning.callbacks.checkpoint import FrameCheckpoint
+from slm_lightning.loggers import WANDB_RUN_ID_FILE
 
 
 class WandbCheckpoints(Callback):
@@ -26,8 +27,6 @@ class WandbCheckpoints(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Keep the W&B run id in the run folder: `--ckpt_path last` resumes the folder in
         # place, and the CLI then continues the same W&B run instead of opening a new one.
-        from slm_lightning.cli import WANDB_RUN_ID_FILE
-
         run_dir = trainer.log_dir  # collective under DDP: every rank asks
         loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         if trainer.is_global_zero and loggers and run_dir is not None:
