@@ -18,7 +18,7 @@ from gymnasium.wrappers import NormalizeObservation
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from wandb.proto import wandb_internal_pb2
 
-from slm_lightning.callbacks import EarlyStopOnReturn, MetricsTracker, VideoRecorder
+from slm_lightning.callbacks import EarlyStopOnReturn, VideoRecorder
 from slm_lightning.cli import main
 from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.errors import ConfigError
@@ -159,7 +159,7 @@ def test_early_stop_ends_before_max_frames_and_writes_the_run(isolated_run: Path
 
 def test_early_stop_without_a_target_names_the_key() -> None:
     module = SimpleNamespace(env_spec=EnvSpec(name="Pendulum-v1"))  # no reward threshold
-    trainer = SimpleNamespace(callbacks=[MetricsTracker()])
+    trainer = SimpleNamespace(callback_metrics={})  # MetricsTracker has no target to publish
     with pytest.raises(ConfigError, match="target_return"):
         EarlyStopOnReturn().target(trainer, module)
     assert EarlyStopOnReturn(target_return=-300).target(trainer, module) == -300
