@@ -429,3 +429,33 @@ def test_state_keys_name_the_settings_that_tell_instances_apart() -> None:
     assert FrameCheckpoint().state_key == FrameCheckpoint(every_n_frames=7).state_key
     assert EarlyStopOnReturn(1.0).state_key != EarlyStopOnReturn(2.0).state_key
     assert EarlyStopOnReturn(1.0).state_key != EarlyStopOnReturn(1.0, min_episodes=5).state_key
+
+
+def test_a_checkpoint_with_the_old_constant_state_keys_resumes_the_callbacks(
+    isolated_run: Path,
+) -> None:
+    # Checkpoints written before state keys named the settings keep the tracker's and the
+    # checkpoint callback's state under "MetricsTracker" and "FrameCheckpoint".
+    run = isolated_run / "run"
+    args = ["fit", "--config", PPO_CARTPOLE, "--metrics.window=5", "--metrics.log_frequency=1024",
+            f"--trainer.default_root_dir={run}"]  # fmt: skip
+    main([*args, "--model.init_args.max_frames=2048"])
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    tracker_key, saver_key = MetricsTracker(window=5).state_key, FrameCheckpoint().state_key
+    tracker, saver = ckpt["callbacks"].pop(tracker_key), ckpt["callbacks"].pop(saver_key)
+    ckpt["callbacks"].update({"MetricsTracker": tracker, "FrameCheckpoint": saver})
+    torch.save(ckpt, run / "old.ckpt")
+    main([*args, "--model.init_args.max_frames=3072", f"--ckpt_path={run / 'old.ckpt'}"])
+    resumed = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]
+    assert set(resumed) == {tracker_key, saver_key}
+    n = tracker["episodes"]
+    assert resumed[tracker_key]["history"]["returns"][:n] == tracker["history"]["returns"]
+    assert resumed[tracker_key]["episodes"] > n
+    summary = json.loads((run / "summary.json").read_text())
+    assert (
+        summary["start_frames"] == 2048 and summary["episodes"] == resumed[tracker_key]["episodes"]
+    )
+    # The checkpoint callback's state moves to its key, where Lightning loads it from.
+    old = {"callbacks": {"FrameCheckpoint": {"best_return_ma": 9.5, "next_save": 3072}}}
+    FrameCheckpoint().on_load_checkpoint(None, None, old)
+    assert old["callbacks"] == {saver_key: {"best_return_ma": 9.5, "next_save": 3072}}
