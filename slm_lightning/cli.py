@@ -53,7 +53,8 @@ from slm_lightning.schedules import check_schedules
 TRAINER_DEFAULTS = {
     "max_epochs": -1,
     "enable_progress_bar": True,
-    "enable_checkpointing": False,
+    # FrameCheckpoint is a Lightning Checkpoint: Lightning adds no ModelCheckpoint beside it.
+    "enable_checkpointing": True,
     "enable_model_summary": False,
     "num_sanity_val_steps": 0,
     "limit_val_batches": 0,

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from slm_lightning.callbacks import MetricsTracker
 from slm_lightning.cli import main
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -138,6 +139,6 @@ def test_warm_start_takes_weights_but_no_counters(sources, isolated_run) -> None
     assert ckpt["global_step"] == 2 * 6 * 2  # rollouts x training_epochs x num_minibatches
     steps = {float(s["step"]) for s in ckpt["optimizer_states"][0]["state"].values()}
     assert steps == {float(ckpt["global_step"])}  # fresh Adam moments
-    tracker = ckpt["callbacks"]["MetricsTracker"]
+    tracker = ckpt["callbacks"][MetricsTracker().state_key]
     assert tracker["history"]["frames"] and min(tracker["history"]["frames"]) <= 256
     assert sources["ppo"].is_file()

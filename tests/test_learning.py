@@ -12,7 +12,7 @@ from gymnasium.envs.classic_control.pendulum import PendulumEnv
 
 from slm_lightning import cli as cli_module
 from slm_lightning.algorithms import PPO, RLAlgorithm
-from slm_lightning.callbacks import RunSummary
+from slm_lightning.callbacks import MetricsTracker
 from tests.cli_helpers import recording_cli
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -123,6 +123,8 @@ def test_pendulum_actions_inside_box(tmp_path: Path, monkeypatch) -> None:
         for start in (0, 200)
     )
     assert s["frames"] == frames and s["episodes"] == 2 * num_envs
-    tracked = RunSummary.tracker(made[0].trainer).history["returns"]
+    tracked = next(
+        cb for cb in made[0].trainer.callbacks if isinstance(cb, MetricsTracker)
+    ).history["returns"]
     assert sorted(tracked) == pytest.approx(episode_returns, rel=1e-5)
     assert s["return_ma"] == pytest.approx(np.mean(episode_returns), rel=1e-4)

@@ -17,7 +17,7 @@ import yaml
 
 from slm_lightning import cli as cli_module
 from slm_lightning.algorithms import PPO
-from slm_lightning.callbacks import RunSummary
+from slm_lightning.callbacks import MetricsTracker
 from tests.cli_helpers import run_main
 
 CONFIG = Path(__file__).parents[1] / "configs" / "ppo_cartpole.yaml"
@@ -38,6 +38,10 @@ def fit(run_dir: Path, *extra: str):
     return run_main(
         ["fit", "--config", str(CONFIG), f"--trainer.default_root_dir={run_dir}", *SMALL, *extra]
     )
+
+
+# Where a checkpoint keeps the tracker's state (the default window of 100 episodes).
+TRACKER_KEY = MetricsTracker().state_key
 
 
 def summary(run_dir: Path) -> dict:
@@ -105,7 +109,7 @@ def test_fit_writes_run_folder(first) -> None:
     assert s["episodes"] > 0
 
     # Every finished episode, in order, with the frame clock at its end.
-    history = load(run / "checkpoints" / "last.ckpt")["callbacks"]["MetricsTracker"]["history"]
+    history = load(run / "checkpoints" / "last.ckpt")["callbacks"][TRACKER_KEY]["history"]
     returns, ends = history["returns"], history["frames"]
     assert len(returns) == s["episodes"]
     assert ends == sorted(ends) and ends[-1] <= s["frames"]
@@ -200,7 +204,7 @@ def test_resume_continues_to_a_total_budget(first, resumed) -> None:
     assert steps2 == {float(ckpt2["global_step"])}
 
     # Episode history and the return moving average carry over.
-    tracker1, tracker2 = ckpt1["callbacks"]["MetricsTracker"], ckpt2["callbacks"]["MetricsTracker"]
+    tracker1, tracker2 = ckpt1["callbacks"][TRACKER_KEY], ckpt2["callbacks"][TRACKER_KEY]
     n1 = len(tracker1["history"]["returns"])
     assert tracker2["history"]["returns"][:n1] == tracker1["history"]["returns"]
     assert tracker2["history"]["frames"][:n1] == tracker1["history"]["frames"]
@@ -250,7 +254,7 @@ def test_ckpt_path_last_starts_then_continues_the_run_in_its_folder(isolated_run
     frames = [r["rollout/frames"] for r in rows]
     assert frames == sorted(set(frames)) and frames[-1] == s["frames"]
     assert (
-        load(run / "checkpoints" / "last.ckpt")["callbacks"]["MetricsTracker"]["episodes"]
+        load(run / "checkpoints" / "last.ckpt")["callbacks"][TRACKER_KEY]["episodes"]
         == (s["episodes"])
     )
 
@@ -335,7 +339,9 @@ class RestoredState(L.Callback):
         self.rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())
         self.rollout = copy.deepcopy(pl_module.rollout.state_dict())
         self.optimizer = copy.deepcopy(trainer.optimizers[0].state_dict())
-        self.tracker = copy.deepcopy(RunSummary.tracker(trainer).state_dict())
+        self.tracker = copy.deepcopy(
+            next(cb for cb in trainer.callbacks if isinstance(cb, MetricsTracker)).state_dict()
+        )
         self.weights = copy.deepcopy(pl_module.state_dict())
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -386,7 +392,7 @@ def test_resume_restores_every_state_exactly(config, isolated_run) -> None:
             assert torch.equal(probe.optimizer["state"][index][name], value), (index, name)
     for key, value in ckpt["state_dict"].items():
         assert torch.equal(probe.weights[key], value), key
-    tracker = ckpt["callbacks"]["MetricsTracker"]
+    tracker = ckpt["callbacks"][TRACKER_KEY]
     for key in ("recent", "episodes", "history", "best_return_ma", "next_log"):
         assert probe.tracker[key] == tracker[key], key  # the moving-average window included
     # The learning rate of the first resumed update is the schedule's value at the saved frame:

@@ -6,11 +6,14 @@ import struct
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import gymnasium as gym
 import imageio_ffmpeg
+import lightning as L
 import numpy as np
 import pytest
+import torch
 import wandb
 import yaml
 from google.protobuf.message import DecodeError
@@ -18,7 +21,14 @@ from gymnasium.wrappers import NormalizeObservation
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from wandb.proto import wandb_internal_pb2
 
-from slm_lightning.callbacks import EarlyStopOnReturn, MetricsTracker, VideoRecorder
+from slm_lightning import cli as cli_module
+from slm_lightning.callbacks import (
+    EarlyStopOnReturn,
+    FrameCheckpoint,
+    MetricsTracker,
+    VideoRecorder,
+)
+from slm_lightning.checkpoints import checkpoint_frames
 from slm_lightning.cli import main
 from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.errors import ConfigError
@@ -159,7 +169,7 @@ def test_early_stop_ends_before_max_frames_and_writes_the_run(isolated_run: Path
 
 def test_early_stop_without_a_target_names_the_key() -> None:
     module = SimpleNamespace(env_spec=EnvSpec(name="Pendulum-v1"))  # no reward threshold
-    trainer = SimpleNamespace(callbacks=[MetricsTracker()])
+    trainer = SimpleNamespace(callback_metrics={})  # MetricsTracker has no target to publish
     with pytest.raises(ConfigError, match="target_return"):
         EarlyStopOnReturn().target(trainer, module)
     assert EarlyStopOnReturn(target_return=-300).target(trainer, module) == -300
@@ -285,3 +295,167 @@ def test_in_place_resume_continues_the_same_wandb_run(isolated_run: Path) -> Non
     with (folder / "metrics.csv").open() as f:
         frames = [int(float(row["rollout/frames"])) for row in csv.DictReader(f)]
     assert frames == [1024, 2048, 3072, 4096]
+
+
+def reversed_trainer(**config: Any) -> L.Trainer:
+    """A Trainer given the CLI's callbacks in the reverse order (Lightning still orders them)."""
+    return L.Trainer(**{**config, "callbacks": config["callbacks"][::-1]})
+
+
+class ReversedCallbacksCLI(cli_module.SLMLabCLI):
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        self.trainer_class = reversed_trainer
+        return super().instantiate_trainer(**kwargs)
+
+
+def fit_run(root: Path, args: list[str], reverse: bool) -> dict[str, Any]:
+    """What a fit leaves: summary figures, the frames of best.ckpt and the stop, metrics rows."""
+    with pytest.MonkeyPatch.context() as mp:
+        if reverse:
+            mp.setattr(cli_module, "SLMLabCLI", ReversedCallbacksCLI)
+        main(["fit", "--config", PPO_CARTPOLE, *args, f"--trainer.default_root_dir={root}"])
+    summary = json.loads((root / "summary.json").read_text())
+    timing = ("seconds", "fps", "seconds_to_target", "git_sha")
+    best = torch.load(root / "checkpoints" / "best.ckpt", weights_only=False)
+    last = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)
+    stops = [s for k, s in last["callbacks"].items() if k.startswith("EarlyStopOnReturn")]
+    with (root / "metrics.csv").open() as f:
+        rows = [(r["rollout/frames"], r["episode/return_ma"]) for r in csv.DictReader(f)]
+    return {
+        "summary": {k: v for k, v in summary.items() if k not in timing},
+        "best.ckpt": checkpoint_frames(best),
+        "best_return_ma": next(
+            s["best_return_ma"] for k, s in last["callbacks"].items() if k.startswith("Frame")
+        ),
+        "stopped_frame": stops[0]["stopped_frame"] if stops else None,
+        "rows": rows,
+    }
+
+
+# ppo_cartpole, seed 0, metrics.window=5: return_ma after each 1024-frame rollout is 15.2,
+# 20.4, 26.4, 38.8, 46.6, 41.4, 64.4. A callback reading the previous rollout's average would
+# keep best.ckpt at 6144 (46.6 read there) instead of 5120, or stop at 8192 instead of 7168.
+ORDER_CASES = {
+    "best.ckpt before a dip": (["--model.init_args.max_frames=6144"], 5120, 46.6, None),
+    "early stop": (
+        [
+            "--model.init_args.max_frames=12288",
+            "--config",
+            str(PRESETS / "early_stop.yaml"),
+            "--trainer.callbacks.init_args.target_return=60",
+        ],  # fmt: skip
+        7168,
+        64.4,
+        7168,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ORDER_CASES))
+def test_callback_order_does_not_change_the_run(isolated_run: Path, case: str) -> None:
+    args, best_frame, best_ma, stopped = ORDER_CASES[case]
+    args = [*args, "--metrics.window=5", "--metrics.log_frequency=1024",
+            "--checkpoint.every_n_frames=1024"]  # fmt: skip
+    given = fit_run(isolated_run / "given", args, reverse=False)
+    reverse = fit_run(isolated_run / "reversed", args, reverse=True)
+    assert given["best.ckpt"] == best_frame
+    assert given["best_return_ma"] == pytest.approx(best_ma)
+    assert given["stopped_frame"] == stopped
+    assert given["summary"]["frames"] == (stopped or 6144)
+    assert reverse == given
+
+
+def epoch_end(stop: EarlyStopOnReturn, episodes: int, window: int, ma: float, **metrics) -> bool:
+    """One rollout's end as EarlyStopOnReturn sees it (one rank); whether it stopped the run."""
+    trainer = SimpleNamespace(
+        callback_metrics={
+            "rollout/window_episodes": torch.tensor(episodes),
+            "rollout/window": torch.tensor(window),
+            "episode/return_ma": torch.tensor(ma, dtype=torch.float64),
+            **{k: torch.tensor(v, dtype=torch.float64) for k, v in metrics.items()},
+        },
+        should_stop=False,
+        state=SimpleNamespace(fn="fit"),
+        sanity_checking=False,
+        fast_dev_run=False,
+        strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision),
+        current_epoch=3,
+        is_global_zero=True,
+    )
+    module = SimpleNamespace(frames=4096, max_frames=10_000, env_spec=EnvSpec(name="CartPole-v1"))
+    stop.on_train_epoch_end(trainer, module)
+    return trainer.should_stop
+
+
+def test_early_stop_counts_a_full_window_reaching_the_target_and_never_a_plateau() -> None:
+    stop = EarlyStopOnReturn()  # CartPole-v1's reward threshold: 475
+    # No episode has ended: nothing to check, no error, no warning.
+    trainer = SimpleNamespace(callback_metrics={}, should_stop=False)
+    stop.on_train_epoch_end(trainer, SimpleNamespace())
+    assert not trainer.should_stop
+    assert not epoch_end(stop, episodes=99, window=100, ma=500.0)  # the window is not full
+    for i in range(10):  # falling below the target for longer than Lightning's patience of 3
+        assert not epoch_end(stop, episodes=100, window=100, ma=474.0 - i)
+    assert stop.stopped_frame is None
+    assert epoch_end(stop, episodes=100, window=100, ma=475.0)  # reaching it is enough
+    state = stop.state_dict()
+    assert state["stopped_frame"] == 4096
+    assert state["stopping_reason_message"] == "episode/return_ma=475 >= 475 at frame 4096 of 10000"
+    restored = EarlyStopOnReturn()
+    restored.load_state_dict(state)
+    assert restored.stopped_frame == 4096
+
+
+def test_early_stop_target_and_window_follow_the_metrics_settings() -> None:
+    # metrics.target_return (published by MetricsTracker) replaces the env's threshold ...
+    assert epoch_end(EarlyStopOnReturn(), episodes=100, window=100, ma=30.0, **{
+        "episode/target_return": 30.0})  # fmt: skip
+    # ... and early_stop.target_return both.
+    stop = EarlyStopOnReturn(target_return=40.0)
+    assert not epoch_end(stop, episodes=100, window=100, ma=35.0, **{"episode/target_return": 30.0})
+    # min_episodes counts fewer episodes than the window, never more than it holds.
+    assert epoch_end(EarlyStopOnReturn(min_episodes=10), episodes=10, window=100, ma=475.0)
+    assert not epoch_end(EarlyStopOnReturn(min_episodes=10), episodes=9, window=100, ma=475.0)
+    assert epoch_end(EarlyStopOnReturn(min_episodes=10), episodes=5, window=5, ma=475.0)
+    with pytest.raises(ConfigError, match=r"^early_stop.min_episodes must be >= 1 or null, got 0$"):
+        EarlyStopOnReturn(min_episodes=0)
+
+
+def test_state_keys_name_the_settings_that_tell_instances_apart() -> None:
+    assert MetricsTracker(window=5).state_key != MetricsTracker(window=6).state_key
+    # A resume may log at another frequency or target and keep its episodes.
+    assert MetricsTracker(window=5).state_key == MetricsTracker(log_frequency=7, window=5).state_key
+    assert FrameCheckpoint(dirpath="a").state_key != FrameCheckpoint(dirpath="b").state_key
+    assert FrameCheckpoint().state_key == FrameCheckpoint(every_n_frames=7).state_key
+    assert EarlyStopOnReturn(1.0).state_key != EarlyStopOnReturn(2.0).state_key
+    assert EarlyStopOnReturn(1.0).state_key != EarlyStopOnReturn(1.0, min_episodes=5).state_key
+
+
+def test_a_checkpoint_with_the_old_constant_state_keys_resumes_the_callbacks(
+    isolated_run: Path,
+) -> None:
+    # Checkpoints written before state keys named the settings keep the tracker's and the
+    # checkpoint callback's state under "MetricsTracker" and "FrameCheckpoint".
+    run = isolated_run / "run"
+    args = ["fit", "--config", PPO_CARTPOLE, "--metrics.window=5", "--metrics.log_frequency=1024",
+            f"--trainer.default_root_dir={run}"]  # fmt: skip
+    main([*args, "--model.init_args.max_frames=2048"])
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    tracker_key, saver_key = MetricsTracker(window=5).state_key, FrameCheckpoint().state_key
+    tracker, saver = ckpt["callbacks"].pop(tracker_key), ckpt["callbacks"].pop(saver_key)
+    ckpt["callbacks"].update({"MetricsTracker": tracker, "FrameCheckpoint": saver})
+    torch.save(ckpt, run / "old.ckpt")
+    main([*args, "--model.init_args.max_frames=3072", f"--ckpt_path={run / 'old.ckpt'}"])
+    resumed = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]
+    assert set(resumed) == {tracker_key, saver_key}
+    n = tracker["episodes"]
+    assert resumed[tracker_key]["history"]["returns"][:n] == tracker["history"]["returns"]
+    assert resumed[tracker_key]["episodes"] > n
+    summary = json.loads((run / "summary.json").read_text())
+    assert (
+        summary["start_frames"] == 2048 and summary["episodes"] == resumed[tracker_key]["episodes"]
+    )
+    # The checkpoint callback's state moves to its key, where Lightning loads it from.
+    old = {"callbacks": {"FrameCheckpoint": {"best_return_ma": 9.5, "next_save": 3072}}}
+    FrameCheckpoint().on_load_checkpoint(None, None, old)
+    assert old["callbacks"] == {saver_key: {"best_return_ma": 9.5, "next_save": 3072}}

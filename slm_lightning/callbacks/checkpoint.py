@@ -8,10 +8,11 @@ import signal
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from loguru import logger
 from typing_extensions import override
@@ -24,6 +25,9 @@ from slm_lightning.errors import ConfigError
 # scheduler (dstack, SLURM, Kubernetes) sees a failure and may restart it with --ckpt_path last.
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 SIGINT_EXIT_CODE = 128 + signal.SIGINT
+
+# The state key of checkpoints written before state keys named the directory.
+LEGACY_STATE_KEY = "FrameCheckpoint"
 
 
 class SIGINTException(SystemExit):
@@ -38,7 +42,7 @@ class SIGINTException(SystemExit):
         super().__init__(SIGINT_EXIT_CODE)
 
 
-class FrameCheckpoint(Callback):
+class FrameCheckpoint(Checkpoint):
     """Checkpoints on the frame clock, away from the per-step path.
 
     Every ``every_n_frames`` frames it overwrites ``checkpoints/last.ckpt`` and, when the
@@ -63,6 +67,14 @@ class FrameCheckpoint(Callback):
     ``last.ckpt`` (mid-rollout, as after an exception), with status 130. Under DDP the ranks
     agree at each epoch end, so all stop at the same epoch. A SIGINT ignored when the process
     started (``nohup``, a shell's background job) stays ignored.
+
+    As a Lightning ``Checkpoint`` it is the trainer's ``checkpoint_callback`` (so Lightning
+    adds no ``ModelCheckpoint`` of its own) and runs last: after MetricsTracker published
+    this rollout's ``episode/return_ma`` and after the algorithm's epoch-end hooks, whatever
+    the order the callbacks were given in. Its state (best average, next save) is saved under
+    a key naming ``dirpath``: two instances writing into one folder would overwrite each
+    other's files, and Lightning refuses them; checkpoints whose state is under the key
+    ``FrameCheckpoint`` (written before) still resume.
 
     Args:
         every_n_frames: frames between two checkpoints.
@@ -91,8 +103,10 @@ class FrameCheckpoint(Callback):
         self.saved_frames: dict[str, int] = {}  # file name -> frame it holds, when known
 
     @property
+    @override
     def state_key(self) -> str:
-        return "FrameCheckpoint"
+        # Not every_n_frames: a resume may change it and keep the best average of the files.
+        return self._generate_state_key(dirpath=self.dirpath)
 
     def directory(self, trainer: L.Trainer) -> Path:
         """Where the checkpoints go; the run folder is resolved once, when training starts."""
@@ -272,6 +286,17 @@ class FrameCheckpoint(Callback):
             checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
             self.saved_frames[name] = checkpoint_frames(checkpoint)
         return f"kept {path} (frame {self.saved_frames[name]})"
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # A checkpoint of an earlier version keeps this state under the constant key: move it
+        # to ours, which Lightning then loads. Lightning 2.6 has warned of the old key already
+        # ("Please add the following callbacks"), before any on_load_checkpoint runs.
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key not in states and LEGACY_STATE_KEY in states:
+            states[self.state_key] = states.pop(LEGACY_STATE_KEY)
 
     @override
     def state_dict(self) -> dict:

@@ -1,9 +1,11 @@
-"""MetricsTracker: frames, fps, episode returns and their moving average, training diagnostics."""
+"""MetricsTracker: frames, fps, episode returns and their moving average, training diagnostics,
+and the run's ``summary.json`` / ``returns.png`` at its end."""
 
 import math
 import os
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -13,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from loguru import logger
 from typing_extensions import override
 
+from slm_lightning.callbacks.run_summary import run_dir, write_summary
 from slm_lightning.config_types import PositiveCount
 from slm_lightning.errors import ConfigError
 
@@ -21,6 +24,12 @@ from slm_lightning.errors import ConfigError
 #   episode/return, episode/length, episode/return_ma, episode/best_return_ma,
 #   train/loss, train/entropy, train/lr, ... (from the algorithm's train_metrics: means over
 #   the updates since the previous row, and the settings in force)
+# Published to the other callbacks in trainer.callback_metrics only (not logged), every epoch:
+#   rollout/episodes, rollout/window_episodes (episodes in the moving average), rollout/window
+#   (its size), episode/return_ma, episode/best_return_ma, episode/target_return.
+
+# The state key of checkpoints written before state keys named the window.
+LEGACY_STATE_KEY = "MetricsTracker"
 
 
 def gather_episodes(frames: list[int], returns: list[float]) -> tuple[list[int], list[float]]:
@@ -43,11 +52,16 @@ def gather_episodes(frames: list[int], returns: list[float]) -> tuple[list[int],
 class MetricsTracker(Callback):
     """Tracks episodes and training diagnostics on the frame clock and sends them to the loggers.
 
-    After every rollout it collects the episodes that finished; every ``log_frequency``
-    frames it sends one row of metrics, with the frame count as the step, to every
-    Lightning logger (and prints it through loguru when ``LOG_METRICS=true``). The return
-    moving average, best average and the first frame and second at which the average
-    reached the target survive ``--ckpt_path`` resumes.
+    After every rollout it collects the episodes that finished and publishes the episode
+    statistics in ``trainer.callback_metrics`` (in ``on_train_epoch_end``, which Lightning runs
+    before the monitoring callbacks: :class:`FrameCheckpoint`, :class:`EarlyStopOnReturn`);
+    every ``log_frequency`` frames it sends one row of metrics, with the frame count as the
+    step, to every Lightning logger (and prints it through loguru when ``LOG_METRICS=true``).
+    When fit ends, or dies after collecting frames, it writes the run's ``summary.json``,
+    ``returns.png`` and ``summary:`` line (see :func:`write_summary`). The return moving
+    average, best average and the first frame and second at which the average reached the
+    target survive ``--ckpt_path`` resumes, under a state key naming ``window``; checkpoints
+    whose state is under the key ``MetricsTracker`` (written before) still resume.
 
     Args:
         log_frequency: frames between two logged rows.
@@ -86,10 +100,14 @@ class MetricsTracker(Callback):
         self._t0 = time.perf_counter()
         self._last_log_time = self._t0
         self._last_log_frames = 0
+        self._run_dir: Path | None = None  # the run folder, resolved when training starts
+        self._summary: dict[str, Any] | None = None  # figured at train end, written at fit end
 
     @property
+    @override
     def state_key(self) -> str:
-        return "MetricsTracker"
+        # Not log_frequency nor target_return: a resume may change them and keep the episodes.
+        return self._generate_state_key(window=self.window)
 
     @property
     def return_ma(self) -> float:
@@ -100,9 +118,16 @@ class MetricsTracker(Callback):
         return self.seconds_before + time.perf_counter() - self._t0
 
     @override
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Here, not in setup: Lightning 2.6 empties callback_metrics after restoring the
+        # checkpoint, and every callback's on_fit_start runs before any on_train_start.
         if self.target_return is None:
             self.target_return = pl_module.env_spec.reward_threshold()
+        self.publish(trainer)
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._run_dir = run_dir(trainer)  # a collective under DDP: asked where every rank is
         self.start_frames = pl_module.frames
         self._t0 = self._last_log_time = time.perf_counter()
         self._last_log_frames = pl_module.frames
@@ -123,6 +148,32 @@ class MetricsTracker(Callback):
         self.update(pl_module)
         if pl_module.frames > self._last_log_frames:
             self.log_row(trainer, pl_module)
+        self._summary = self.summarize(pl_module)  # the clock stops here, before teardown
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Written after every callback's on_train_end: the summary line follows the progress
+        # bar's last state.
+        if self._summary is not None and self._run_dir is not None and trainer.is_global_zero:
+            write_summary(self._run_dir, self._summary, self.history, self.window)
+        self._summary = None
+
+    @override
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        # Other ranks may not be failing with this one: no collectives here (gather, broadcast).
+        self.update(pl_module, gather=False)
+        # Only a session that trained something has a summary worth writing; a crash at
+        # start-up must not overwrite the summary of the run it was pointed at.
+        if pl_module.frames <= self.start_frames or not trainer.is_global_zero:
+            return
+        folder = self._run_dir
+        if folder is None:  # rank 0's own view of the folder, without asking the other ranks
+            folder = Path(trainer.default_root_dir)
+            if trainer.loggers and hasattr(trainer.loggers[0], "log_dir"):
+                folder = Path(trainer.loggers[0].log_dir or folder)
+        write_summary(folder, self.summarize(pl_module), self.history, self.window)
 
     def update(self, pl_module: L.LightningModule, gather: bool = True) -> None:
         """Take the episodes finished since the last call from the rollout.
@@ -158,13 +209,26 @@ class MetricsTracker(Callback):
                     and ma >= self.target_return
                 ):
                     self.frames_to_target, self.seconds_to_target = frame, now
-        # callback_metrics lets Lightning's EarlyStopping, checkpoint monitors and the
-        # progress bar use them.
-        trainer.callback_metrics["rollout/episodes"] = torch.tensor(self.episodes)
+        self.publish(trainer)
+
+    def publish(self, trainer: L.Trainer) -> None:
+        """Put the episode statistics in ``trainer.callback_metrics``, where the checkpoint,
+        early stop and progress bar callbacks read them (float64: the early stop compares the
+        moving average with its target exactly)."""
+        metrics = trainer.callback_metrics
+        metrics["rollout/episodes"] = torch.tensor(self.episodes)
+        metrics["rollout/window_episodes"] = torch.tensor(len(self.recent))
+        metrics["rollout/window"] = torch.tensor(self.window)
         if self.recent:
-            trainer.callback_metrics["episode/return_ma"] = torch.tensor(self.return_ma)
+            metrics["episode/return_ma"] = torch.tensor(self.return_ma, dtype=torch.float64)
         if self.best_return_ma > -math.inf:
-            trainer.callback_metrics["episode/best_return_ma"] = torch.tensor(self.best_return_ma)
+            metrics["episode/best_return_ma"] = torch.tensor(
+                self.best_return_ma, dtype=torch.float64
+            )
+        if self.target_return is not None:
+            metrics["episode/target_return"] = torch.tensor(
+                float(self.target_return), dtype=torch.float64
+            )
 
     def log_row(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Send one row of metrics to the loggers (and to the console when LOG_METRICS=true)."""
@@ -191,6 +255,44 @@ class MetricsTracker(Callback):
         if self.print_metrics and trainer.is_global_zero:
             shown = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items())
             logger.info(f"[{type(pl_module).__name__}] {shown}")
+
+    def summarize(self, pl_module: L.LightningModule) -> dict[str, Any]:
+        """The figures of ``summary.json`` as they stand now (all but the git SHA).
+
+        Args:
+            pl_module: the algorithm.
+        """
+        seconds = self.seconds()
+        frames = pl_module.frames
+
+        def finite(x: float | None) -> float | None:
+            return None if x is None or not math.isfinite(x) else round(float(x), 3)
+
+        return {
+            "algorithm": type(pl_module).__name__,
+            "env": pl_module.env_spec.env_id,
+            "frames": frames,
+            "start_frames": self.start_frames,
+            "episodes": self.episodes,
+            "seconds": round(seconds, 2),
+            "fps": round(frames / seconds) if seconds > 0 else None,
+            "return_ma": finite(self.return_ma),
+            "best_return_ma": finite(self.best_return_ma),
+            "target_return": self.target_return,
+            "frames_to_target": self.frames_to_target,
+            "seconds_to_target": finite(self.seconds_to_target),
+        }
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # A checkpoint of an earlier version keeps this state under the constant key: move it
+        # to ours, which Lightning then loads. Lightning 2.6 has warned of the old key already
+        # ("Please add the following callbacks"), before any on_load_checkpoint runs.
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key not in states and LEGACY_STATE_KEY in states:
+            states[self.state_key] = states.pop(LEGACY_STATE_KEY)
 
     @override
     def state_dict(self) -> dict[str, Any]:

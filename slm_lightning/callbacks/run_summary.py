@@ -1,7 +1,8 @@
-"""RunSummary: the run folder's git SHA, ``summary:`` line, ``summary.json`` and ``returns.png``."""
+"""What a run leaves in its folder: ``run.json`` at the start (RunSummary), and at the end
+``summary.json``, ``returns.png`` and the ``summary:`` line (written by MetricsTracker, which
+holds the episodes, through :func:`write_summary`)."""
 
 import json
-import math
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,6 @@ import numpy as np
 from lightning.pytorch.callbacks import Callback
 from loguru import logger
 from typing_extensions import override
-
-from slm_lightning.callbacks.metrics import MetricsTracker
 
 
 def git_sha() -> str:
@@ -53,115 +52,60 @@ def plot_returns(
     plt.close(fig)
 
 
-class RunSummary(Callback):
-    """Writes what a finished (or crashed) run leaves in its folder.
+def run_dir(trainer: L.Trainer) -> Path:
+    """The run folder. Under DDP ``trainer.log_dir`` broadcasts rank 0's folder, a collective:
+    every rank must ask at the same point, not rank 0 alone."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
 
-    At the start: ``run.json`` (git SHA, algorithm, env). At the end: the learning curve
-    ``returns.png``, ``summary.json``, and one console line
-    ``summary: frames=… seconds=… fps=… return_ma=… best_return_ma=… frames_to_target=… seconds_to_target=…``.
+
+# The keys of the summary: line, in order.
+SUMMARY_LINE_KEYS = (
+    "frames",
+    "seconds",
+    "fps",
+    "return_ma",
+    "best_return_ma",
+    "frames_to_target",
+    "seconds_to_target",
+)
+
+
+def write_summary(
+    folder: Path, summary: dict[str, Any], history: dict[str, list], window: int
+) -> None:
+    """Write ``summary.json`` (``summary`` and the git SHA) and ``returns.png``, and log
+    ``summary: frames=… seconds=… fps=… return_ma=… best_return_ma=… frames_to_target=…
+    seconds_to_target=…``.
+
+    Args:
+        folder: the run folder.
+        summary: the run's figures (``algorithm``, ``env``, ``frames``, ``return_ma`` …).
+        history: each finished episode's end frame and return (``frames``, ``returns``).
+        window: episodes in the plotted moving average.
     """
+    summary = {**summary, "git_sha": git_sha()}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    title = f"{summary['algorithm']} {summary['env']}"
+    plot_returns(folder / "returns.png", history["frames"], history["returns"], window, title)
+    logger.info("summary: " + " ".join(f"{k}={summary[k]}" for k in SUMMARY_LINE_KEYS))
 
-    def __init__(self) -> None:
-        self.summary: dict[str, Any] = {}
 
-    @staticmethod
-    def run_dir(trainer: L.Trainer) -> Path:
-        """The run folder. Under DDP ``trainer.log_dir`` broadcasts rank 0's folder, a
-        collective: every rank must ask at the same point, not rank 0 alone."""
-        return Path(trainer.log_dir or trainer.default_root_dir)
+class RunSummary(Callback):
+    """Writes ``run.json`` (git SHA, algorithm, env) in the run folder when training starts.
 
-    @staticmethod
-    def tracker(trainer: L.Trainer) -> MetricsTracker:
-        for callback in trainer.callbacks:
-            if isinstance(callback, MetricsTracker):
-                return callback
-        raise RuntimeError("RunSummary needs the MetricsTracker callback")
+    The end of a run (``summary.json``, ``returns.png``, the ``summary:`` line) is written by
+    :class:`~slm_lightning.callbacks.MetricsTracker`, which holds the episodes.
+    """
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        run_dir = self.run_dir(trainer)
+        folder = run_dir(trainer)
         if trainer.is_global_zero:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
             info = {
                 "git_sha": git_sha(),
                 "algorithm": type(pl_module).__name__,
                 "env": pl_module.env_spec.env_id,
             }
-            (run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
-
-    @override
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.write(trainer, pl_module)
-
-    @override
-    def on_exception(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
-    ) -> None:
-        # Only a session that trained something has a summary worth writing; a crash at
-        # start-up must not overwrite the summary of the run it was pointed at.
-        # Other ranks may not be failing with this one: no collectives here (gather, broadcast).
-        if pl_module.frames > self.tracker(trainer).start_frames:
-            self.write(trainer, pl_module, collective=False)
-
-    def write(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, collective: bool = True
-    ) -> None:
-        """Write ``summary.json`` and ``returns.png`` and log the ``summary:`` line (rank 0).
-
-        Args:
-            trainer: the trainer.
-            pl_module: the algorithm.
-            collective: every rank calls this at the same point, so episodes can be gathered
-                and the run folder broadcast; False after an exception.
-        """
-        tracker = self.tracker(trainer)
-        tracker.update(pl_module, gather=collective)
-        seconds = tracker.seconds()
-        frames = pl_module.frames
-
-        def finite(x: float | None) -> float | None:
-            return None if x is None or not math.isfinite(x) else round(float(x), 3)
-
-        self.summary = {
-            "algorithm": type(pl_module).__name__,
-            "env": pl_module.env_spec.env_id,
-            "frames": frames,
-            "start_frames": tracker.start_frames,
-            "episodes": tracker.episodes,
-            "seconds": round(seconds, 2),
-            "fps": round(frames / seconds) if seconds > 0 else None,
-            "return_ma": finite(tracker.return_ma),
-            "best_return_ma": finite(tracker.best_return_ma),
-            "target_return": tracker.target_return,
-            "frames_to_target": tracker.frames_to_target,
-            "seconds_to_target": finite(tracker.seconds_to_target),
-            "git_sha": git_sha(),
-        }
-        if collective:
-            run_dir = self.run_dir(trainer)
-        else:  # rank 0's own view of the folder, without asking the other ranks
-            run_dir = Path(trainer.default_root_dir)
-            if trainer.loggers and hasattr(trainer.loggers[0], "log_dir"):
-                run_dir = Path(trainer.loggers[0].log_dir or run_dir)
-        if not trainer.is_global_zero:
-            return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
-        title = f"{self.summary['algorithm']} {self.summary['env']}"
-        plot_returns(
-            run_dir / "returns.png",
-            tracker.history["frames"],
-            tracker.history["returns"],
-            tracker.window,
-            title,
-        )
-        keys = (
-            "frames",
-            "seconds",
-            "fps",
-            "return_ma",
-            "best_return_ma",
-            "frames_to_target",
-            "seconds_to_target",
-        )
-        logger.info("summary: " + " ".join(f"{k}={self.summary[k]}" for k in keys))
+            (folder / "run.json").write_text(json.dumps(info, indent=2) + "\n")
