@@ -101,6 +101,10 @@ class FrameCheckpoint(Checkpoint):
         self._directory: Path | None = None  # resolved when training starts
         self.start_frames: int | None = None  # the frame clock this session trained from
         self.saved_frames: dict[str, int] = {}  # file name -> frame it holds, when known
+        # ModelCheckpoint's public names for the files written, which other callbacks and
+        # loggers read (e.g. WandbCheckpoints); "" until written in this session.
+        self.last_model_path = ""
+        self.best_model_path = ""
 
     @property
     @override
@@ -275,6 +279,10 @@ class FrameCheckpoint(Checkpoint):
         if trainer.is_global_zero:
             os.replace(tmp, path)
         self.saved_frames[name] = frames
+        if name == "last.ckpt":
+            self.last_model_path = str(path)
+        else:
+            self.best_model_path = str(path)
         return True
 
     def _kept(self, trainer: L.Trainer, name: str) -> str:

@@ -8,7 +8,6 @@ from lightning.pytorch.loggers import WandbLogger
 from loguru import logger
 from typing_extensions import override
 
-from slm_lightning.callbacks.checkpoint import FrameCheckpoint
 from slm_lightning.loggers import WANDB_RUN_ID_FILE
 
 
@@ -17,7 +16,8 @@ class WandbCheckpoints(Callback):
     and keeps the W&B run id in the run folder so that an in-place resume continues that run.
 
     ``WandbLogger(log_model=…)`` only hears of checkpoints from Lightning's ``ModelCheckpoint``;
-    our checkpoints come from :class:`FrameCheckpoint` on the frame clock. At the end of fit
+    our checkpoints come from :class:`~slm_lightning.callbacks.FrameCheckpoint` on the frame
+    clock, which sets ModelCheckpoint's ``last_model_path`` / ``best_model_path`` as it writes. At the end of fit
     (after FrameCheckpoint's final save) each file becomes a version of the artifact
     ``model-<run id>`` (or the logger's ``checkpoint_name``), aliased ``last`` / ``best``, with
     the frame count as metadata. In offline mode the artifacts upload with ``wandb sync``.
@@ -36,14 +36,19 @@ class WandbCheckpoints(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        saver = next((cb for cb in trainer.callbacks if isinstance(cb, FrameCheckpoint)), None)
+        saver = trainer.checkpoint_callback
         # WandbLogger keeps its constructor arguments in private attributes only.
         loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger) and lg._log_model]
         if saver is None or not loggers:
             return
         import wandb
 
-        folder = saver.directory(trainer)
+        # ModelCheckpoint's attribute name, which FrameCheckpoint sets as well; best.ckpt sits
+        # beside last.ckpt (possibly from an earlier session of a resumed run).
+        last = getattr(saver, "last_model_path", "")
+        if not last:
+            return
+        folder = Path(last).parent
         for lg in loggers:
             name = lg._checkpoint_name or f"model-{lg.experiment.id}"
             for alias in ("last", "best"):
