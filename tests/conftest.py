@@ -1,8 +1,14 @@
-"""Shared fixtures: every test writes under tmp_path, W&B never goes online, one torch thread."""
+"""Shared fixtures: every test writes under tmp_path, W&B never goes online, one torch thread;
+``run_fit`` runs an in-process ``slm-lab fit`` and reads what it wrote."""
+
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 from loguru import logger
+
+from tests.cli_helpers import FitRun, fit_in
 
 
 @pytest.fixture(autouse=True)
@@ -26,3 +32,14 @@ def warnings_logged():
     )
     yield messages
     logger.remove(handler)
+
+
+@pytest.fixture
+def run_fit(tmp_path: Path) -> Callable[..., FitRun]:
+    """``run_fit(*args, config=None, run_dir="run")``: :func:`tests.cli_helpers.fit_in` with the
+    run folder ``tmp_path / run_dir`` (``run_dir=None``: the folder the CLI picks)."""
+
+    def fit(*args: str, config: str | Path | None = None, run_dir: str | None = "run") -> FitRun:
+        return fit_in(None if run_dir is None else tmp_path / run_dir, *args, config=config)
+
+    return fit

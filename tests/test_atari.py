@@ -1,6 +1,5 @@
 """Atari through ale-py's native vector env, and the conv nets that read its frames."""
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -393,22 +392,16 @@ def test_bf16_conv_trunk_keeps_float32_heads_close_to_float32():
 # --- a short run through the CLI -------------------------------------------------------------
 
 
-def test_ppo_pong_fit_completes(isolated_run: Path):
-    run_dir = isolated_run / "run"
-    main(
-        [
-            "fit",
-            "--config",
-            str(CONFIGS / "ppo_pong.yaml"),
-            "--model.init_args.env.num_envs=2",
-            "--model.init_args.time_horizon=32",
-            "--model.init_args.num_minibatches=2",
-            "--model.init_args.training_epochs=1",
-            "--model.init_args.max_frames=128",
-            f"--trainer.default_root_dir={run_dir}",
-        ]
+def test_ppo_pong_fit_completes(run_fit):
+    run = run_fit(
+        "--model.init_args.env.num_envs=2",
+        "--model.init_args.time_horizon=32",
+        "--model.init_args.num_minibatches=2",
+        "--model.init_args.training_epochs=1",
+        "--model.init_args.max_frames=128",
+        config=CONFIGS / "ppo_pong.yaml",
     )
-    summary = json.loads((run_dir / "summary.json").read_text())
+    run_dir, summary = run.run_dir, run.summary
     assert summary["frames"] == 128  # 2 rollouts of 2 envs x 32 steps
     rows = (run_dir / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")

@@ -1,7 +1,6 @@
 """BlockVectorEnv: the same transitions as gymnasium's SyncVectorEnv, NEXT_STEP autoresets,
 gymnasium's vector wrappers on top, worker errors and shutdown, and a short training run."""
 
-import json
 import os
 import signal
 from functools import partial
@@ -15,7 +14,6 @@ from gymnasium import spaces
 from gymnasium.error import ClosedEnvironmentError
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
-from slm_lightning.cli import main
 from slm_lightning.envs.blocks import BlockVectorEnv, WorkerError
 from slm_lightning.envs.factory import EnvSpec, make_vector_env
 
@@ -226,21 +224,13 @@ def test_close_terminates_workers() -> None:
     env.close()  # idempotent
 
 
-def test_fit_with_blocks_completes(isolated_run: Path, monkeypatch) -> None:
-    monkeypatch.setattr("sys.argv", ["slm-lab"])
-    run_dir = isolated_run / "run"
-    main(
-        [
-            "fit",
-            "--config",
-            str(CONFIGS / "ppo_cartpole.yaml"),
-            f"--trainer.default_root_dir={run_dir}",
-            "--model.init_args.env.vectorization=blocks",
-            "--model.init_args.env.num_envs=4",
-            "--model.init_args.env.num_workers=2",
-            "--model.init_args.max_frames=1024",
-            "--metrics.log_frequency=256",
-        ]
-    )
-    summary = json.loads((run_dir / "summary.json").read_text())
+def test_fit_with_blocks_completes(run_fit) -> None:
+    summary = run_fit(
+        "--model.init_args.env.vectorization=blocks",
+        "--model.init_args.env.num_envs=4",
+        "--model.init_args.env.num_workers=2",
+        "--model.init_args.max_frames=1024",
+        "--metrics.log_frequency=256",
+        config=CONFIGS / "ppo_cartpole.yaml",
+    ).summary
     assert summary["frames"] >= 1024

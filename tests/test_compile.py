@@ -5,7 +5,6 @@ Both backends run on this CPU, slower than eager (measured on a 2-core CPU, PPO 
 rollout long.
 """
 
-import csv
 import functools
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from torch import nn
 from slm_lightning.cli import main
 from slm_lightning.compile import compilable_blocks, compile_backend, compile_block
 from slm_lightning.errors import ConfigError
+from tests.cli_helpers import fit_in
 
 ROOT = Path(__file__).parents[1]
 PPO_CARTPOLE = ROOT / "configs" / "ppo_cartpole.yaml"
@@ -75,23 +75,15 @@ def test_compiled_block_matches_eager_and_keeps_keys(backend: str, monkeypatch) 
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs_before
 
 
-def first_row(run_dir: Path) -> dict[str, str]:
-    with (run_dir / "metrics.csv").open() as f:
-        return next(csv.DictReader(f))
-
-
-def fit(run_dir: Path, *extra: str) -> None:
-    main(
-        [
-            "fit",
-            "--config",
-            str(PPO_CARTPOLE),
-            "--model.init_args.max_frames=1024",  # one rollout: 64 envs x 16 steps, 12 updates
-            "--metrics.log_frequency=1024",
-            f"--trainer.default_root_dir={run_dir}",
-            *extra,
-        ]
-    )
+def first_row(run_dir: Path, *extra: str) -> dict[str, float]:
+    """The one metrics row of a one-rollout PPO CartPole fit in ``run_dir``."""
+    return fit_in(
+        run_dir,
+        "--model.init_args.max_frames=1024",  # one rollout: 64 envs x 16 steps, 12 updates
+        "--metrics.log_frequency=1024",
+        *extra,
+        config=PPO_CARTPOLE,
+    ).rows[0]
 
 
 # thunder's fit takes ~5 s here. torch.compile's takes 20-60 s on this 2-core CPU: inductor
@@ -102,10 +94,10 @@ FIT_BACKENDS = ["thunder", pytest.param("torch", marks=pytest.mark.slow)]
 
 @pytest.mark.parametrize("backend", FIT_BACKENDS)
 def test_compiled_fit_matches_eager(backend: str, tmp_path: Path, capfd) -> None:
-    fit(tmp_path / "eager")
+    eager = first_row(tmp_path / "eager")
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     flag = "--torch-compile=true" if backend == "thunder" else "--torch_compile=torch"
-    fit(tmp_path / backend, flag)
+    compiled = first_row(tmp_path / backend, flag)
     err = capfd.readouterr().err
     assert f"torch_compile: {backend} compiled 2 network blocks" in err  # actor and critic bodies
     assert "expected" in err or "expect it to be slower" in err  # the CPU warning
@@ -113,9 +105,8 @@ def test_compiled_fit_matches_eager(backend: str, tmp_path: Path, capfd) -> None
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs_before
 
     # Same rollout, same 12 updates: the logged loss and returns agree with eager.
-    eager, compiled = first_row(tmp_path / "eager"), first_row(tmp_path / backend)
     for key in ("train/loss", "train/value_loss", "train/entropy"):
-        assert float(compiled[key]) == pytest.approx(float(eager[key]), rel=1e-4, abs=1e-6), key
+        assert compiled[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-6), key
     assert compiled["episode/return_ma"] == eager["episode/return_ma"]
 
     # Checkpoints keep eager's keys: a compiled run's weights load into an eager model.

@@ -4,8 +4,6 @@ short fit, and a cheap CartPole learning check."""
 
 import contextlib
 import copy
-import csv
-import json
 import math
 import re
 from pathlib import Path
@@ -19,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from gymnasium import spaces
 
-from slm_lightning import cli as cli_module
 from slm_lightning.algorithms import DQN
 from slm_lightning.algorithms.dqn import double_dqn_target, dqn_target
 from slm_lightning.data.offpolicy import OffPolicyRollout
@@ -28,7 +25,7 @@ from slm_lightning.data.replay import ReplayMemory
 from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.nets.mlp import MLPSpec
 from slm_lightning.nets.q_network import QNetwork, boltzmann, epsilon_greedy
-from tests.cli_helpers import run_main
+from tests.cli_helpers import fit_in
 
 # Every hyperparameter the tests below count on, spelled out rather than read from
 # configs/dqn_cartpole.yaml, whose tuning may change.
@@ -46,17 +43,6 @@ BASE = [
 ]
 ERROR_LINE = re.compile(r"^\d\d:\d\d:\d\d ERROR\s+(.*)$", re.MULTILINE)
 RANDOM_CARTPOLE_RETURN = 22  # mean episode return of the uniform random policy
-
-
-def fit(run_dir: Path, *extra: str) -> tuple[cli_module.SLMLabCLI, dict]:
-    """``slm-lab fit`` of DQN on CartPole in-process; returns the CLI and summary.json."""
-    cli = run_main(["fit", f"--trainer.default_root_dir={run_dir}", *BASE, *extra])
-    return cli, json.loads((run_dir / "summary.json").read_text())
-
-
-def metrics_rows(run_dir: Path) -> list[dict[str, float]]:
-    with open(run_dir / "metrics.csv") as f:
-        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
 def load(path: Path) -> dict:
@@ -468,7 +454,8 @@ def first(tmp_path_factory):
     """A 3000-frame prioritized 3-step DQN fit; the memory's next samples are taken here."""
     root = tmp_path_factory.mktemp("dqn_first")
     with contextlib.chdir(root):
-        cli, s = fit(root / "run", "--model.init_args.max_frames=3000", *SMALL, *PER_NSTEP)
+        run = fit_in(root / "run", *BASE, "--model.init_args.max_frames=3000", *SMALL, *PER_NSTEP)
+    cli, s = run.cli, run.summary
     memory = cli.model.rollout.memory
     snapshot = copy.deepcopy(memory.state_dict())
     next_samples = [memory.sample(32, beta=0.5)["indices"] for _ in range(3)]
@@ -505,15 +492,19 @@ def test_checkpoint_holds_the_replay_memory(first):
     assert ckpt["next_target_update"] == 4000
 
 
-def test_resume_restores_the_replay_memory_and_continues_to_a_total_budget(first, tmp_path):
+def test_resume_restores_the_replay_memory_and_continues_to_a_total_budget(
+    first, tmp_path, run_fit
+):
     _, s1, run1, memory_state, _ = first
-    cli, s2 = fit(
-        tmp_path / "resumed",
+    resumed = run_fit(
+        *BASE,
         f"--ckpt_path={run1 / 'checkpoints' / 'last.ckpt'}",
         "--model.init_args.max_frames=5000",
         *SMALL,
         *PER_NSTEP,
+        run_dir="resumed",
     )
+    cli, s2 = resumed.cli, resumed.summary
     assert s2["frames"] == 5000 and s2["start_frames"] == 3000
     assert s2["episodes"] > s1["episodes"]
     memory = cli.model.rollout.memory
@@ -555,21 +546,22 @@ FLAGS = {
 
 
 @pytest.mark.parametrize("flags", FLAGS.values(), ids=FLAGS.keys())
-def test_short_fit_with_each_flag(flags, tmp_path):
-    frames = 2000
-    cli, s = fit(
-        tmp_path / "run",
+def test_short_fit_with_each_flag(flags, run_fit):
+    frames = 1000  # 126 rounds of updates: every flag shows in the memory and the logs
+    run = run_fit(
+        *BASE,
         f"--model.init_args.max_frames={frames}",
         "--model.init_args.learning_starts=500",
         "--metrics.log_frequency=500",
         *flags,
     )
+    cli, s = run.cli, run.summary
     model, hp = cli.model, cli.model.hparams
     assert s["frames"] == frames and model.frames == frames
     # One round of updates per vector step (4 frames) from frame 500 on.
     updates_per_round = hp.updates_per_step
     assert cli.trainer.global_step == ((frames - 500) // 4 + 1) * updates_per_round
-    rows = metrics_rows(tmp_path / "run")
+    rows = run.rows
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
     assert losses and all(math.isfinite(x) for x in losses)
     assert all(math.isfinite(r["train/q_mean"]) for r in rows if "train/q_mean" in r)
@@ -605,9 +597,9 @@ def test_short_fit_with_each_flag(flags, tmp_path):
     ],
     ids=["box-actions", "combined-with-prioritized", "tau", "n-steps"],
 )
-def test_bad_input_exits_with_one_line(extra, expected, tmp_path, capsys):
+def test_bad_input_exits_with_one_line(extra, expected, tmp_path, capsys, run_fit):
     with pytest.raises(SystemExit) as exc:
-        fit(tmp_path / "run", "--model.init_args.max_frames=1000", *extra)
+        run_fit(*BASE, "--model.init_args.max_frames=1000", *extra)
     assert exc.value.code == 2
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err + captured.out
@@ -618,15 +610,16 @@ def test_bad_input_exits_with_one_line(extra, expected, tmp_path, capsys):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_cartpole_beats_random_policy(tmp_path):
+@pytest.mark.slow
+def test_cartpole_beats_random_policy(run_fit):
     # Seed 0 reaches a 100-episode mean of ~115 at 15k frames (~150 at 20k); ~10 s.
-    _, s = fit(
-        tmp_path / "run",
+    s = run_fit(
+        *BASE,
         "--model.init_args.max_frames=15000",
         "--model.init_args.learning_starts=1000",
         "--model.init_args.epsilon={start: 1.0, end: 0.05, end_frame: 10000}",
         "--model.init_args.target_update_frequency=500",
         "--metrics.log_frequency=5000",
-    )
+    ).summary
     assert s["frames"] == 15000 and s["episodes"] >= 100
     assert s["return_ma"] > 50, f"return_ma {s['return_ma']} (random ~{RANDOM_CARTPOLE_RETURN})"

@@ -1,14 +1,12 @@
 """One env of each family through our factory: gymnasium's env checker, and short training
 runs on MuJoCo and Box2D that complete with the frame clock and raw returns reported."""
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-from slm_lightning.cli import main
 from slm_lightning.envs import CARTPOLE_NO_VELOCITY_ID
 from slm_lightning.envs.factory import EnvSpec, make_single_env, probe_spaces
 from slm_lightning.errors import ConfigError
@@ -85,19 +83,9 @@ SHORT_RUNS = [
 
 
 @pytest.mark.parametrize(("config", "extra"), SHORT_RUNS, ids=[run[0] for run in SHORT_RUNS])
-def test_short_run_completes(config: str, extra: list[str], isolated_run: Path) -> None:
-    run_dir = isolated_run / "run"
-    main(
-        [
-            "fit",
-            "--config",
-            str(CONFIGS / f"{config}.yaml"),
-            f"--trainer.default_root_dir={run_dir}",
-            "--metrics.log_frequency=64",
-            *extra,
-        ]
-    )
-    summary = json.loads((run_dir / "summary.json").read_text())
+def test_short_run_completes(config: str, extra: list[str], isolated_run: Path, run_fit) -> None:
+    run = run_fit("--metrics.log_frequency=64", *extra, config=CONFIGS / f"{config}.yaml")
+    run_dir, summary = run.run_dir, run.summary
     budget = int(next(arg for arg in extra if "max_frames" in arg).split("=")[1])
     assert budget <= summary["frames"] < budget + 16 * 32  # overshoot below one rollout
     assert summary["start_frames"] == 0

@@ -1,7 +1,6 @@
 """Cheap learning checks: each algorithm beats a random CartPole policy within a small budget,
 and PPO drives a continuous-action env with actions inside its Box."""
 
-import json
 import math
 from pathlib import Path
 
@@ -10,20 +9,11 @@ import pytest
 import torch
 from gymnasium.envs.classic_control.pendulum import PendulumEnv
 
-from slm_lightning import cli as cli_module
 from slm_lightning.algorithms import PPO, RLAlgorithm
 from slm_lightning.callbacks import MetricsTracker
-from tests.cli_helpers import recording_cli
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 RANDOM_CARTPOLE_RETURN = 22  # mean episode return of the uniform random policy
-
-
-def fit(config: str, run_dir: Path, *extra: str) -> dict:
-    cli_module.main(
-        ["fit", "--config", str(CONFIGS / config), f"--trainer.default_root_dir={run_dir}", *extra]
-    )
-    return json.loads((run_dir / "summary.json").read_text())
 
 
 # Seed 0 ends these budgets at a 100-episode mean return of about 180-260, well above the
@@ -38,8 +28,8 @@ def fit(config: str, run_dir: Path, *extra: str) -> dict:
     ],
     ids=["ppo", "a2c-gae", "a2c-nstep", "reinforce"],
 )
-def test_cartpole_beats_random_policy(config: str, max_frames: int, tmp_path: Path) -> None:
-    s = fit(config, tmp_path / "run", f"--model.init_args.max_frames={max_frames}")
+def test_cartpole_beats_random_policy(config: str, max_frames: int, run_fit) -> None:
+    s = run_fit(f"--model.init_args.max_frames={max_frames}", config=CONFIGS / config).summary
     assert s["frames"] >= max_frames
     assert s["episodes"] >= 100  # the moving average covers a full window
     assert s["return_ma"] > 100, (
@@ -47,7 +37,7 @@ def test_cartpole_beats_random_policy(config: str, max_frames: int, tmp_path: Pa
     )
 
 
-def test_pendulum_actions_inside_box(tmp_path: Path, monkeypatch) -> None:
+def test_pendulum_actions_inside_box(monkeypatch, run_fit) -> None:
     sent: list[tuple[np.ndarray, np.ndarray]] = []
     original = RLAlgorithm.env_actions
 
@@ -68,16 +58,14 @@ def test_pendulum_actions_inside_box(tmp_path: Path, monkeypatch) -> None:
 
     monkeypatch.setattr(PendulumEnv, "step", step)
     num_envs, frames, horizon = 4, 2048, 128
-    with recording_cli() as made:
-        s = fit(
-            "ppo_pendulum.yaml",
-            tmp_path / "run",
-            f"--model.init_args.max_frames={frames}",
-            f"--model.init_args.env.num_envs={num_envs}",
-            "--model.init_args.env.vectorization=sync",  # sub-envs in this process, for the spy
-            f"--model.init_args.time_horizon={horizon}",
-        )
-    model = made[0].model
+    run = run_fit(
+        f"--model.init_args.max_frames={frames}",
+        f"--model.init_args.env.num_envs={num_envs}",
+        "--model.init_args.env.vectorization=sync",  # sub-envs in this process, for the spy
+        f"--model.init_args.time_horizon={horizon}",
+        config=CONFIGS / "ppo_pendulum.yaml",
+    )
+    model, s = run.model, run.summary
     assert isinstance(model, PPO)
     low, high = model.action_space.low, model.action_space.high
     assert (low, high) == (pytest.approx([-2.0]), pytest.approx([2.0]))
@@ -124,7 +112,7 @@ def test_pendulum_actions_inside_box(tmp_path: Path, monkeypatch) -> None:
     )
     assert s["frames"] == frames and s["episodes"] == 2 * num_envs
     tracked = next(
-        cb for cb in made[0].trainer.callbacks if isinstance(cb, MetricsTracker)
+        cb for cb in run.trainer.callbacks if isinstance(cb, MetricsTracker)
     ).history["returns"]
     assert sorted(tracked) == pytest.approx(episode_returns, rel=1e-5)
     assert s["return_ma"] == pytest.approx(np.mean(episode_returns), rel=1e-4)

@@ -3,7 +3,6 @@ stepping the cell, the rollout stores the states it carried, the POMDP CartPole 
 velocities, and a recurrent fit checkpoints, resumes and learns a task that needs memory."""
 
 import contextlib
-import json
 from pathlib import Path
 
 import gymnasium as gym
@@ -18,7 +17,6 @@ from slm_lightning.data.rollout import OnPolicyRollout
 from slm_lightning.envs import CARTPOLE_NO_VELOCITY_ID, EnvSpec, make_vector_env, probe_spaces
 from slm_lightning.nets.mlp import MLPSpec
 from slm_lightning.nets.recurrent import RecurrentActorCritic, RecurrentSpec
-from tests.cli_helpers import run_main
 from tests.test_rollout import ENV_ID, LENGTHS, SEED, N, counting_vector_env
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -283,22 +281,15 @@ SMALL = [
 ]
 
 
-def fit(config: str, run_dir: Path, *extra: str):
-    """``slm-lab fit`` in-process; returns the CLI object and the run summary."""
-    cli = run_main(
-        ["fit", "--config", str(CONFIGS / config), f"--trainer.default_root_dir={run_dir}"]
-        + list(extra)
-    )
-    return cli, json.loads((run_dir / "summary.json").read_text())
-
-
 @pytest.mark.parametrize("cell", CELLS)
-def test_recurrent_fit_checkpoints_and_resumes(cell: str, tmp_path: Path) -> None:
-    config = "ppo_rnn_cartpole_pomdp.yaml"
+def test_recurrent_fit_checkpoints_and_resumes(cell: str, tmp_path: Path, run_fit) -> None:
+    config = CONFIGS / "ppo_rnn_cartpole_pomdp.yaml"
     cell_arg = f"--model.init_args.recurrent.cell={cell}"
     first_dir, resumed_dir = tmp_path / "first", tmp_path / "resumed"
-    cli, s1 = fit(config, first_dir, *SMALL, cell_arg, f"--model.init_args.max_frames={BUDGET}")
-    model = cli.model
+    first = run_fit(
+        *SMALL, cell_arg, f"--model.init_args.max_frames={BUDGET}", config=config, run_dir="first"
+    )
+    model, s1 = first.model, first.summary
     assert isinstance(model.policy, RecurrentActorCritic)
     assert model.policy.actor_core.lstm == (cell == "lstm")
     assert BUDGET <= s1["frames"] < BUDGET + ROLLOUT and s1["episodes"] > 0
@@ -317,14 +308,15 @@ def test_recurrent_fit_checkpoints_and_resumes(cell: str, tmp_path: Path) -> Non
         b, _, _ = loaded.policy(obs, loaded.initial_state(5), starts)
     assert torch.equal(model.policy.greedy(a), loaded.policy.greedy(b))
 
-    cli2, s2 = fit(
-        config,
-        resumed_dir,
+    resumed = run_fit(
         *SMALL,
         cell_arg,
         f"--ckpt_path={ckpt_path}",
         f"--model.init_args.max_frames={2 * BUDGET}",
+        config=config,
+        run_dir="resumed",
     )
+    cli2, s2 = resumed.cli, resumed.summary
     assert s2["start_frames"] == s1["frames"]
     assert 2 * BUDGET <= s2["frames"] < 2 * BUDGET + ROLLOUT
     ckpt2 = torch.load(resumed_dir / "checkpoints" / "last.ckpt", weights_only=False)
@@ -368,8 +360,9 @@ if CUE_ID not in gym.registry:
     gym.register(id=CUE_ID, entry_point=CueEnv)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recurrent", [True, False], ids=["gru", "mlp"])
-def test_recurrent_policy_learns_a_memory_task(recurrent: bool, tmp_path: Path) -> None:
+def test_recurrent_policy_learns_a_memory_task(recurrent: bool, run_fit) -> None:
     """The GRU learns to recall the cue; the MLP, on the same PPO, stays at chance."""
     extra = [
         f"--model.init_args.env.name={CUE_ID}",
@@ -383,9 +376,9 @@ def test_recurrent_policy_learns_a_memory_task(recurrent: bool, tmp_path: Path) 
         "--metrics.log_frequency=4096",
     ]
     if recurrent:
-        _, s = fit("ppo_rnn_cartpole_pomdp.yaml", tmp_path / "run", *extra)
+        s = run_fit(*extra, config=CONFIGS / "ppo_rnn_cartpole_pomdp.yaml").summary
         assert s["return_ma"] > 0.8, s["return_ma"]
     else:
         extra.remove("--model.init_args.recurrent.sequence_length=8")
-        _, s = fit("ppo_mlp_cartpole_pomdp.yaml", tmp_path / "run", *extra)
+        s = run_fit(*extra, config=CONFIGS / "ppo_mlp_cartpole_pomdp.yaml").summary
         assert abs(s["return_ma"]) < 0.3, s["return_ma"]

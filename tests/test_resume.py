@@ -2,7 +2,6 @@
 
 import contextlib
 import copy
-import csv
 import hashlib
 import json
 import random
@@ -18,7 +17,7 @@ import yaml
 from slm_lightning import cli as cli_module
 from slm_lightning.algorithms import PPO
 from slm_lightning.callbacks import MetricsTracker
-from tests.cli_helpers import run_main
+from tests.cli_helpers import FitRun, fit_in, read_metrics
 
 CONFIG = Path(__file__).parents[1] / "configs" / "ppo_cartpole.yaml"
 NUM_ENVS, HORIZON = 4, 32
@@ -33,11 +32,9 @@ SMALL = [
 ]
 
 
-def fit(run_dir: Path, *extra: str):
-    """``slm-lab fit`` in-process through ``main``; returns the CLI object (trained model)."""
-    return run_main(
-        ["fit", "--config", str(CONFIG), f"--trainer.default_root_dir={run_dir}", *SMALL, *extra]
-    )
+def fit(run_dir: Path, *extra: str) -> FitRun:
+    """``slm-lab fit`` of the PPO CartPole config with ``SMALL`` in-process, in ``run_dir``."""
+    return fit_in(run_dir, *SMALL, *extra, config=CONFIG)
 
 
 # Where a checkpoint keeps the tracker's state (the default window of 100 episodes).
@@ -46,11 +43,6 @@ TRACKER_KEY = MetricsTracker().state_key
 
 def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
-
-
-def metrics_rows(run_dir: Path) -> list[dict[str, float]]:
-    with open(run_dir / "metrics.csv") as f:
-        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
 def load(path: Path) -> dict:
@@ -66,7 +58,7 @@ def first(tmp_path_factory):
     """One short PPO fit of N frames, shared by this module's tests (which only read it)."""
     root = tmp_path_factory.mktemp("first")
     with contextlib.chdir(root):
-        cli = fit(root / "run", f"--model.init_args.max_frames={N}")
+        cli = fit(root / "run", f"--model.init_args.max_frames={N}").cli
     return cli, root / "run"
 
 
@@ -120,7 +112,7 @@ def test_fit_writes_run_folder(first) -> None:
     # The moving average is the mean of the last 100 (window) returns.
     assert s["return_ma"] == pytest.approx(np.mean(returns[-100:]), abs=1e-3)
 
-    rows = metrics_rows(run)
+    rows = read_metrics(run)
     assert [r["rollout/frames"] for r in rows] == sorted(r["rollout/frames"] for r in rows)
     assert rows[-1]["rollout/frames"] == s["frames"]
     assert len(rows) >= N // 512
@@ -187,8 +179,8 @@ def test_resume_continues_to_a_total_budget(first, resumed) -> None:
     assert s2["episodes"] > s1["episodes"]
 
     # The resumed run's log continues the first run's clock, episode count and global step.
-    first_row = metrics_rows(resumed)[0]
-    final_row = metrics_rows(first_dir)[-1]
+    first_row = read_metrics(resumed)[0]
+    final_row = read_metrics(first_dir)[-1]
     assert first_row["rollout/frames"] > N
     assert first_row["rollout/frames"] > final_row["rollout/frames"]
     assert first_row["rollout/updates"] > final_row["rollout/updates"]
@@ -221,12 +213,12 @@ def test_resume_with_spent_budget_trains_nothing(first, tmp_path) -> None:
     _, first_dir = first
     s1 = summary(first_dir)
     ckpt1 = load(first_dir / "checkpoints" / "last.ckpt")
-    cli = fit(
+    again = fit(
         tmp_path / "again",
         f"--ckpt_path={first_dir / 'checkpoints' / 'last.ckpt'}",
         f"--model.init_args.max_frames={N}",
     )
-    s3 = summary(tmp_path / "again")
+    cli, s3 = again.cli, again.summary
     assert s3["frames"] == s3["start_frames"] == s1["frames"]
     assert s3["episodes"] == s1["episodes"]
     assert cli.trainer.global_step == ckpt1["global_step"]
@@ -244,12 +236,12 @@ def test_ckpt_path_last_starts_then_continues_the_run_in_its_folder(isolated_run
         mp.setattr("sys.argv", ["slm-lab"])
         cli_module.main(["fit", *fit_default, f"--model.init_args.max_frames={N}"])
         (run,) = (isolated_run / "runs" / "ppo_cartpole").iterdir()
-        rows1 = metrics_rows(run)
+        rows1 = read_metrics(run)
         cli_module.main(["fit", *fit_default, f"--model.init_args.max_frames={2 * N}"])
     assert list((isolated_run / "runs" / "ppo_cartpole").iterdir()) == [run], "a new run folder"
     s = summary(run)
     assert s["start_frames"] == rows1[-1]["rollout/frames"] and s["frames"] >= 2 * N
-    rows = metrics_rows(run)
+    rows = read_metrics(run)
     assert rows[: len(rows1)] == rows1  # the first session's rows are kept, then appended to
     frames = [r["rollout/frames"] for r in rows]
     assert frames == sorted(set(frames)) and frames[-1] == s["frames"]
@@ -286,10 +278,9 @@ def test_sigterm_saves_a_resumable_checkpoint(isolated_run) -> None:
     frames = state["frames"]
     assert frames > 0 and frames % ROLLOUT == 0  # stopped between rollout cycles
     assert ckpt["global_step"] == state["rollouts"] * 2 * 2  # every rollout fully trained on
-    assert metrics_rows(run)[-1]["rollout/frames"] <= frames  # the logger was flushed
+    assert read_metrics(run)[-1]["rollout/frames"] <= frames  # the logger was flushed
 
-    fit(run, "--ckpt_path=last", f"--model.init_args.max_frames={frames + 2 * ROLLOUT}")
-    s = summary(run)
+    s = fit(run, "--ckpt_path=last", f"--model.init_args.max_frames={frames + 2 * ROLLOUT}").summary
     assert s["start_frames"] == frames and s["frames"] == frames + 2 * ROLLOUT
 
 
@@ -320,13 +311,12 @@ def test_exception_mid_fit_leaves_a_resumable_checkpoint(isolated_run) -> None:
         (state,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
         frames = state["frames"]  # saved at the failing step, mid-rollout
         assert frames >= 300 * NUM_ENVS and frames % ROLLOUT != 0
-        rows = metrics_rows(run)  # closed loggers: every logged row reached the file
+        rows = read_metrics(run)  # closed loggers: every logged row reached the file
         logged = [r["rollout/frames"] for r in rows]
         assert logged == [512.0 * (i + 1) for i in range(frames // 512)], logged
         assert (run / "summary.json").is_file()
 
-        fit(run, *env, "--ckpt_path=last", f"--model.init_args.max_frames={4 * N}")
-        s = summary(run)
+        s = fit(run, *env, "--ckpt_path=last", f"--model.init_args.max_frames={4 * N}").summary
         assert s["start_frames"] == frames and 4 * N <= s["frames"] < 4 * N + ROLLOUT
     finally:
         gym.registry.pop("SlmTestFailingCartPole-v0", None)
@@ -438,7 +428,7 @@ def test_target_kl_stops_each_rollouts_update_early(tmp_path) -> None:
     with contextlib.chdir(tmp_path):
         cli = fit(
             tmp_path / "run", "--model.init_args.max_frames=512", "--model.init_args.target_kl=0.0"
-        )
+        ).cli
     rollouts = cli.model.rollout.rollouts
     assert rollouts == 512 // ROLLOUT
     assert cli.trainer.global_step == 2 * rollouts

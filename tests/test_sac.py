@@ -2,7 +2,6 @@
 CrossQ's batch-norm modes and joint pass, checkpoint round trip, and short runs."""
 
 import inspect
-import json
 import math
 import re
 from pathlib import Path
@@ -33,18 +32,11 @@ from slm_lightning.nets.sac_nets import (
     TwinQ,
     tanh_log_det,
 )
-from tests.cli_helpers import run_main
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 TINY = MLPSpec([16, 16], "relu")
 PENDULUM_BOX = spaces.Box(-2.0, 2.0, (1,), np.float32)
 PENDULUM_OBS = spaces.Box(-8.0, 8.0, (3,), np.float32)
-
-
-def fit(config: str, run_dir: Path, *extra: str):
-    """``slm-lab fit`` in-process; returns the CLI object (trained model and trainer)."""
-    args = ["fit", "--config", str(CONFIGS / config), f"--trainer.default_root_dir={run_dir}"]
-    return run_main([*args, *extra])
 
 
 SHORT = [  # 600 frames of one env, one update per frame from frame 200 on, tiny nets
@@ -272,8 +264,10 @@ def optimizer_states_equal(a: dict, b: dict) -> bool:
     )
 
 
-def test_sac_checkpoint_round_trip(tmp_path: Path) -> None:
-    first = fit("sac_pendulum.yaml", tmp_path / "run", *SHORT, "--model.init_args.policy_delay=2")
+def test_sac_checkpoint_round_trip(tmp_path: Path, run_fit) -> None:
+    first = run_fit(
+        *SHORT, "--model.init_args.policy_delay=2", config=CONFIGS / "sac_pendulum.yaml"
+    )
     trained, trainer = first.model, first.trainer
     ckpt_path = tmp_path / "run" / "checkpoints" / "last.ckpt"
     ckpt = torch.load(ckpt_path, weights_only=False, map_location="cpu")
@@ -288,7 +282,9 @@ def test_sac_checkpoint_round_trip(tmp_path: Path) -> None:
     assert ckpt["critic_updates"] == trained.critic_updates == 401
 
     # Resuming (with the budget spent) restores every optimizer, log_alpha and the counters.
-    resumed = fit("sac_pendulum.yaml", tmp_path / "again", *SHORT, f"--ckpt_path={ckpt_path}")
+    resumed = run_fit(
+        *SHORT, f"--ckpt_path={ckpt_path}", config=CONFIGS / "sac_pendulum.yaml", run_dir="again"
+    )
     for saved, optimizer in zip(ckpt["optimizer_states"], resumed.trainer.optimizers, strict=True):
         assert optimizer_states_equal(saved, optimizer.state_dict())
     for key, tensor in resumed.model.state_dict().items():
@@ -305,9 +301,9 @@ def test_sac_checkpoint_round_trip(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("config", "env_actions"), [("sac_pendulum.yaml", "box"), ("sac_cartpole.yaml", "discrete")]
 )
-def test_sac_short_run_completes(config: str, env_actions: str, tmp_path: Path) -> None:
-    cli = fit(config, tmp_path / "run", *SHORT, "--model.init_args.policy_delay=2")
-    model, summary = cli.model, json.loads((tmp_path / "run" / "summary.json").read_text())
+def test_sac_short_run_completes(config: str, env_actions: str, run_fit) -> None:
+    run = run_fit(*SHORT, "--model.init_args.policy_delay=2", config=CONFIGS / config)
+    cli, model, summary = run.cli, run.model, run.summary
     assert summary["frames"] == 600 and summary["episodes"] > 0
     # One critic update per frame from learning_starts; actor and alpha every second one.
     assert model.critic_updates == 401
@@ -323,8 +319,8 @@ def test_sac_short_run_completes(config: str, env_actions: str, tmp_path: Path) 
     assert all(model.action_space.contains(a) for a in actions)
 
 
-def test_crossq_short_run_completes(tmp_path: Path) -> None:
-    cli = fit("crossq_pendulum.yaml", tmp_path / "run", *SHORT)
+def test_crossq_short_run_completes(run_fit) -> None:
+    cli = run_fit(*SHORT, config=CONFIGS / "crossq_pendulum.yaml").cli
     assert cli.model.critic_updates == 401
     assert cli.trainer.global_step == 401 + 2 * (401 // 3)  # policy delay 3
     assert "critic_target" not in dict(cli.model.named_children())
@@ -342,9 +338,9 @@ def test_every_argument_documented(cls: type) -> None:
 
 
 @pytest.mark.slow
-def test_sac_learns_pendulum(tmp_path: Path) -> None:
+def test_sac_learns_pendulum(run_fit) -> None:
     # Seed 0: random play scores ~-1200 a episode; by 6k frames single episodes are ~-150.
-    cli = fit("sac_pendulum.yaml", tmp_path / "run", "--model.init_args.max_frames=6000")
+    cli = run_fit("--model.init_args.max_frames=6000", config=CONFIGS / "sac_pendulum.yaml").cli
     tracker = next(cb for cb in cli.trainer.callbacks if isinstance(cb, MetricsTracker))
     returns = tracker.history["returns"]
     assert len(returns) == 29  # 201 frames an episode: NEXT_STEP autoreset spends one

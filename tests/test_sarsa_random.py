@@ -2,7 +2,6 @@
 Discrete-only check, and a cheap CartPole learning check. RandomAgent: learns nothing and
 reports each env's random baseline."""
 
-import json
 import math
 import re
 from pathlib import Path
@@ -20,7 +19,7 @@ from slm_lightning.data.onpolicy import OnPolicyMemory
 from slm_lightning.data.rollout import OnPolicyRollout
 from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.nets.mlp import MLPSpec
-from tests.cli_helpers import run_main
+from tests.cli_helpers import fit_in
 
 ERROR_LINE = re.compile(r"^\d\d:\d\d:\d\d ERROR\s+(.*)$", re.MULTILINE)
 RANDOM_CARTPOLE_RETURN = 22  # mean episode return of the uniform random policy
@@ -29,18 +28,15 @@ NAN = float("nan")
 
 def fit(run_dir: Path, algorithm: str, env: str, *extra: str) -> tuple[cli_module.SLMLabCLI, dict]:
     """``slm-lab fit`` without a config file; returns the CLI object and summary.json."""
-    cli = run_main(
-        [
-            "fit",
-            "--seed_everything=0",
-            "--trainer.accelerator=cpu",
-            f"--trainer.default_root_dir={run_dir}",
-            f"--model=slm_lightning.algorithms.{algorithm}",
-            f"--model.init_args.env.name={env}",
-            *extra,
-        ]
+    run = fit_in(
+        run_dir,
+        "--seed_everything=0",
+        "--trainer.accelerator=cpu",
+        f"--model=slm_lightning.algorithms.{algorithm}",
+        f"--model.init_args.env.name={env}",
+        *extra,
     )
-    return cli, json.loads((run_dir / "summary.json").read_text())
+    return run.cli, run.summary
 
 
 def sarsa(**kwargs) -> SARSA:
@@ -261,6 +257,7 @@ def test_random_agent_pendulum_actions_inside_box(sent_actions, tmp_path):
 # --- cheap learning check ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sarsa_cartpole_beats_random_policy(tmp_path):
     # Seed 0 ends at a 100-episode mean of ~125 (~75 at 10k frames); ~7 s. The defaults (Huber
     # loss, one update per rollout) learn far slower: several updates of an MSE loss per

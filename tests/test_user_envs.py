@@ -1,7 +1,6 @@
 """Users' own envs (gymnasium's ``module:EnvId``), shipped configs pointed at other envs, and
 legacy Atari ids that keep their v4 settings."""
 
-import json
 import re
 from functools import partial
 from pathlib import Path
@@ -15,6 +14,7 @@ from slm_lightning.envs.atari import AtariSpec
 from slm_lightning.envs.blocks import BlockVectorEnv
 from slm_lightning.envs.factory import EnvSpec, make_single_env, resolve_vectorization
 from slm_lightning.envs.names import migrate_env_id
+from tests.cli_helpers import fit_in
 
 ROOT = Path(__file__).parents[1]
 CONFIGS = ROOT / "configs"
@@ -25,18 +25,13 @@ ERROR_LINE = re.compile(r"^\d\d:\d\d:\d\d ERROR\s+(.*)$", re.MULTILINE)
 
 def fit(run_dir: Path, *extra: str) -> dict:
     """A short PPO fit from the shipped CartPole config; returns its ``summary.json``."""
-    main(
-        [
-            "fit",
-            "--config",
-            PPO_CARTPOLE,
-            f"--trainer.default_root_dir={run_dir}",
-            "--model.init_args.max_frames=512",
-            "--model.init_args.time_horizon=32",
-            *extra,
-        ]
-    )
-    return json.loads((run_dir / "summary.json").read_text())
+    return fit_in(
+        run_dir,
+        "--model.init_args.max_frames=512",
+        "--model.init_args.time_horizon=32",
+        *extra,
+        config=PPO_CARTPOLE,
+    ).summary
 
 
 @pytest.mark.parametrize("vectorization", ["sync", "blocks"])
