@@ -338,7 +338,7 @@ def check_resume(model: RLAlgorithm, checkpoint: dict[str, Any], path: str) -> N
         )
     check_weights(model, checkpoint["state_dict"], "ckpt_path", path, describe(checkpoint))
     check_finite(checkpoint["state_dict"], "ckpt_path", path)
-    rollout = saved_rollout_state(checkpoint)
+    rollout = saved_rollout_state(checkpoint, path)
     normalizers = rollout.get("normalizers") if rollout is not None else None
     if normalizers is None:  # written before the first rollout, or for evaluation
         normalizers = checkpoint.get("normalizers")

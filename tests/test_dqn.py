@@ -479,7 +479,7 @@ def test_checkpoint_holds_the_replay_memory(first):
     cli, s, run, memory_state, next_samples = first
     assert s["frames"] == 3000
     ckpt = load(run / "checkpoints" / "last.ckpt")
-    (rollout_state,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    rollout_state = ckpt["rollout"]
     assert rollout_state["frames"] == 3000
     saved = rollout_state["memory"]
     assert 2000 < saved["size"] <= 3000 and saved["cursor"] == saved["size"]
