@@ -271,7 +271,7 @@ def test_hard_target_copy_exactly_when_the_frame_clock_crosses_the_frequency():
     freq = 100
     model = small_dqn(target_update_frequency=freq)
     optimizer = torch.optim.Adam(model.policy.parameters(), lr=1e-2)
-    model.rollout = SimpleNamespace(frames=0, env=None)
+    model.rollout = SimpleNamespace(frames=0, env=None, state_dict=lambda: {})
     assert same(params(model.target), params(model.policy))
     copies = []
     # (frame clock at the update, whether the target equals the online net afterwards)

@@ -245,7 +245,9 @@ def make_memory(estimator: ReturnsEstimator) -> OnPolicyMemory:
 
 
 def test_memory_next_values_shift_values_then_last_values():
-    np.testing.assert_array_equal(make_memory(GAE(0.99, 0.95)).next_values, next_values().astype(np.float32))
+    np.testing.assert_array_equal(
+        make_memory(GAE(0.99, 0.95)).next_values, next_values().astype(np.float32)
+    )
 
 
 @pytest.mark.parametrize("gamma", [1.0, 0.99])
