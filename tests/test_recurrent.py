@@ -13,7 +13,9 @@ import torch
 from gymnasium import spaces
 
 from slm_lightning.algorithms import PPO
+from slm_lightning.data import evaluation as evaluation_module
 from slm_lightning.data import vector_rollout as rollout_module
+from slm_lightning.data.evaluation import EvaluationEpisodes
 from slm_lightning.data.onpolicy_memory import OnPolicyMemory, RecurrentBatch
 from slm_lightning.data.onpolicy_rollout import OnPolicyRollout
 from slm_lightning.data.returns import GAE
@@ -387,3 +389,45 @@ def test_recurrent_policy_learns_a_memory_task(recurrent: bool, tmp_path: Path) 
         extra.remove("--model.init_args.recurrent.sequence_length=8")
         _, s = fit("ppo_mlp_cartpole_pomdp.yaml", tmp_path / "run", *extra)
         assert abs(s["return_ma"]) < 0.3, s["return_ma"]
+
+
+class CountingEvaluator:
+    """Evaluation agent whose hidden state counts the steps since the episode start (zeroed
+    where ``episode_starts`` says an episode starts); records what each step received."""
+
+    device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def initial_state(self, num_envs: int) -> torch.Tensor:
+        return torch.zeros(num_envs, 1)
+
+    def eval_step(self, obs, state, episode_starts, greedy):
+        self.seen.append((obs[:, 1].numpy(), episode_starts.numpy(), state[:, 0].numpy()))
+        state = torch.where(episode_starts[:, None], 0.0, state) + 1.0
+        return torch.zeros(len(obs), dtype=torch.int64), state
+
+    def env_actions(self, actions):
+        return actions
+
+
+def test_evaluation_carries_the_state_and_marks_episode_starts(monkeypatch) -> None:
+    """The evaluation episodes' step: the state each step receives is the one the previous
+    step returned, and episode starts are flagged exactly at first observations. Catches
+    starts flagged on the NEXT_STEP reset step's final observation (one step early) and a
+    state not carried between steps (always 0 entering)."""
+    monkeypatch.setattr(
+        evaluation_module, "make_vector_env", lambda spec, seed=None: counting_vector_env()
+    )
+    agent = CountingEvaluator()
+    episodes = EvaluationEpisodes(agent, EnvSpec(name=ENV_ID, num_envs=N), SEED, 2 * N, True)
+    (batch,) = list(episodes)
+    assert len(batch.returns) == 2 * N
+    counts = np.stack([count for count, _, _ in agent.seen])
+    starts = np.stack([start for _, start, _ in agent.seen])
+    states = np.stack([state for _, _, state in agent.seen])
+    np.testing.assert_array_equal(starts, counts == 0)
+    # Entering any other step, the state counts that episode's steps so far.
+    np.testing.assert_array_equal(states[~starts], counts[~starts])
+    assert (counts[~starts] > 0).any()

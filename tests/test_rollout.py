@@ -6,6 +6,7 @@ plus one, and an episode boundary shows up as the masked NEXT_STEP autoreset slo
 """
 
 import random
+from types import SimpleNamespace
 
 import gymnasium as gym
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 from gymnasium.wrappers.vector import NormalizeObservation, RecordEpisodeStatistics
 
+from slm_lightning.checkpoints import WarmStartNormalizers
 from slm_lightning.data import vector_rollout as rollout_module
 from slm_lightning.data.onpolicy_memory import OnPolicyBatch, OnPolicyMemory
 from slm_lightning.data.onpolicy_rollout import OnPolicyRollout
@@ -371,3 +373,20 @@ def test_real_factory_with_truncation():
     finally:
         ds.close()
     assert ds.env is None
+
+
+def test_warm_start_statistics_reach_the_new_envs(env_seeds):
+    """A warm start hands the source run's normaliser statistics to the rollout before it
+    builds its envs; the envs start from them. Catches statistics that are dropped (the new
+    envs would start from a count of about N)."""
+    source = make_dataset(time_horizon=7, normalize_obs=True)
+    list(source)
+    saved = normalizer_state(source.env)["obs_rms"]
+    source.close()
+    ds = make_dataset(time_horizon=7, normalize_obs=True)
+    WarmStartNormalizers({"obs_rms": saved}).on_train_start(None, SimpleNamespace(rollout=ds))
+    ds.start()
+    restored = normalizer_state(ds.env)["obs_rms"]
+    # The reset's observations (one per sub-env) are the only ones added since.
+    assert restored["count"] == pytest.approx(saved["count"] + N)
+    ds.close()
