@@ -131,17 +131,32 @@ def check_finite(saved: dict[str, Tensor], key: str, path: str | Path) -> None:
         )
 
 
-def saved_rollout_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
-    """The rollout state (frame clock, RNGs, normalisers, replay memory) a checkpoint holds;
+def saved_rollout_state(
+    checkpoint: dict[str, Any], path: str | Path | None = None
+) -> dict[str, Any] | None:
+    """The rollout state (frame clock, RNGs, normalisers, rollout count …) a checkpoint holds;
     None when it was written before the first rollout. The one place that knows where in the
-    checkpoint it is.
+    checkpoint it is: ``checkpoint["rollout"]``, written by ``RLAlgorithm.on_save_checkpoint``.
 
-    Lightning 2.6 saves the train dataloader's ``state_dict`` (our rollout) under its private
-    ``loops.fit_loop.state_dict.combined_loader``.
+    Args:
+        checkpoint: a loaded checkpoint.
+        path: its file, for the message.
+
+    Raises:
+        ConfigError: the checkpoint has the older layout, whose rollout state Lightning 2.6
+            kept under its private ``loops.fit_loop.state_dict.combined_loader``.
     """
+    if "rollout" in checkpoint:
+        state = checkpoint["rollout"]
+        return state if isinstance(state, dict) else None
     fit_loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
-    state = (fit_loop.get("combined_loader") or [None])[0]
-    return state if isinstance(state, dict) else None
+    if fit_loop.get("combined_loader"):
+        where = f"{path} was" if path is not None else "the checkpoint was"
+        raise ConfigError(
+            f"ckpt_path: {where} written by an older slm_lightning and cannot be resumed; "
+            "its weights may still be loaded into a new run with --warm_start"
+        )
+    return None
 
 
 def checkpoint_frames(checkpoint: dict[str, Any]) -> int:
@@ -173,7 +188,7 @@ class WarmStartNormalizers(Callback):
         # first iter(); it restores these statistics into the new envs' wrappers then.
         rollout = pl_module.rollout
         if rollout is not None and rollout.env is None:
-            rollout._saved_normalizers = self.normalizers
+            rollout.restore_normalizers(self.normalizers)
 
 
 def warm_start(model: L.LightningModule, path: str | Path) -> dict[str, dict[str, Any]]:
@@ -335,7 +350,7 @@ def check_resume(model: L.LightningModule, checkpoint: dict[str, Any], path: str
         )
     check_weights(model, checkpoint["state_dict"], "ckpt_path", path, describe(checkpoint))
     check_finite(checkpoint["state_dict"], "ckpt_path", path)
-    rollout = saved_rollout_state(checkpoint)
+    rollout = saved_rollout_state(checkpoint, path)
     normalizers = rollout.get("normalizers") if rollout is not None else None
     if normalizers is None:  # written before the first rollout, or for evaluation
         normalizers = checkpoint.get("normalizers")

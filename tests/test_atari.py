@@ -13,7 +13,9 @@ from gymnasium.vector import VectorWrapper
 from slm_lightning.cli import main
 from slm_lightning.data.frame_replay import FrameReplay
 from slm_lightning.data.offpolicy import OffPolicyRollout
-from slm_lightning.data.rollout import OnPolicyRollout
+from slm_lightning.data.onpolicy_memory import OnPolicyMemory
+from slm_lightning.data.onpolicy_rollout import OnPolicyRollout
+from slm_lightning.data.returns import MonteCarloReturns
 from slm_lightning.envs.atari import AtariGameEpisodes, AtariSpec, make_atari_render_env
 from slm_lightning.envs.factory import EnvSpec, make_vector_env, probe_spaces
 from slm_lightning.errors import ConfigError
@@ -189,23 +191,24 @@ class AlwaysFire:
     device = torch.device("cpu")
     max_frames = 10**9
     learning_starts = 10**9
-    stop_update = False
 
-    def act(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def initial_state(self, num_envs: int) -> None:
+        return None
+
+    def act(
+        self, obs: torch.Tensor, state: None, episode_starts: None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
         n = len(obs)
-        return torch.ones(n, dtype=torch.int64), torch.zeros(n), torch.zeros(n)
+        return torch.ones(n, dtype=torch.int64), torch.zeros(n), torch.zeros(n), None
 
     def explore(self, obs: torch.Tensor) -> torch.Tensor:
         return torch.ones(len(obs), dtype=torch.int64)
 
-    def bootstrap_values(self, obs: torch.Tensor) -> torch.Tensor:
+    def bootstrap_values(self, obs: torch.Tensor, state: None, starts: None) -> torch.Tensor:
         return torch.zeros(len(obs))
 
     def env_actions(self, actions: np.ndarray) -> np.ndarray:
         return actions
-
-    def compute_returns(self, memory: Any) -> None:
-        pass
 
 
 BREAKOUT_LIVES = EnvSpec(
@@ -219,7 +222,9 @@ def test_step_after_a_life_loss_is_a_real_transition():
     # 128 steps of FIRE: Breakout's 5 lives are lost, the last one at game over. Each life
     # lost is terminal for training; only the step after the game over is the NEXT_STEP
     # reset, so 128 - 1 steps are transitions (a life-loss mask would leave 128 - 5).
-    rollout = OnPolicyRollout(AlwaysFire(), BREAKOUT_LIVES, 0, 128, 1, 1)
+    obs_space, action_space = probe_spaces(BREAKOUT_LIVES)
+    memory = OnPolicyMemory.for_spaces(128, 1, obs_space, action_space, MonteCarloReturns(0.99))
+    rollout = OnPolicyRollout(AlwaysFire(), BREAKOUT_LIVES, memory, 0, 1, 1)
     rollout.collect()
     mem = rollout.memory
     terminals = np.flatnonzero(mem.terminated[:, 0])
@@ -348,8 +353,11 @@ def test_conv_spec_is_configurable():
     net = QNetwork(FRAMES, spaces.Discrete(4), MLPSpec([]), conv=spec)
     assert net.encoder.out_features == 256
     assert net(torch.zeros(2, 4, 84, 84, dtype=torch.uint8)).shape == (2, 4)
-    with pytest.raises(ValueError, match="same length"):
-        ConvSpec(channels=[32, 64], kernel_sizes=[8], strides=[4])
+    with pytest.raises(
+        ConfigError,
+        match=r"^model\.init_args\.conv\.channels, kernel_sizes and strides must have the same length",
+    ):
+        ConvSpec(channels=[32, 64], kernel_sizes=[8], strides=[4]).check("model.init_args.conv")
 
 
 def test_dueling_conv_head_has_two_streams_and_centred_advantages():

@@ -120,6 +120,22 @@ CASES = [
         "accepted: hidden_sizes, activation",
     ),
     case(
+        "zero-width-hidden-layer",
+        lambda t, m: [*FIT, "--model.init_args.actor.hidden_sizes", "[64, 0]"],
+        "model.init_args.actor.hidden_sizes must all be >= 1, got [64, 0]",
+    ),
+    case(
+        "zero-width-recurrent-core",
+        lambda t, m: [*FIT, "--model.init_args.recurrent.hidden_size", "0"],
+        "model.init_args.recurrent.hidden_size must be >= 1, got 0",
+    ),
+    case(
+        "more-minibatches-than-transitions",
+        lambda t, m: [*FIT, "--model.init_args.num_minibatches", "100000"],
+        "model.init_args.num_minibatches (100000) exceeds the rollout size "
+        "time_horizon x model.init_args.env.num_envs = 1024",
+    ),
+    case(
         "typo-in-schedule",
         lambda t, m: [
             *FIT,

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from slm_lightning.algorithms import A2C, DQN, PPO, SAC, CrossQ, Reinforce
 from slm_lightning.callbacks import MetricsTracker
-from slm_lightning.data.onpolicy import OnPolicyMemory
+from slm_lightning.data.onpolicy_memory import OnPolicyBatch, OnPolicyMemory
 from slm_lightning.data.vector_rollout import EpisodeLog
 from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.nets.actor_critic import ActorCritic
@@ -67,14 +67,17 @@ def metric(model, key: str) -> float:
     return float(value.item() if isinstance(value, Tensor) else value)
 
 
-def onpolicy_batch(obs_dim: int, **fields: list) -> dict[str, Tensor]:
+def onpolicy_batch(obs_dim: int, **fields: list) -> OnPolicyBatch:
     """A minibatch as the on-policy rollout yields it, with random observations (the nets
-    whose outputs the expected numbers depend on are constant)."""
-    batch = {key: torch.tensor(value, dtype=torch.float32) for key, value in fields.items()}
-    n = len(next(iter(batch.values())))
-    if "actions" in batch and batch["actions"].dim() == 1:
-        batch["actions"] = batch["actions"].long()
-    return {"obs": torch.randn(n, obs_dim), **batch}
+    whose outputs the expected numbers depend on are constant). Fields not given are NaN, so
+    a call site that reads one it should not makes the numbers NaN."""
+    given = {key: torch.tensor(value, dtype=torch.float32) for key, value in fields.items()}
+    n = len(next(iter(given.values())))
+    if "actions" in given and given["actions"].dim() == 1:
+        given["actions"] = given["actions"].long()
+    nan = torch.full((n,), float("nan"))
+    tensors = {key: given.get(key, nan) for key in OnPolicyBatch._fields if key != "obs"}
+    return OnPolicyBatch(obs=torch.randn(n, obs_dim), **tensors)
 
 
 # --- DQN -----------------------------------------------------------------------------------------
@@ -279,7 +282,7 @@ RATIOS = [1.5, 1.5, 0.5, 0.5, 1.1]
 ADVANTAGES = [1.0, -1.0, 1.0, -1.0, 1.0]
 
 
-def ppo_batch(**overrides: list) -> dict[str, Tensor]:
+def ppo_batch(**overrides: list) -> OnPolicyBatch:
     fields = {
         "actions": [0, 1, 0, 1, 0],
         "log_probs": [-LN2 - math.log(r) for r in RATIOS],
@@ -307,6 +310,42 @@ def test_ppo_clips_the_ratio_pi_over_pi_old_to_its_range() -> None:
     # approx_kl = mean((r - 1) - ln r) = (2 * 0.094535 + 2 * 0.193147 + 0.004690) / 5 = 0.116011
     assert metric(model, "train/approx_kl") == pytest.approx(0.116011, rel=1e-4)
     assert metric(model, "train/value_loss") == pytest.approx(0.0)  # V = R = 2
+
+
+def test_ppo_logs_the_means_of_its_minibatches() -> None:
+    """Two minibatches of one update (sizes 5 and 2), then one metrics row. Catches a row
+    that holds the last minibatch's values (loss -1.7), means weighted by minibatch size
+    (clipfrac (4 + 1) / 7 = 0.714), and diagnostics kept from the first minibatch only."""
+    model = ppo_model()
+    model.training_step(ppo_batch(), 0)
+    # Second minibatch: r = (1, 2), A = (2, 2), R = (4, 2), V = 2 (entropy coefficient 0).
+    #   surrogate min(r A, clip(r, 0.8, 1.2) A) = (min(2, 2), min(4, 2.4)) = (2, 2.4)
+    #   policy loss = -(2 + 2.4) / 2 = -2.2; value loss = 0.5 * ((2 - 4)^2 + 0) / 2 = 1
+    #   loss = -2.2 + 0.5 * 1 = -1.7
+    #   approx_kl = ((1 - 1) - ln 1 + (2 - 1) - ln 2) / 2 = 0.153426
+    #   old_approx_kl = -(ln 1 + ln 2) / 2 = -0.346574; clipfrac = (0 + 1) / 2 = 0.5
+    second = ppo_batch(actions=[0, 1], log_probs=[-LN2, -LN2 - math.log(2.0)],
+                       values=[2.0, 2.0], advantages=[2.0, 2.0], returns=[4.0, 2.0])  # fmt: skip
+    model.training_step(second, 1)
+    row = model.train_metrics.pop_row()
+    # First minibatch (see test_ppo_clips_the_ratio_pi_over_pi_old_to_its_range): policy loss
+    # -0.1, value loss 0, loss -0.1, approx_kl 0.116011, clipfrac 0.8,
+    # old_approx_kl = -(2 ln 1.5 + 2 ln 0.5 + ln 1.1) / 5 = 0.096011.
+    expected = {
+        "train/loss": (-0.1 - 1.7) / 2,
+        "train/policy_loss": (-0.1 - 2.2) / 2,
+        "train/value_loss": (0.0 + 1.0) / 2,
+        "train/entropy": LN2,
+        "train/approx_kl": (0.116011 + 0.153426) / 2,
+        "train/old_approx_kl": (0.096011 - 0.346574) / 2,
+        "train/clipfrac": (0.8 + 0.5) / 2,
+    }
+    for key, value in expected.items():
+        assert row[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    # Settings in force are logged as they are: the clip range of this rollout.
+    assert row["train/clip_eps"] == pytest.approx(0.2)
+    # The means start over: a row after no update holds the settings alone.
+    assert "train/loss" not in model.train_metrics.pop_row()
 
 
 def test_ppo_entropy_bonus_lowers_the_loss() -> None:
@@ -383,11 +422,11 @@ def test_reinforce_baseline_is_the_mean_return_of_real_transitions() -> None:
     """One env, four steps: a termination at step 1, then the masked NEXT_STEP autoreset
     slot 2 (not a transition). Catches the centring baseline averaging the masked slot."""
     model = Reinforce(CARTPOLE, gamma=0.5, actor=TINY, center_returns=True)
-    memory = OnPolicyMemory(4, 1, (4,), np.float32, (), np.int64)
+    memory = OnPolicyMemory(4, 1, (4,), np.float32, (), np.int64, model.estimator)
     memory.rewards[:, 0] = [1.0, 1.0, 0.0, 1.0]
     memory.terminated[:, 0] = [False, True, False, False]
     memory.valid[:, 0] = [True, True, False, True]
-    model.compute_returns(memory)
+    memory.compute_returns()
     # Monte Carlo returns, gamma 0.5, backwards: G3 = 1; G2 = 0 + 0.5 * 1 = 0.5 (masked);
     # G1 = 1 (terminated); G0 = 1 + 0.5 * 1 = 1.5.
     # Baseline over the real transitions: (1.5 + 1 + 1) / 3 = 7/6

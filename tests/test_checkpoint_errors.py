@@ -94,6 +94,22 @@ def test_other_algorithm(sources, isolated_run, capsys) -> None:
     assert "written by DQN (CartPole-v1)" in line and "trains PPO" in line
 
 
+def test_checkpoint_of_the_older_layout(sources, isolated_run, capsys) -> None:
+    """A checkpoint whose rollout state Lightning kept (loops.fit_loop.state_dict.
+    combined_loader, no "rollout") cannot be resumed; the line says so and names warm start."""
+    ckpt = torch.load(sources["ppo"], weights_only=False, map_location="cpu")
+    fit_loop = ckpt["loops"]["fit_loop"]["state_dict"]
+    assert not fit_loop.get("combined_loader")  # Lightning no longer saves the rollout
+    fit_loop["combined_loader"] = [ckpt.pop("rollout")]
+    old = isolated_run / "old-layout.ckpt"
+    torch.save(ckpt, old)
+    line = fails_with_one_line([*PPO, f"--ckpt_path={old}"], isolated_run, capsys)
+    assert line == (
+        f"ckpt_path: {old} was written by an older slm_lightning and cannot be resumed; "
+        "its weights may still be loaded into a new run with --warm_start"
+    )
+
+
 def test_other_spaces(existing_run, isolated_run, capsys) -> None:
     ckpt = existing_run / "checkpoints" / "last.ckpt"
     acrobot = ["--model.init_args.env.name=Acrobot-v1", "--model.init_args.env.vectorization=sync"]
@@ -134,7 +150,7 @@ def test_warm_start_takes_weights_but_no_counters(sources, isolated_run) -> None
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
     for key, tensor in source["state_dict"].items():
         assert torch.equal(ckpt["state_dict"][key], tensor), key
-    (rollout,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    rollout = ckpt["rollout"]
     assert rollout["frames"] == 256 and rollout["rollouts"] == 2  # counted from 0, not 512
     assert ckpt["global_step"] == 2 * 6 * 2  # rollouts x training_epochs x num_minibatches
     steps = {float(s["step"]) for s in ckpt["optimizer_states"][0]["state"].values()}

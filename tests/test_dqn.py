@@ -257,7 +257,7 @@ def test_hard_target_copy_exactly_when_the_frame_clock_crosses_the_frequency():
     freq = 100
     model = small_dqn(target_update_frequency=freq)
     optimizer = torch.optim.Adam(model.policy.parameters(), lr=1e-2)
-    model.rollout = SimpleNamespace(frames=0, env=None)
+    model.rollout = SimpleNamespace(frames=0, env=None, state_dict=lambda: {})
     assert same(params(model.target), params(model.policy))
     copies = []
     # (frame clock at the update, whether the target equals the online net afterwards)
@@ -466,7 +466,7 @@ def test_checkpoint_holds_the_replay_memory(first):
     cli, s, run, memory_state, next_samples = first
     assert s["frames"] == 3000
     ckpt = load(run / "checkpoints" / "last.ckpt")
-    (rollout_state,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    rollout_state = ckpt["rollout"]
     assert rollout_state["frames"] == 3000
     saved = rollout_state["memory"]
     assert 2000 < saved["size"] <= 3000 and saved["cursor"] == saved["size"]

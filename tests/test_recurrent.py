@@ -12,8 +12,12 @@ import torch
 from gymnasium import spaces
 
 from slm_lightning.algorithms import PPO
+from slm_lightning.data import evaluation as evaluation_module
 from slm_lightning.data import vector_rollout as rollout_module
-from slm_lightning.data.rollout import OnPolicyRollout
+from slm_lightning.data.evaluation import EvaluationEpisodes
+from slm_lightning.data.onpolicy_memory import OnPolicyMemory, RecurrentBatch
+from slm_lightning.data.onpolicy_rollout import OnPolicyRollout
+from slm_lightning.data.returns import GAE
 from slm_lightning.envs import CARTPOLE_NO_VELOCITY_ID, EnvSpec, make_vector_env, probe_spaces
 from slm_lightning.nets.mlp import MLPSpec
 from slm_lightning.nets.recurrent import RecurrentActorCritic, RecurrentSpec
@@ -114,26 +118,33 @@ class CountingRecurrentAgent:
     def __init__(self) -> None:
         self.device = torch.device("cpu")
         self.max_frames = 10**9
-        self.stop_update = False
         self.returned: list[torch.Tensor] = []
 
     def initial_state(self, num_envs: int) -> torch.Tensor:
         return torch.zeros(num_envs, 1)
 
-    def recurrent_act(self, obs, state, episode_starts):
+    def act(self, obs, state, episode_starts):
         state = torch.where(episode_starts[:, None], 0.0, state) + 1.0
         self.returned.append(state.clone())
         n = obs.shape[0]
         return torch.zeros(n, dtype=torch.int64), torch.zeros(n), obs[:, 1] / 2, state
 
-    def recurrent_values(self, obs, state, episode_starts):
+    def bootstrap_values(self, obs, state, episode_starts):
         return obs[:, 1] / 2
 
     def env_actions(self, actions):
         return actions
 
-    def compute_returns(self, memory):
-        memory.compute_returns("gae", 0.99, 0.95)
+
+def recurrent_rollout(
+    agent, horizon: int, epochs: int, minibatches: int, length: int
+) -> OnPolicyRollout:
+    """The rollout of ``agent`` on ``N`` counting envs, with a memory of 1-wide states."""
+    memory = OnPolicyMemory(
+        horizon, N, (2,), np.float32, (), np.int64, GAE(0.99, 0.95), state_size=1
+    )
+    spec = EnvSpec(name=ENV_ID, num_envs=N)
+    return OnPolicyRollout(agent, spec, memory, SEED, epochs, minibatches, sequence_length=length)
 
 
 def test_rollout_stores_the_states_it_carried(monkeypatch) -> None:
@@ -142,15 +153,7 @@ def test_rollout_stores_the_states_it_carried(monkeypatch) -> None:
     )
     agent = CountingRecurrentAgent()
     horizon, length = 8, 4
-    ds = OnPolicyRollout(
-        agent,
-        EnvSpec(name=ENV_ID, num_envs=N),
-        seed=SEED,
-        time_horizon=horizon,
-        training_epochs=2,
-        num_minibatches=3,
-        sequence_length=length,
-    )
+    ds = recurrent_rollout(agent, horizon, epochs=2, minibatches=3, length=length)
     memories = []
     for rollout in range(3):
         batches = list(ds)
@@ -178,26 +181,24 @@ def test_rollout_stores_the_states_it_carried(monkeypatch) -> None:
 
         # Minibatches are whole sequences, starting from the stored state of their first step.
         assert len(batches) == 2 * 3
-        seqs = mem.sequence_tensors(length)
-        assert seqs["obs"].shape == (horizon // length * N, length, 2)
+        seqs = mem.sequence_batch(length)
+        assert seqs.obs.shape == (horizon // length * N, length, 2)
         for k in range(horizon // length):
             for i in range(N):
                 row = k * N + i
                 span = slice(k * length, (k + 1) * length)
-                np.testing.assert_array_equal(seqs["states"][row], mem.states[k * length, i])
-                np.testing.assert_array_equal(seqs["obs"][row], mem.obs[span, i])
-                np.testing.assert_array_equal(seqs["valid"][row], mem.valid[span, i])
-                np.testing.assert_array_equal(
-                    seqs["episode_starts"][row], mem.episode_starts[span, i]
-                )
+                np.testing.assert_array_equal(seqs.states[row], mem.states[k * length, i])
+                np.testing.assert_array_equal(seqs.obs[row], mem.obs[span, i])
+                np.testing.assert_array_equal(seqs.valid[row], mem.valid[span, i])
+                np.testing.assert_array_equal(seqs.episode_starts[row], mem.episode_starts[span, i])
         for epoch in range(2):
-            rows = torch.cat([b["states"] for b in batches[epoch * 3 : (epoch + 1) * 3]])
+            rows = torch.cat([b.states for b in batches[epoch * 3 : (epoch + 1) * 3]])
             assert rows.shape == (horizon // length * N, 1)
-            assert {key for key in batches[0]} >= {"obs", "states", "episode_starts", "valid"}
-            assert batches[0]["obs"].shape[1:] == (length, 2)
+            assert isinstance(batches[0], RecurrentBatch)
+            assert batches[0].obs.shape[1:] == (length, 2)
             # Every sequence once per epoch (here all have valid steps).
             np.testing.assert_array_equal(
-                np.sort(rows.numpy().ravel()), np.sort(seqs["states"].numpy().ravel())
+                np.sort(rows.numpy().ravel()), np.sort(seqs.states.numpy().ravel())
             )
     ds.close()
 
@@ -214,8 +215,7 @@ def test_resume_restarts_the_hidden_state_with_the_episodes(monkeypatch) -> None
     keys = ("states", "episode_starts", "obs", "valid")
 
     def rollout() -> OnPolicyRollout:
-        spec = EnvSpec(name=ENV_ID, num_envs=N)
-        return OnPolicyRollout(CountingRecurrentAgent(), spec, SEED, 7, 1, 1, sequence_length=7)
+        return recurrent_rollout(CountingRecurrentAgent(), 7, epochs=1, minibatches=1, length=7)
 
     fresh = rollout()
     list(fresh)
@@ -382,3 +382,45 @@ def test_recurrent_policy_learns_a_memory_task(recurrent: bool, run_fit) -> None
         extra.remove("--model.init_args.recurrent.sequence_length=8")
         s = run_fit(*extra, config=CONFIGS / "ppo_mlp_cartpole_pomdp.yaml").summary
         assert abs(s["return_ma"]) < 0.3, s["return_ma"]
+
+
+class CountingEvaluator:
+    """Evaluation agent whose hidden state counts the steps since the episode start (zeroed
+    where ``episode_starts`` says an episode starts); records what each step received."""
+
+    device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def initial_state(self, num_envs: int) -> torch.Tensor:
+        return torch.zeros(num_envs, 1)
+
+    def eval_step(self, obs, state, episode_starts, greedy):
+        self.seen.append((obs[:, 1].numpy(), episode_starts.numpy(), state[:, 0].numpy()))
+        state = torch.where(episode_starts[:, None], 0.0, state) + 1.0
+        return torch.zeros(len(obs), dtype=torch.int64), state
+
+    def env_actions(self, actions):
+        return actions
+
+
+def test_evaluation_carries_the_state_and_marks_episode_starts(monkeypatch) -> None:
+    """The evaluation episodes' step: the state each step receives is the one the previous
+    step returned, and episode starts are flagged exactly at first observations. Catches
+    starts flagged on the NEXT_STEP reset step's final observation (one step early) and a
+    state not carried between steps (always 0 entering)."""
+    monkeypatch.setattr(
+        evaluation_module, "make_vector_env", lambda spec, seed=None: counting_vector_env()
+    )
+    agent = CountingEvaluator()
+    episodes = EvaluationEpisodes(agent, EnvSpec(name=ENV_ID, num_envs=N), SEED, 2 * N, True)
+    (batch,) = list(episodes)
+    assert len(batch.returns) == 2 * N
+    counts = np.stack([count for count, _, _ in agent.seen])
+    starts = np.stack([start for _, start, _ in agent.seen])
+    states = np.stack([state for _, _, state in agent.seen])
+    np.testing.assert_array_equal(starts, counts == 0)
+    # Entering any other step, the state counts that episode's steps so far.
+    np.testing.assert_array_equal(states[~starts], counts[~starts])
+    assert (counts[~starts] > 0).any()

@@ -144,7 +144,7 @@ def test_checkpoint_round_trip(first) -> None:
         for name, value in param_state.items():
             assert torch.equal(saved["state"][index][name], value), (index, name)
     # The frame clock travels with the checkpoint.
-    (rollout_state,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    rollout_state = ckpt["rollout"]
     assert rollout_state["frames"] == summary(run)["frames"] == trained.frames
 
     loaded = PPO.load_from_checkpoint(ckpt_path, weights_only=False, map_location="cpu")
@@ -201,8 +201,8 @@ def test_resume_continues_to_a_total_budget(first, resumed) -> None:
     assert tracker2["history"]["returns"][:n1] == tracker1["history"]["returns"]
     assert tracker2["history"]["frames"][:n1] == tracker1["history"]["frames"]
     assert tracker2["episodes"] == s2["episodes"] == len(tracker2["history"]["returns"])
-    rollouts1 = ckpt1["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["rollouts"]
-    rollouts2 = ckpt2["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["rollouts"]
+    rollouts1 = ckpt1["rollout"]["rollouts"]
+    rollouts2 = ckpt2["rollout"]["rollouts"]
     assert rollouts2 == rollouts1 + new_rollouts
 
     # And it trained: parameters moved on from the checkpoint it started from.
@@ -274,7 +274,7 @@ def test_sigterm_saves_a_resumable_checkpoint(isolated_run) -> None:
     assert proc.returncode == 143, out
     assert "SIGTERM" in out and "resume with --ckpt_path last" in out, out
     ckpt = load(run / "checkpoints" / "last.ckpt")
-    (state,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    state = ckpt["rollout"]
     frames = state["frames"]
     assert frames > 0 and frames % ROLLOUT == 0  # stopped between rollout cycles
     assert ckpt["global_step"] == state["rollouts"] * 2 * 2  # every rollout fully trained on
@@ -308,7 +308,7 @@ def test_exception_mid_fit_leaves_a_resumable_checkpoint(isolated_run) -> None:
             fit(run, *env, "--model.init_args.env.kwargs={fail_after: 300}",
                 f"--model.init_args.max_frames={N}")  # fmt: skip
         ckpt = load(run / "checkpoints" / "last.ckpt")
-        (state,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+        state = ckpt["rollout"]
         frames = state["frames"]  # saved at the failing step, mid-rollout
         assert frames >= 300 * NUM_ENVS and frames % ROLLOUT != 0
         rows = read_metrics(run)  # closed loggers: every logged row reached the file
@@ -366,7 +366,7 @@ def test_resume_restores_every_state_exactly(config, isolated_run) -> None:
 
         mp.setattr(cli_module, "SLMLabCLI", Probed)
         cli_module.main([*args, "--ckpt_path=last", "--model.init_args.max_frames=2048"])
-    (saved,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    saved = ckpt["rollout"]
     torch_rng, numpy_rng, python_rng = probe.rng
     assert torch.equal(torch_rng, saved["torch_rng"])
     assert all(np.array_equal(a, b) for a, b in zip(numpy_rng, saved["numpy_rng"], strict=True))

@@ -16,8 +16,19 @@ import math
 import numpy as np
 import pytest
 
-from slm_lightning.data.onpolicy import OnPolicyMemory
-from slm_lightning.data.returns import gae, monte_carlo_returns, nstep_returns
+from slm_lightning.algorithms import A2C
+from slm_lightning.data.onpolicy_memory import OnPolicyMemory
+from slm_lightning.data.returns import (
+    GAE,
+    MonteCarloReturns,
+    NStepReturns,
+    ReturnsEstimator,
+    gae,
+    monte_carlo_returns,
+    nstep_returns,
+)
+from slm_lightning.envs.factory import EnvSpec
+from slm_lightning.errors import ConfigError
 
 NAN = float("nan")
 REWARDS = np.array(
@@ -222,8 +233,8 @@ def test_monte_carlo_returns_match_hand_computation():
     assert_valid_equal(ret, expected)
 
 
-def make_memory() -> OnPolicyMemory:
-    mem = OnPolicyMemory(5, 2, (3,), np.dtype(np.float32), (), np.dtype(np.int64))
+def make_memory(estimator: ReturnsEstimator) -> OnPolicyMemory:
+    mem = OnPolicyMemory(5, 2, (3,), np.dtype(np.float32), (), np.dtype(np.int64), estimator)
     mem.rewards[:] = REWARDS
     mem.values[:] = VALUES
     mem.last_values[:] = LAST_VALUES
@@ -234,14 +245,16 @@ def make_memory() -> OnPolicyMemory:
 
 
 def test_memory_next_values_shift_values_then_last_values():
-    np.testing.assert_array_equal(make_memory().next_values, next_values().astype(np.float32))
+    np.testing.assert_array_equal(
+        make_memory(GAE(0.99, 0.95)).next_values, next_values().astype(np.float32)
+    )
 
 
 @pytest.mark.parametrize("gamma", [1.0, 0.99])
 @pytest.mark.parametrize("lam", [1.0, 0.9])
 def test_memory_compute_returns_gae(gamma, lam):
-    mem = make_memory()
-    mem.compute_returns("gae", gamma, gae_lambda=lam)
+    mem = make_memory(GAE(gamma, lam))
+    mem.compute_returns()
     exp_adv, exp_ret = expected_gae(gamma, lam)
     assert_valid_equal(mem.advantages, exp_adv, rel=1e-5)
     assert_valid_equal(mem.returns, exp_ret, rel=1e-5)
@@ -249,16 +262,16 @@ def test_memory_compute_returns_gae(gamma, lam):
 
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_memory_compute_returns_nstep(n):
-    mem = make_memory()
-    mem.compute_returns("nstep", 0.9, n_steps=n)
+    mem = make_memory(NStepReturns(0.9, n))
+    mem.compute_returns()
     assert_valid_equal(mem.returns, NSTEP_EXPECTED[n], rel=1e-5)
     exp_adv = {key: value - VALUES[key] for key, value in NSTEP_EXPECTED[n].items()}
     assert_valid_equal(mem.advantages, exp_adv, rel=1e-5)
 
 
 def test_memory_compute_returns_monte_carlo():
-    mem = make_memory()
-    mem.compute_returns("monte_carlo", 0.9)
+    mem = make_memory(MonteCarloReturns(0.9))
+    mem.compute_returns()
     assert mem.returns[0, 1] == pytest.approx(3.02, rel=1e-6)
     assert mem.returns[0, 0] == pytest.approx(2.8, rel=1e-6)
     assert mem.returns[3, 0] == pytest.approx(1.85, rel=1e-6)
@@ -267,13 +280,22 @@ def test_memory_compute_returns_monte_carlo():
     assert mem.advantages is not mem.returns
 
 
-def test_memory_compute_returns_rejects_unknown_estimator():
-    with pytest.raises(ValueError, match="gae, nstep or monte_carlo"):
-        make_memory().compute_returns("td_lambda", 0.99)
+@pytest.mark.parametrize(
+    ("returns", "expected"), [("gae", GAE(0.9, 0.8)), ("nstep", NStepReturns(0.9, 3))]
+)
+def test_a2c_maps_its_returns_choice_to_the_estimator(returns, expected):
+    model = A2C(EnvSpec("CartPole-v1", num_envs=1), gamma=0.9, returns=returns, gae_lambda=0.8,
+                n_steps=3)  # fmt: skip
+    assert model.estimator == expected
+
+
+def test_a2c_rejects_an_unknown_estimator():
+    with pytest.raises(ConfigError, match=r"^model\.init_args\.returns must be one of gae, nstep"):
+        A2C(EnvSpec("CartPole-v1", num_envs=1), returns="td_lambda")
 
 
 def test_explained_variance_over_valid_slots():
-    mem = OnPolicyMemory(2, 2, (1,), np.dtype(np.float32), (), np.dtype(np.int64))
+    mem = OnPolicyMemory(2, 2, (1,), np.dtype(np.float32), (), np.dtype(np.int64), GAE(1.0, 1.0))
     mem.valid[:] = [[True, True], [True, False]]
     mem.returns[:] = [[0.0, 2.0], [4.0, NAN]]
     mem.values[:] = [[0.0, 2.0], [1.0, NAN]]

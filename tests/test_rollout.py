@@ -6,6 +6,7 @@ plus one, and an episode boundary shows up as the masked NEXT_STEP autoreset slo
 """
 
 import random
+from types import SimpleNamespace
 
 import gymnasium as gym
 import numpy as np
@@ -14,8 +15,11 @@ import torch
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 from gymnasium.wrappers.vector import NormalizeObservation, RecordEpisodeStatistics
 
+from slm_lightning.checkpoints import WarmStartNormalizers
 from slm_lightning.data import vector_rollout as rollout_module
-from slm_lightning.data.rollout import OnPolicyRollout
+from slm_lightning.data.onpolicy_memory import OnPolicyBatch, OnPolicyMemory
+from slm_lightning.data.onpolicy_rollout import OnPolicyRollout
+from slm_lightning.data.returns import GAE
 from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.envs.normalization import normalizer_state
 
@@ -94,42 +98,57 @@ def env_seeds(monkeypatch):
     return seeds
 
 
+class CountingGAE:
+    """GAE(0.99, 0.95) that counts how often the memory computes returns."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def estimate(self, rollout):
+        self.calls += 1
+        return GAE(0.99, 0.95).estimate(rollout)
+
+
 class FakeAgent:
     """Action 0, value ``count / 2``; the log-prob slot carries the flat slot id ``t * N + i``."""
 
     def __init__(self, max_frames: int = 10**9):
         self.device = torch.device("cpu")
         self.max_frames = max_frames
-        self.stop_update = False
         self.t = 0
-        self.returns_calls = 0
+        self.estimator = CountingGAE()
 
-    def act(self, obs):
+    @property
+    def returns_calls(self) -> int:
+        return self.estimator.calls
+
+    def initial_state(self, num_envs):
+        return None
+
+    def act(self, obs, state, episode_starts):
+        assert state is None and episode_starts is None  # feed-forward
         n = obs.shape[0]
         slot_ids = torch.arange(n, dtype=torch.float32) + self.t * n
         self.t += 1
-        return torch.zeros(n, dtype=torch.int64), slot_ids, obs[:, 1] / 2
+        return torch.zeros(n, dtype=torch.int64), slot_ids, obs[:, 1] / 2, None
 
-    def bootstrap_values(self, obs):
+    def bootstrap_values(self, obs, state, episode_starts):
+        self.t = 0  # the rollout's end: the next one numbers its slots from 0 again
         return obs[:, 1] / 2
 
     def env_actions(self, actions):
         return actions
 
-    def compute_returns(self, memory):
-        self.t = 0
-        self.returns_calls += 1
-        memory.compute_returns("gae", 0.99, 0.95)
-
 
 def make_dataset(agent=None, time_horizon=7, epochs=2, minibatches=3, **spec_kwargs):
     agent = agent or FakeAgent()
     spec = EnvSpec(name=ENV_ID, num_envs=N, **spec_kwargs)
+    memory = OnPolicyMemory(time_horizon, N, (2,), np.float32, (), np.int64, agent.estimator)
     return OnPolicyRollout(
         agent,
         spec,
+        memory,
         seed=SEED,
-        time_horizon=time_horizon,
         training_epochs=epochs,
         num_minibatches=minibatches,
     )
@@ -223,34 +242,27 @@ def test_minibatches_cover_valid_slots_once_per_epoch(env_seeds):
         orders = []
         for epoch in range(2):
             epoch_batches = batches[epoch * 3 : (epoch + 1) * 3]
-            ids = [b["log_probs"].numpy().astype(int) for b in epoch_batches]
+            ids = [b.log_probs.numpy().astype(int) for b in epoch_batches]
             sizes = [len(x) for x in ids]
             assert max(sizes) - min(sizes) <= 1
             order = np.concatenate(ids)
             np.testing.assert_array_equal(np.sort(order), valid)
             orders.append(order)
             for batch, idx in zip(epoch_batches, ids, strict=True):
-                assert set(batch) == {
-                    "obs",
-                    "actions",
-                    "log_probs",
-                    "values",
-                    "advantages",
-                    "returns",
-                }
+                assert isinstance(batch, OnPolicyBatch)
                 for key, array in flat.items():
-                    np.testing.assert_array_equal(batch[key].numpy(), array[idx])
+                    np.testing.assert_array_equal(getattr(batch, key).numpy(), array[idx])
         assert not np.array_equal(orders[0], orders[1])  # reshuffled every epoch
 
 
-def test_stop_update_and_frame_budget(env_seeds):
+def test_stop_minibatches_and_frame_budget(env_seeds):
     agent = FakeAgent(max_frames=2 * 7 * N)
     ds = make_dataset(agent, time_horizon=7, epochs=2, minibatches=3)
     taken = []
     for batch in ds:
         taken.append(batch)
         if len(taken) == 2:
-            agent.stop_update = True  # e.g. PPO's target-KL early stop
+            ds.stop_minibatches()  # e.g. PPO's target-KL early stop
     assert len(taken) == 2
     assert len(list(ds)) == 6  # the flag is cleared at the next rollout
     assert ds.frames == agent.max_frames
@@ -282,12 +294,12 @@ def test_state_dict_round_trip(env_seeds):
     assert env_seeds == [SEED, SEED + 7 * N, SEED + 7 * N, SEED]
 
     def slot_order(batches):
-        return [b["log_probs"].numpy().astype(int).tolist() for b in batches]
+        return [b.log_probs.numpy().astype(int).tolist() for b in batches]
 
     assert slot_order(runs[1]) == slot_order(runs[0])
     for a, b in zip(runs[1], runs[0], strict=True):
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+        for field_a, field_b in zip(a, b, strict=True):
+            torch.testing.assert_close(field_a, field_b, rtol=0, atol=0)
     assert resumed.frames == ds.frames == 2 * 7 * N
     # Same observations (fresh reset either way), but the minibatch RNG was not restored.
     assert slot_order(runs[2]) != slot_order(runs[0])
@@ -361,3 +373,20 @@ def test_real_factory_with_truncation():
     finally:
         ds.close()
     assert ds.env is None
+
+
+def test_warm_start_statistics_reach_the_new_envs(env_seeds):
+    """A warm start hands the source run's normaliser statistics to the rollout before it
+    builds its envs; the envs start from them. Catches statistics that are dropped (the new
+    envs would start from a count of about N)."""
+    source = make_dataset(time_horizon=7, normalize_obs=True)
+    list(source)
+    saved = normalizer_state(source.env)["obs_rms"]
+    source.close()
+    ds = make_dataset(time_horizon=7, normalize_obs=True)
+    WarmStartNormalizers({"obs_rms": saved}).on_train_start(None, SimpleNamespace(rollout=ds))
+    ds.start()
+    restored = normalizer_state(ds.env)["obs_rms"]
+    # The reset's observations (one per sub-env) are the only ones added since.
+    assert restored["count"] == pytest.approx(saved["count"] + N)
+    ds.close()

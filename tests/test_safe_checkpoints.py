@@ -97,7 +97,7 @@ def load(path: Path) -> dict:
 
 
 def frames_of(path: Path) -> int:
-    return load(path)["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["frames"]
+    return load(path)["rollout"]["frames"]
 
 
 def csv_frames(run: Path) -> list[float]:

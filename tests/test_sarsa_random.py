@@ -15,8 +15,8 @@ from lightning.pytorch.core.optimizer import _MockOptimizer
 from slm_lightning import cli as cli_module
 from slm_lightning.algorithms import SARSA, RandomAgent, RLAlgorithm
 from slm_lightning.algorithms.random_agent import RandomPolicy
-from slm_lightning.data.onpolicy import OnPolicyMemory
-from slm_lightning.data.rollout import OnPolicyRollout
+from slm_lightning.data.onpolicy_memory import OnPolicyBatch, OnPolicyMemory
+from slm_lightning.data.onpolicy_rollout import OnPolicyRollout
 from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.nets.mlp import MLPSpec
 from tests.cli_helpers import fit_in
@@ -53,7 +53,7 @@ def test_sarsa_targets_by_hand():
     truncation carries ``Q(final_obs, a')`` and is bootstrapped from, a termination is not."""
     gamma = 0.9
     model = sarsa(gamma=gamma)
-    memory = OnPolicyMemory(5, 2, (4,), np.float32, (), np.int64)
+    memory = OnPolicyMemory(5, 2, (4,), np.float32, (), np.int64, model.estimator)
     # env 0: terminates at t=1 (t=2 is its autoreset slot); env 1: truncated at t=2 (t=3).
     memory.values[:] = np.array([[1.0, 10.0], [2.0, 20.0], [NAN, 30.0], [4.0, 40.0], [5.0, 50.0]])
     memory.rewards[:] = np.array([[1.0, 0.1], [2.0, 0.2], [NAN, 0.3], [4.0, NAN], [5.0, 0.5]])
@@ -62,7 +62,7 @@ def test_sarsa_targets_by_hand():
     memory.valid[2, 0] = memory.valid[3, 1] = False
     memory.last_values[:] = [7.0, 70.0]
 
-    model.compute_returns(memory)
+    memory.compute_returns()
 
     expected = np.array(
         [
@@ -83,7 +83,7 @@ def test_sarsa_act_stores_q_of_the_action_taken():
     obs = torch.randn(64, 4)
     with torch.no_grad():
         q = model.policy(obs)
-        actions, log_probs, values = model.act(obs)
+        actions, log_probs, values, _ = model.act(obs)
     assert torch.equal(actions, q.argmax(-1))
     torch.testing.assert_close(values, q.max(-1).values)
     assert torch.equal(log_probs, torch.zeros(64))
@@ -91,7 +91,7 @@ def test_sarsa_act_stores_q_of_the_action_taken():
     explorer = sarsa(epsilon=1.0)
     with torch.no_grad():
         q = explorer.policy(obs)
-        actions, _, values = explorer.act(obs)
+        actions, _, values, _ = explorer.act(obs)
     assert 0 < (actions != q.argmax(-1)).sum() < 64  # really exploring
     torch.testing.assert_close(values, q.gather(-1, actions.unsqueeze(-1)).squeeze(-1))
 
@@ -105,7 +105,10 @@ def test_sarsa_rollout_targets_from_real_episodes():
         epsilon=1.0,  # random actions: some episodes terminate before the time limit
         env=EnvSpec(name="CartPole-v1", num_envs=3, vectorization="sync", max_episode_steps=12),
     )
-    rollout = OnPolicyRollout(model, model.env_spec, 0, 40, 1, 1)
+    memory = OnPolicyMemory.for_spaces(
+        40, 3, model.observation_space, model.action_space, model.estimator
+    )
+    rollout = OnPolicyRollout(model, model.env_spec, memory, 0, 1, 1)
     rollout.collect()
     memory = rollout.memory
     with torch.no_grad():
@@ -128,15 +131,15 @@ def test_sarsa_rollout_targets_from_real_episodes():
 def test_sarsa_training_step_regresses_q_on_the_targets():
     model = sarsa(loss="mse")
     g = torch.Generator().manual_seed(1)
-    batch = {
-        "obs": torch.randn(32, 4, generator=g),
-        "actions": torch.randint(2, (32,), generator=g),
-        "returns": torch.randn(32, generator=g) * 5,
-    }
+    obs = torch.randn(32, 4, generator=g)
+    actions = torch.randint(2, (32,), generator=g)
+    returns = torch.randn(32, generator=g) * 5
+    unused = torch.full((32,), float("nan"))  # log-probs, values, advantages: not SARSA's loss
+    batch = OnPolicyBatch(obs, actions, unused, unused, unused, returns)
     with torch.no_grad():
-        q = model.policy(batch["obs"]).gather(-1, batch["actions"].unsqueeze(-1)).squeeze(-1)
+        q = model.policy(obs).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
     loss = model.training_step(batch, 0)
-    torch.testing.assert_close(loss.detach(), 0.5 * (q - batch["returns"]).pow(2).mean())
+    torch.testing.assert_close(loss.detach(), 0.5 * (q - returns).pow(2).mean())
     optimizer = torch.optim.Adam(model.policy.parameters(), lr=0.02)
     for _ in range(100):
         optimizer.zero_grad()

@@ -115,7 +115,7 @@ def kill_all(pids: list[int]) -> None:
 def last_checkpoint(run: Path) -> tuple[dict, int]:
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
     assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values())
-    (state,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    state = ckpt["rollout"]
     return ckpt, state["frames"]
 
 

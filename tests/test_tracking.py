@@ -206,7 +206,7 @@ def test_video_mp4s_have_one_frame_per_step_plus_reset(isolated_run: Path) -> No
 def test_video_env_uses_frozen_training_statistics(isolated_run: Path) -> None:
     spec = EnvSpec(name="Pendulum-v1", normalize_obs=True, max_episode_steps=5)
     saved = {"obs_rms": {"mean": np.array([1.0, 2.0, 3.0]), "var": np.full(3, 4.0), "count": 9.0}}
-    module = SimpleNamespace(env_spec=spec, rollout=None, _checkpoint_normalizers=saved)
+    module = SimpleNamespace(env_spec=spec, training_normalizers=lambda: saved)
     env = VideoRecorder()._make_env(module, isolated_run / "videos", "x")
     assert isinstance(env, NormalizeObservation) and not env.update_running_mean
     np.testing.assert_allclose(env.obs_rms.mean, [1.0, 2.0, 3.0])

@@ -5,10 +5,11 @@ from typing import Literal
 from torch import Tensor
 from typing_extensions import override
 
-from slm_lightning.algorithms.base import RLAlgorithm
+from slm_lightning.algorithms.policy_gradient import PolicyGradient
 from slm_lightning.algorithms.ppo import normalize
 from slm_lightning.config_types import NonNegativeFloat, PositiveCount
-from slm_lightning.data.onpolicy import OnPolicyMemory
+from slm_lightning.data.onpolicy_memory import OnPolicyBatch
+from slm_lightning.data.returns import GAE, NStepReturns, ReturnsEstimator
 from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.errors import ConfigError
 from slm_lightning.nets.actor_critic import ActorCritic
@@ -17,7 +18,7 @@ from slm_lightning.nets.mlp import MLPSpec
 from slm_lightning.schedules import Schedule, scheduled
 
 
-class A2C(RLAlgorithm):
+class A2C(PolicyGradient):
     """A2C: one gradient step per rollout on ``-log pi(a|s) A + c_v (V - R)^2 / 2 - c_e H``.
 
     Args:
@@ -69,13 +70,34 @@ class A2C(RLAlgorithm):
         eval_episodes: int = 10,
         eval_greedy: bool = True,
     ) -> None:
-        super().__init__(env, max_frames, gamma, eval_episodes, eval_greedy)
-        self.save_hyperparameters()
-        self.check_positive(time_horizon=time_horizon, n_steps=n_steps)
-        self.check_learning_rates(lr=lr, critic_lr=critic_lr)
         self.check_choice("returns", returns, ("gae", "nstep"))
+        self.check_positive(n_steps=n_steps)
         if not 0.0 <= gae_lambda <= 1.0:
             raise ConfigError(f"model.init_args.gae_lambda must be in [0, 1], got {gae_lambda}")
+        # The user's choice of estimator, made once: the memory computes with this object.
+        estimator: ReturnsEstimator = (
+            GAE(gamma, gae_lambda) if returns == "gae" else NStepReturns(gamma, n_steps)
+        )
+        # One update per rollout: one epoch of one minibatch.
+        super().__init__(
+            env,
+            max_frames,
+            gamma,
+            estimator,
+            time_horizon,
+            1,
+            1,
+            lr,
+            critic_lr,
+            max_grad_norm,
+            eval_episodes,
+            eval_greedy,
+        )
+        self.save_hyperparameters()
+        self.check_nets(actor=actor, critic=critic, conv=conv)
+        self.value_coef = value_coef
+        self.entropy_coef = entropy_coef
+        self.normalize_advantages = normalize_advantages
         self.policy = ActorCritic(
             self.observation_space,
             self.action_space,
@@ -87,24 +109,16 @@ class A2C(RLAlgorithm):
             conv=conv,
         )
 
-    def compute_returns(self, memory: OnPolicyMemory) -> None:
-        hp = self.hparams
-        memory.compute_returns(hp.returns, self.gamma, hp.gae_lambda, hp.n_steps)
-        self.train_metrics.add({"train/explained_variance": memory.explained_variance()})
-
     @override
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        hp = self.hparams
-        dist, values = self.policy(batch["obs"])
-        log_probs = self.policy.log_prob(dist, batch["actions"])
+    def training_step(self, batch: OnPolicyBatch, batch_idx: int) -> Tensor:
+        dist, values = self.policy(batch.obs)
+        log_probs = self.policy.log_prob(dist, batch.actions)
         entropy = self.policy.entropy(dist).mean()
-        advantages = (
-            normalize(batch["advantages"]) if hp.normalize_advantages else batch["advantages"]
-        )
+        advantages = normalize(batch.advantages) if self.normalize_advantages else batch.advantages
         policy_loss = -(log_probs * advantages).mean()
-        value_loss = 0.5 * (values - batch["returns"]).pow(2).mean()
-        entropy_coef = scheduled(hp.entropy_coef, self.frames, self.max_frames)
-        loss = policy_loss + hp.value_coef * value_loss - entropy_coef * entropy
+        value_loss = 0.5 * (values - batch.returns).pow(2).mean()
+        entropy_coef = scheduled(self.entropy_coef, self.frames, self.max_frames)
+        loss = policy_loss + self.value_coef * value_loss - entropy_coef * entropy
         self.train_metrics.set({"train/entropy_coef": entropy_coef})
         self.train_metrics.add(
             {

@@ -1,9 +1,11 @@
-"""What every algorithm shares: the env, the frame clock and budget, and the rollout dataloader."""
+"""What every algorithm shares: the env, the frame clock and budget, the rollout dataloader,
+evaluation, and the rollout's place in the checkpoint."""
 
 import math
 import os
 import random
-from typing import Any
+from abc import ABC, abstractmethod
+from typing import Any, Protocol
 
 import lightning as L
 import numpy as np
@@ -14,12 +16,13 @@ from typing_extensions import override
 
 from slm_lightning.checkpoints import saved_rollout_state
 from slm_lightning.config_types import PositiveCount
-from slm_lightning.data.evaluation import EvaluationEpisodes
-from slm_lightning.data.rollout import OnPolicyRollout
+from slm_lightning.data.evaluation import EvaluationBatch, EvaluationEpisodes
+from slm_lightning.data.vector_rollout import RolloutBatches, VectorRollout
 from slm_lightning.envs.factory import EnvSpec, probe_spaces
 from slm_lightning.envs.normalization import normalizer_state
 from slm_lightning.errors import ConfigError
-from slm_lightning.schedules import Schedule, scheduled
+from slm_lightning.optim import loss_scaling
+from slm_lightning.schedules import Schedule
 from slm_lightning.train_metrics import TrainMetrics
 
 
@@ -30,17 +33,23 @@ def seed_global_rngs(seed: int) -> None:
     random.seed(seed)
 
 
-class RLAlgorithm(L.LightningModule):
+class NetSpec(Protocol):
+    """A net's config (``MLPSpec``, ``ConvSpec``, ``RecurrentSpec`` …) that checks itself."""
+
+    def check(self, key: str) -> None: ...
+
+
+class RLAlgorithm(L.LightningModule, ABC):
     """Base class of every algorithm: a LightningModule whose ``train_dataloader`` is a rollout.
 
     One Lightning epoch is one rollout-and-update cycle (on-policy: one rollout and its
     minibatch epochs). Training stops when the frame clock reaches ``max_frames``, counted
     over all envs and ranks; the last cycle may overshoot by less than one rollout.
 
-    Subclasses set ``self.policy``, implement :meth:`build_rollout` and ``training_step``,
-    and list the action spaces they support. The defaults below serve the policy-gradient
-    family, whose ``policy`` is an :class:`~slm_lightning.nets.ActorCritic` and whose
-    hyperparameters include ``lr``, ``critic_lr`` and ``max_grad_norm``.
+    Subclasses implement :meth:`build_rollout`, :meth:`eval_actions` (or :meth:`eval_step`),
+    ``training_step`` and their optimizers, and list the action spaces they support. The
+    rollout's state goes into ``checkpoint["rollout"]`` (:meth:`on_save_checkpoint`) and comes
+    back on every resume (:func:`~slm_lightning.checkpoints.saved_rollout_state`).
 
     ``slm-lab validate`` / ``test`` play ``eval_episodes`` whole episodes with the
     trained policy (normalisers frozen at their checkpointed statistics) and report the
@@ -55,7 +64,6 @@ class RLAlgorithm(L.LightningModule):
     """
 
     action_spaces: tuple[type[spaces.Space], ...] = (spaces.Discrete, spaces.Box)
-    adam_eps: float = 1e-5
 
     def __init__(
         self,
@@ -93,7 +101,6 @@ class RLAlgorithm(L.LightningModule):
             )
         self.rollout: Any = None
         self._rollout_state: dict[str, Any] | None = None
-        self.stop_update = False
         # Training diagnostics; MetricsTracker logs their means over the updates of each row.
         self.train_metrics = TrainMetrics()
 
@@ -107,20 +114,9 @@ class RLAlgorithm(L.LightningModule):
         seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed() % 2**31))
         return seed + self.global_rank * self.env_spec.num_envs
 
-    def build_rollout(self) -> Any:
-        """The training dataset; the default is the on-policy rollout over the
-        ``time_horizon`` / ``training_epochs`` / ``num_minibatches`` hyperparameters."""
-        hp = self.hparams
-        return OnPolicyRollout(
-            self,
-            self.env_spec,
-            self.env_seed(),
-            hp.time_horizon,
-            hp.get("training_epochs", 1),
-            hp.get("num_minibatches", 1),
-            world_size=self.trainer.world_size,
-            gamma=self.gamma,
-        )
+    @abstractmethod
+    def build_rollout(self) -> VectorRollout:
+        """The training dataset (called once, in ``train_dataloader``, when the trainer exists)."""
 
     @staticmethod
     def check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -149,6 +145,14 @@ class RLAlgorithm(L.LightningModule):
             if bad is not None:
                 raise ConfigError(f"model.init_args.{key}: must be >= 0, got {bad}")
 
+    @staticmethod
+    def check_nets(**specs: NetSpec | None) -> None:
+        """Raise a :class:`ConfigError` naming ``model.init_args.<name>.<field>`` for the first
+        net spec (given by its argument name) no net can be built from; None passes."""
+        for name, spec in specs.items():
+            if spec is not None:
+                spec.check(f"model.init_args.{name}")
+
     def check_replay(self, learning_starts: int, batch_size: int, memory_size: int) -> None:
         """Raise a :class:`ConfigError` for replay settings under which nothing would train:
         no update before the budget ends, or a memory smaller than one batch."""
@@ -163,7 +167,7 @@ class RLAlgorithm(L.LightningModule):
             )
 
     @override
-    def train_dataloader(self) -> Any:
+    def train_dataloader(self) -> RolloutBatches:
         if self.rollout is None:
             self.rollout = self.build_rollout()
             if self._rollout_state is not None:
@@ -174,12 +178,17 @@ class RLAlgorithm(L.LightningModule):
                 # rank 0's): reseed from this rank's env seed and the clock, so ranks sample
                 # different actions and exploration noise. Rank 0 keeps the run's own stream.
                 seed_global_rngs(self.env_seed() + self.frames)
-        return self.rollout
+        return RolloutBatches(self.rollout)  # not the rollout: its state is ours to save
+
+    def training_normalizers(self) -> dict | None:
+        """The observation / return normaliser statistics of training: the live rollout's,
+        else the checkpoint's (None when there are none), for evaluation and videos."""
+        if self.rollout is not None and self.rollout.env is not None:
+            return normalizer_state(self.rollout.env)
+        return self._checkpoint_normalizers
 
     def _evaluation(self) -> EvaluationEpisodes:
-        normalizers = self._checkpoint_normalizers
-        if self.rollout is not None and self.rollout.env is not None:
-            normalizers = normalizer_state(self.rollout.env)
+        normalizers = self.training_normalizers()
         # A seed apart from training's, so evaluation episodes are not training's first ones.
         seed = self.env_seed() + 1_000_003
         return EvaluationEpisodes(
@@ -195,26 +204,31 @@ class RLAlgorithm(L.LightningModule):
         return self._evaluation()
 
     @override
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        returns = batch["returns"].double()
+    def validation_step(self, batch: EvaluationBatch, batch_idx: int) -> None:
+        returns = batch.returns.double()
         self.log_dict(
             {
                 "eval/return_mean": returns.mean(),
                 "eval/return_std": returns.std(unbiased=False),
                 "eval/return_min": returns.min(),
                 "eval/return_max": returns.max(),
-                "eval/length_mean": batch["lengths"].double().mean(),
+                "eval/length_mean": batch.lengths.double().mean(),
                 "eval/episodes": float(len(returns)),
             },
             batch_size=1,
         )
 
     @override
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: EvaluationBatch, batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The rollout's state (frame clock, RNGs, normalisers …), read back by
+        # checkpoints.saved_rollout_state; one restored but not yet handed to a rollout is
+        # passed on as it is. None: saved before the first rollout.
+        rollout = self.rollout.state_dict() if self.rollout is not None else self._rollout_state
+        checkpoint["rollout"] = rollout
         # Also kept with the rollout state, but evaluation from a checkpoint has no rollout.
         if self.rollout is not None and self.rollout.env is not None:
             checkpoint["normalizers"] = normalizer_state(self.rollout.env)
@@ -222,73 +236,35 @@ class RLAlgorithm(L.LightningModule):
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._checkpoint_normalizers = checkpoint.get("normalizers")
-        # Lightning reloads the dataloader (rollout) state only when resuming mid-epoch; from a
-        # checkpoint written at the end of training the frame clock would restart at 0.
+        # Restored on every resume, mid-epoch or not (Lightning would restore a dataloader's
+        # state only mid-epoch; at the end of training the frame clock would restart at 0).
         self._rollout_state = saved_rollout_state(checkpoint)
 
     def env_actions(self, actions: np.ndarray) -> np.ndarray:
+        """Policy actions as the env takes them (e.g. rescaled onto a Box)."""
         return self.policy.env_actions(actions)
 
-    def act(self, obs: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        return self.policy.act(obs)
+    def initial_state(self, num_envs: int) -> Tensor | None:
+        """The hidden state of ``num_envs`` fresh episodes; None for a feed-forward policy."""
+        return None
 
     def eval_actions(self, obs: Tensor, greedy: bool) -> Tensor:
-        """Actions for evaluation: the most likely one, or a sample from the policy."""
-        if greedy:
-            dist, _ = self.policy(obs)
-            return self.policy.greedy(dist)
-        return self.policy.act(obs)[0]
+        """Evaluation actions of a feed-forward policy: the most likely one, or a sample."""
+        raise NotImplementedError(f"{type(self).__name__} implements eval_actions or eval_step")
 
-    def bootstrap_values(self, obs: Tensor) -> Tensor | None:
-        return self.policy.value(obs) if self.policy.has_critic else None
+    def eval_step(
+        self, obs: Tensor, state: Tensor | None, episode_starts: Tensor | None, greedy: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """The step evaluation and videos take: actions and the next hidden state.
 
-    @property
-    def loss_scaling(self) -> bool:
-        """Whether the trainer scales the loss (``16-mixed``'s GradScaler; not ``bf16-mixed``)."""
-        trainer = self._trainer
-        return trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None
-
-    @override
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        # One Adam, one parameter group per network (e.g. actor and a separate critic): each
-        # gets its own learning rate, and Adam keeps per-parameter moments anyway.
-        groups = [{"params": params} for params in self.policy.param_groups()]
-        lr = scheduled(self.hparams.lr, 0, self.max_frames)
-        # fused: one kernel for all parameters, ~20% faster on the small nets of classic control.
-        # Not under 16-mixed: a fused Adam unscales inside step(), after clipping would have
-        # seen the scaled gradients (Lightning then refuses to clip).
-        return torch.optim.Adam(groups, lr=lr, eps=self.adam_eps, fused=not self.loss_scaling)
-
-    @override
-    def on_train_epoch_start(self) -> None:
-        lr = scheduled(self.hparams.lr, self.frames, self.max_frames)
-        critic_lr = self.hparams.get("critic_lr")
-        critic_lr = lr if critic_lr is None else scheduled(critic_lr, self.frames, self.max_frames)
-        optimizer = self.trainer.optimizers[0]
-        for group, value in zip(optimizer.param_groups, (lr, critic_lr), strict=False):
-            group["lr"] = value
-        self.train_metrics.set({"train/lr": lr})
-
-    @override
-    def configure_gradient_clipping(
-        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
-    ) -> None:
-        max_norm = (
-            self.hparams.get("max_grad_norm") if gradient_clip_val is None else gradient_clip_val
-        )
-        if max_norm is None:
-            return
-        if not self.loss_scaling:
-            # No loss scaling (32-true, bf16-mixed): the gradients are the true ones, so the
-            # fused Adam may be clipped. Lightning's MixedPrecision.clip_gradients refuses any
-            # optimizer that can unscale inside step() (fused Adam) even under bf16-mixed,
-            # which has no GradScaler and nothing to unscale; clip here instead.
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(params, max_norm)
-        else:  # 16-mixed: Lightning unscales first (configure_optimizers then avoids fused)
-            self.clip_gradients(
-                optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm"
-            )
+        Args:
+            obs: ``(N, *obs_shape)`` observations.
+            state: the state the envs carry into the step (None: feed-forward).
+            episode_starts: ``(N,)`` bool, true where ``obs`` starts an episode (None
+                without a state).
+            greedy: the most likely action instead of a sample.
+        """
+        return self.eval_actions(obs, greedy), state
 
     @override
     def on_before_backward(self, loss: Tensor) -> None:
@@ -297,7 +273,7 @@ class RLAlgorithm(L.LightningModule):
         # the cost of one device sync per update. Under 16-mixed the loss arrives scaled, and
         # an infinite scaled loss is the GradScaler's to handle (it skips that step).
         value = loss.item()  # a scalar: ~0.4 us on a CPU, against ~19 for isfinite().any()
-        if math.isnan(value) or (math.isinf(value) and not self.loss_scaling):
+        if math.isnan(value) or (math.isinf(value) and not loss_scaling(self._trainer)):
             raise FloatingPointError(
                 f"{type(self).__name__}: {self._loss_term(loss)} at step "
                 f"{self.trainer.global_step} (frame {self.frames}); stopped before the "

@@ -119,6 +119,7 @@ class CrossQ(RLAlgorithm):
         if batch_size < 2:  # batch statistics of one row are undefined
             raise ConfigError(f"model.init_args.batch_size must be >= 2, got {batch_size}")
         self.check_replay(learning_starts, batch_size, memory_size)
+        self.check_nets(actor=actor, critic=critic)
         self.automatic_optimization = False
         self.learning_starts = learning_starts
         self.actor = make_actor(

@@ -23,6 +23,7 @@ from slm_lightning.errors import ConfigError
 from slm_lightning.nets.conv import ConvSpec
 from slm_lightning.nets.mlp import MLPSpec
 from slm_lightning.nets.q_network import QNetwork, boltzmann, epsilon_greedy
+from slm_lightning.optim import adam, clip_grad_norm, loss_scaling, set_learning_rates
 from slm_lightning.schedules import Schedule, scheduled
 
 
@@ -131,6 +132,7 @@ class DQN(RLAlgorithm):
         self.check_learning_rates(lr=lr)
         self.check_choice("exploration", exploration, ("epsilon_greedy", "boltzmann"))
         self.check_choice("loss", loss, ("huber", "mse"))
+        self.check_nets(net=net, conv=conv)
         if combined_replay and prioritized:
             raise ConfigError(
                 "model.init_args.combined_replay must be false with prioritized: true "
@@ -205,9 +207,23 @@ class DQN(RLAlgorithm):
         return memory.sample(self.hparams.batch_size)
 
     @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        lr = scheduled(self.hparams.lr, 0, self.max_frames)
+        return adam(self.policy.param_groups(), lr, self.adam_eps, loss_scaling(self._trainer))
+
+    @override
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        max_norm = self.hparams.max_grad_norm if gradient_clip_val is None else gradient_clip_val
+        clip_grad_norm(self, optimizer, max_norm)
+
+    @override
     def on_train_epoch_start(self) -> None:
-        super().on_train_epoch_start()
         hp = self.hparams
+        lr = scheduled(hp.lr, self.frames, self.max_frames)
+        set_learning_rates(self.trainer.optimizers[0], (lr,))
+        self.train_metrics.set({"train/lr": lr})
         if hp.exploration == "epsilon_greedy":
             self.train_metrics.set(
                 {"train/epsilon": scheduled(hp.epsilon, self.frames, self.max_frames)}

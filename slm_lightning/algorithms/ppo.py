@@ -1,13 +1,33 @@
-"""Proximal Policy Optimization (Schulman et al. 2017, arXiv:1707.06347)."""
+"""Proximal Policy Optimization (Schulman et al. 2017, arXiv:1707.06347).
+
+The data path, in order:
+
+1. env step: ``data/onpolicy_rollout.py:OnPolicyRollout.collect`` steps the vector env with
+   actions from ``algorithms/policy_gradient.py:PolicyGradient.act`` (the policy's ``act``,
+   feed-forward or recurrent alike) for ``time_horizon`` steps;
+2. rollout -> memory: each step is written into the algorithm's ``self.memory``
+   (``data/onpolicy_memory.py:OnPolicyMemory``, built in ``PolicyGradient.build_rollout``);
+3. returns: ``OnPolicyMemory.compute_returns`` with the :class:`GAE` estimator
+   (``data/returns.py:GAE.estimate`` -> ``gae``), bootstrapped from ``PolicyGradient.bootstrap_values``;
+4. minibatch: ``OnPolicyRollout.__iter__`` yields ``training_epochs x num_minibatches``
+   shuffled :class:`OnPolicyBatch` (or :class:`RecurrentBatch` sequences) from
+   ``OnPolicyMemory.flat_batch`` / ``sequence_batch``;
+5. loss: :meth:`PPO.training_step` (:func:`clipped_surrogate_loss`, :func:`value_loss`,
+   entropy bonus); ``target_kl`` stops the rollout's minibatches through
+   ``OnPolicyRollout.stop_minibatches``;
+6. optimizer: Lightning steps ``PolicyGradient.configure_optimizers``' Adam after
+   ``PolicyGradient.configure_gradient_clipping`` (``optim.py:clip_grad_norm``), at the
+   learning rates ``PolicyGradient.on_train_epoch_start`` set for this rollout.
+"""
 
 import torch
 from torch import Tensor
 from typing_extensions import override
 
-from slm_lightning.algorithms.base import RLAlgorithm
+from slm_lightning.algorithms.policy_gradient import PolicyGradient
 from slm_lightning.config_types import NonNegativeFloat, PositiveCount
-from slm_lightning.data.onpolicy import OnPolicyMemory
-from slm_lightning.data.rollout import OnPolicyRollout
+from slm_lightning.data.onpolicy_memory import OnPolicyBatch, RecurrentBatch
+from slm_lightning.data.returns import GAE
 from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.errors import ConfigError
 from slm_lightning.nets.actor_critic import ActorCritic
@@ -45,11 +65,7 @@ def normalize(advantages: Tensor, eps: float = 1e-8) -> Tensor:
     return (advantages - advantages.mean()) / (advantages.std() + eps)
 
 
-# Per-step fields of a recurrent minibatch that the loss reads.
-_STEP_FIELDS = ("actions", "log_probs", "values", "advantages", "returns")
-
-
-class PPO(RLAlgorithm):
+class PPO(PolicyGradient):
     """PPO with the clipped surrogate objective and GAE, for discrete and continuous actions.
 
     Args:
@@ -111,14 +127,22 @@ class PPO(RLAlgorithm):
         eval_episodes: int = 10,
         eval_greedy: bool = True,
     ) -> None:
-        super().__init__(env, max_frames, gamma, eval_episodes, eval_greedy)
-        self.save_hyperparameters()
-        self.check_positive(
-            time_horizon=time_horizon,
-            training_epochs=training_epochs,
-            num_minibatches=num_minibatches,
+        super().__init__(
+            env,
+            max_frames,
+            gamma,
+            GAE(gamma, gae_lambda),
+            time_horizon,
+            training_epochs,
+            num_minibatches,
+            lr,
+            critic_lr,
+            max_grad_norm,
+            eval_episodes,
+            eval_greedy,
         )
-        self.check_learning_rates(lr=lr, critic_lr=critic_lr)
+        self.save_hyperparameters()
+        self.check_nets(actor=actor, critic=critic, conv=conv, recurrent=recurrent)
         if not 0.0 <= gae_lambda <= 1.0:
             raise ConfigError(f"model.init_args.gae_lambda must be in [0, 1], got {gae_lambda}")
         if isinstance(clip_eps, float) and not 0.0 < clip_eps < 1.0:
@@ -126,8 +150,14 @@ class PPO(RLAlgorithm):
         if num_minibatches > time_horizon * env.num_envs:
             raise ConfigError(
                 f"model.init_args.num_minibatches ({num_minibatches}) exceeds the rollout size "
-                f"time_horizon x env.num_envs = {time_horizon * env.num_envs}"
+                f"time_horizon x model.init_args.env.num_envs = {time_horizon * env.num_envs}"
             )
+        self.clip_eps_schedule = clip_eps
+        self.entropy_coef_schedule = entropy_coef
+        self.clip_value = clip_value
+        self.value_coef = value_coef
+        self.normalize_advantages = normalize_advantages
+        self.target_kl = target_kl
         self.recurrent = recurrent
         if recurrent is not None:
             self.sequence_length = recurrent.sequence_length or time_horizon
@@ -141,7 +171,7 @@ class PPO(RLAlgorithm):
                 raise ConfigError(
                     f"model.init_args.num_minibatches ({num_minibatches}) exceeds the "
                     f"{sequences} training sequences per rollout "
-                    "(time_horizon / recurrent.sequence_length x env.num_envs)"
+                    "(time_horizon / recurrent.sequence_length x model.init_args.env.num_envs)"
                 )
             self.policy = RecurrentActorCritic(
                 self.observation_space,
@@ -166,88 +196,40 @@ class PPO(RLAlgorithm):
                 conv=conv,
             )
 
-    def compute_returns(self, memory: OnPolicyMemory) -> None:
-        memory.compute_returns("gae", self.gamma, self.hparams.gae_lambda)
-        self.train_metrics.add({"train/explained_variance": memory.explained_variance()})
-
-    @override
-    def build_rollout(self) -> OnPolicyRollout:
-        if self.recurrent is None:
-            return super().build_rollout()
-        hp = self.hparams
-        return OnPolicyRollout(
-            self,
-            self.env_spec,
-            self.env_seed(),
-            hp.time_horizon,
-            hp.training_epochs,
-            hp.num_minibatches,
-            world_size=self.trainer.world_size,
-            gamma=self.gamma,
-            sequence_length=self.sequence_length,
-        )
-
-    def initial_state(self, num_envs: int) -> Tensor | None:
-        """The zero hidden state of ``num_envs`` envs; None for a feed-forward policy."""
-        if self.recurrent is None:
-            return None
-        return self.policy.initial_state(num_envs, self.device)
-
-    def recurrent_act(
-        self, obs: Tensor, state: Tensor, episode_starts: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """One rollout step of the recurrent policy: actions, log-probs, values, next state."""
-        return self.policy.act(obs, state, episode_starts)
-
-    def recurrent_values(self, obs: Tensor, state: Tensor, episode_starts: Tensor) -> Tensor:
-        """Bootstrap values after the rollout's last step, from the carried state."""
-        return self.policy.value(obs, state, episode_starts)
-
-    def recurrent_eval_actions(
-        self, obs: Tensor, state: Tensor, episode_starts: Tensor, greedy: bool
-    ) -> tuple[Tensor, Tensor]:
-        """Evaluation actions (greedy or sampled) and the next hidden state."""
-        dist, _, state = self.policy.step(obs, state, episode_starts)
-        return (self.policy.greedy(dist) if greedy else dist.sample()), state
-
     @override
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
-        hp = self.hparams
-        self.clip_eps = scheduled(hp.clip_eps, self.frames, self.max_frames)
-        self.entropy_coef = scheduled(hp.entropy_coef, self.frames, self.max_frames)
+        # Constant over a rollout: the clip range and entropy weight at its first frame.
+        self.clip_eps = scheduled(self.clip_eps_schedule, self.frames, self.max_frames)
+        self.entropy_coef = scheduled(self.entropy_coef_schedule, self.frames, self.max_frames)
         self.train_metrics.set(
             {"train/clip_eps": self.clip_eps, "train/entropy_coef": self.entropy_coef}
         )
 
     @override
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
-        hp = self.hparams
-        if self.recurrent is None:
-            dist, values = self.policy(batch["obs"])
-        else:
+    def training_step(self, batch: OnPolicyBatch | RecurrentBatch, batch_idx: int) -> Tensor | None:
+        steps = (batch.actions, batch.log_probs, batch.values, batch.advantages, batch.returns)
+        if isinstance(batch, RecurrentBatch):
             # Sequences (B, L): run the cell through them, then keep only the valid steps.
-            valid = batch["valid"]
-            dist, values, _ = self.policy(
-                batch["obs"], batch["states"], batch["episode_starts"], mask=valid
-            )
-            batch = {key: batch[key][valid] for key in _STEP_FIELDS}
-        log_probs = self.policy.log_prob(dist, batch["actions"])
-        advantages = batch["advantages"]
-        if hp.normalize_advantages:
+            valid = batch.valid
+            dist, values, _ = self.policy(batch.obs, batch.states, batch.episode_starts, mask=valid)
+            steps = tuple(field[valid] for field in steps)
+        else:
+            dist, values = self.policy(batch.obs)
+        actions, old_log_probs, old_values, advantages, returns = steps
+        log_probs = self.policy.log_prob(dist, actions)
+        if self.normalize_advantages:
             advantages = normalize(advantages)
-        policy_loss = clipped_surrogate_loss(
-            log_probs, batch["log_probs"], advantages, self.clip_eps
-        )
-        v_loss = value_loss(values, batch["returns"], batch["values"], hp.clip_value)
-        loss = policy_loss + hp.value_coef * v_loss
+        policy_loss = clipped_surrogate_loss(log_probs, old_log_probs, advantages, self.clip_eps)
+        v_loss = value_loss(values, returns, old_values, self.clip_value)
+        loss = policy_loss + self.value_coef * v_loss
         if self.entropy_coef:
             entropy = self.policy.entropy(dist).mean()
             loss = loss - self.entropy_coef * entropy
         with torch.no_grad():
             if not self.entropy_coef:
                 entropy = self.policy.entropy(dist).mean()
-            log_ratio = log_probs - batch["log_probs"]
+            log_ratio = log_probs - old_log_probs
             ratio = log_ratio.exp()
             # Two KL estimators (Schulman, "Approximating KL divergence"): the naive -log r
             # and the unbiased, non-negative (r - 1) - log r, as CleanRL logs them.
@@ -267,13 +249,13 @@ class PPO(RLAlgorithm):
                 "train/clipfrac": clipfrac,
             }
         )
-        if hp.target_kl is None:
+        if self.target_kl is None:
             return loss
         distributed = self.trainer.world_size > 1
         if distributed:  # every rank decides on the same (mean) KL, so all stop together
             approx_kl = self.trainer.strategy.reduce(approx_kl, reduce_op="mean")
-        if approx_kl > hp.target_kl:
-            self.stop_update = True  # the rollout yields no more minibatches
+        if approx_kl > self.target_kl:
+            self.rollout.stop_minibatches()
             # A single process skips this optimizer step; under DDP every rank must step
             # (Lightning refuses a skipped step there), so the crossing minibatch still trains.
             return loss if distributed else None

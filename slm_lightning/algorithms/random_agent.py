@@ -8,7 +8,9 @@ from typing_extensions import override
 
 from slm_lightning.algorithms.base import RLAlgorithm
 from slm_lightning.config_types import PositiveCount
-from slm_lightning.data.onpolicy import OnPolicyMemory
+from slm_lightning.data.onpolicy_memory import OnPolicyBatch, OnPolicyMemory
+from slm_lightning.data.onpolicy_rollout import OnPolicyRollout
+from slm_lightning.data.returns import MonteCarloReturns
 from slm_lightning.envs.factory import EnvSpec
 
 
@@ -40,6 +42,9 @@ class RandomPolicy(nn.Module):
 class RandomAgent(RLAlgorithm):
     """Acts uniformly at random and never learns; its return is the env's random baseline.
 
+    It rolls out like an on-policy algorithm (one rollout of ``time_horizon`` steps per
+    Lightning epoch, one minibatch that trains nothing) and has no optimizer.
+
     Args:
         env: the environment spec.
         max_frames: frames to play (all envs, all ranks).
@@ -57,32 +62,48 @@ class RandomAgent(RLAlgorithm):
         super().__init__(env, max_frames, gamma=1.0, eval_episodes=eval_episodes, eval_greedy=False)
         self.save_hyperparameters()
         self.check_positive(time_horizon=time_horizon)
+        self.time_horizon = time_horizon
         self.policy = RandomPolicy(self.action_space)
+        self.memory: OnPolicyMemory | None = None
 
     @override
-    def act(self, obs: Tensor) -> tuple[Tensor, Tensor, None]:
+    def build_rollout(self) -> OnPolicyRollout:
+        self.memory = OnPolicyMemory.for_spaces(
+            self.time_horizon,
+            self.env_spec.num_envs,
+            self.observation_space,
+            self.action_space,
+            MonteCarloReturns(self.gamma),  # the episodes' returns; nothing trains on them
+        )
+        return OnPolicyRollout(
+            self,
+            self.env_spec,
+            self.memory,
+            self.env_seed(),
+            training_epochs=1,
+            num_minibatches=1,
+            world_size=self.trainer.world_size,
+            gamma=self.gamma,
+        )
+
+    def act(
+        self, obs: Tensor, state: None, episode_starts: None
+    ) -> tuple[Tensor, Tensor, None, None]:
+        """Uniform actions (log-probs 0, no values, no state)."""
         actions = self.policy.sample(obs.shape[0], obs.device)
-        return actions, torch.zeros(obs.shape[0], device=obs.device), None
+        return actions, torch.zeros(obs.shape[0], device=obs.device), None, None
+
+    def bootstrap_values(self, obs: Tensor, state: None, episode_starts: None) -> None:
+        return None
 
     @override
     def eval_actions(self, obs: Tensor, greedy: bool) -> Tensor:
-        return self.act(obs)[0]
-
-    @override
-    def bootstrap_values(self, obs: Tensor) -> None:
-        return None
-
-    def compute_returns(self, memory: OnPolicyMemory) -> None:
-        memory.compute_returns("monte_carlo", self.gamma)
+        return self.policy.sample(obs.shape[0], obs.device)
 
     @override
     def configure_optimizers(self) -> None:
         return None  # nothing to learn
 
     @override
-    def on_train_epoch_start(self) -> None:
-        pass
-
-    @override
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+    def training_step(self, batch: OnPolicyBatch, batch_idx: int) -> None:
         return None

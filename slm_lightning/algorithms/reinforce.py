@@ -3,16 +3,17 @@
 from torch import Tensor
 from typing_extensions import override
 
-from slm_lightning.algorithms.base import RLAlgorithm
+from slm_lightning.algorithms.policy_gradient import PolicyGradient
 from slm_lightning.config_types import NonNegativeFloat, PositiveCount
-from slm_lightning.data.onpolicy import OnPolicyMemory
+from slm_lightning.data.onpolicy_memory import OnPolicyBatch
+from slm_lightning.data.returns import MonteCarloReturns
 from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.nets.actor_critic import ActorCritic
 from slm_lightning.nets.mlp import MLPSpec
 from slm_lightning.schedules import Schedule, scheduled
 
 
-class Reinforce(RLAlgorithm):
+class Reinforce(PolicyGradient):
     """REINFORCE: ``-log pi(a|s) G - c_e H`` with ``G`` the discounted reward-to-go.
 
     There is no critic: an episode still running when the rollout ends contributes the
@@ -54,14 +55,23 @@ class Reinforce(RLAlgorithm):
         eval_episodes: int = 10,
         eval_greedy: bool = True,
     ) -> None:
-        super().__init__(env, max_frames, gamma, eval_episodes, eval_greedy)
-        self.save_hyperparameters()
-        self.check_positive(
-            time_horizon=time_horizon,
-            training_epochs=training_epochs,
-            num_minibatches=num_minibatches,
+        super().__init__(
+            env,
+            max_frames,
+            gamma,
+            MonteCarloReturns(gamma, center=center_returns),
+            time_horizon,
+            training_epochs,
+            num_minibatches,
+            lr,
+            None,
+            max_grad_norm,
+            eval_episodes,
+            eval_greedy,
         )
-        self.check_learning_rates(lr=lr)
+        self.save_hyperparameters()
+        self.check_nets(actor=actor)
+        self.entropy_coef = entropy_coef
         self.policy = ActorCritic(
             self.observation_space,
             self.action_space,
@@ -71,18 +81,13 @@ class Reinforce(RLAlgorithm):
             rescale_actions=rescale_actions,
         )
 
-    def compute_returns(self, memory: OnPolicyMemory) -> None:
-        memory.compute_returns("monte_carlo", self.gamma)
-        if self.hparams.center_returns:
-            memory.advantages -= memory.advantages[memory.valid].mean()
-
     @override
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        dist, _ = self.policy(batch["obs"])
-        log_probs = self.policy.log_prob(dist, batch["actions"])
+    def training_step(self, batch: OnPolicyBatch, batch_idx: int) -> Tensor:
+        dist, _ = self.policy(batch.obs)
+        log_probs = self.policy.log_prob(dist, batch.actions)
         entropy = self.policy.entropy(dist).mean()
-        policy_loss = -(log_probs * batch["advantages"]).mean()
-        entropy_coef = scheduled(self.hparams.entropy_coef, self.frames, self.max_frames)
+        policy_loss = -(log_probs * batch.advantages).mean()
+        entropy_coef = scheduled(self.entropy_coef, self.frames, self.max_frames)
         loss = policy_loss - entropy_coef * entropy
         self.train_metrics.set({"train/entropy_coef": entropy_coef})
         self.train_metrics.add(

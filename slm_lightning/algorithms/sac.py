@@ -326,6 +326,7 @@ class SAC(RLAlgorithm):
         )
         # Several optimizers stepped at different rates: Lightning's manual optimization.
         self.check_replay(learning_starts, batch_size, memory_size)
+        self.check_nets(actor=actor, critic=critic)
         self.automatic_optimization = False
         self.learning_starts = learning_starts
         self.actor = make_actor(

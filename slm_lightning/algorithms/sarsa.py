@@ -10,10 +10,13 @@ from typing_extensions import override
 
 from slm_lightning.algorithms.base import RLAlgorithm
 from slm_lightning.config_types import NonNegativeFloat, PositiveCount
-from slm_lightning.data.onpolicy import OnPolicyMemory
+from slm_lightning.data.onpolicy_memory import OnPolicyBatch, OnPolicyMemory
+from slm_lightning.data.onpolicy_rollout import OnPolicyRollout
+from slm_lightning.data.returns import GAE
 from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.nets.mlp import MLPSpec
 from slm_lightning.nets.q_network import QNetwork, boltzmann, epsilon_greedy
+from slm_lightning.optim import adam, clip_grad_norm, loss_scaling, set_learning_rates
 from slm_lightning.schedules import Schedule, scheduled
 
 
@@ -74,7 +77,31 @@ class SARSA(RLAlgorithm):
         self.check_learning_rates(lr=lr)
         self.check_choice("exploration", exploration, ("epsilon_greedy", "boltzmann"))
         self.check_choice("loss", loss, ("huber", "mse"))
+        self.check_nets(net=net)
         self.policy = QNetwork(self.observation_space, self.action_space, net or MLPSpec())
+        self.estimator = GAE(gamma, 0.0)  # lambda 0: TD(0) targets
+        self.memory: OnPolicyMemory | None = None
+
+    @override
+    def build_rollout(self) -> OnPolicyRollout:
+        hp = self.hparams
+        self.memory = OnPolicyMemory.for_spaces(
+            hp.time_horizon,
+            self.env_spec.num_envs,
+            self.observation_space,
+            self.action_space,
+            self.estimator,
+        )
+        return OnPolicyRollout(
+            self,
+            self.env_spec,
+            self.memory,
+            self.env_seed(),
+            hp.training_epochs,
+            hp.num_minibatches,
+            world_size=self.trainer.world_size,
+            gamma=self.gamma,
+        )
 
     def explore(self, q: Tensor) -> Tensor:
         hp = self.hparams
@@ -82,14 +109,17 @@ class SARSA(RLAlgorithm):
             return boltzmann(q, scheduled(hp.temperature, self.frames, self.max_frames))
         return epsilon_greedy(q, scheduled(hp.epsilon, self.frames, self.max_frames))
 
-    @override
-    def act(self, obs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def act(
+        self, obs: Tensor, state: None = None, episode_starts: None = None
+    ) -> tuple[Tensor, Tensor, Tensor, None]:
         q = self.policy(obs)
         actions = self.explore(q)
-        return actions, torch.zeros_like(q[:, 0]), q.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+        values = q.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+        return actions, torch.zeros_like(q[:, 0]), values, None
 
-    @override
-    def bootstrap_values(self, obs: Tensor) -> Tensor:
+    def bootstrap_values(
+        self, obs: Tensor, state: None = None, episode_starts: None = None
+    ) -> Tensor:
         return self.act(obs)[2]
 
     @override
@@ -97,13 +127,24 @@ class SARSA(RLAlgorithm):
         q = self.policy(obs)
         return q.argmax(-1) if greedy else self.explore(q)
 
-    def compute_returns(self, memory: OnPolicyMemory) -> None:
-        memory.compute_returns("gae", self.gamma, gae_lambda=0.0)  # lambda 0: TD(0) targets
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        lr = scheduled(self.hparams.lr, 0, self.max_frames)
+        return adam(self.policy.param_groups(), lr, 1e-5, loss_scaling(self._trainer))
+
+    @override
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        max_norm = self.hparams.max_grad_norm if gradient_clip_val is None else gradient_clip_val
+        clip_grad_norm(self, optimizer, max_norm)
 
     @override
     def on_train_epoch_start(self) -> None:
-        super().on_train_epoch_start()
         hp = self.hparams
+        lr = scheduled(hp.lr, self.frames, self.max_frames)
+        set_learning_rates(self.trainer.optimizers[0], (lr,))
+        self.train_metrics.set({"train/lr": lr})
         key, value = (
             ("epsilon", hp.epsilon)
             if hp.exploration == "epsilon_greedy"
@@ -112,11 +153,11 @@ class SARSA(RLAlgorithm):
         self.train_metrics.set({f"train/{key}": scheduled(value, self.frames, self.max_frames)})
 
     @override
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        q = self.policy(batch["obs"]).gather(-1, batch["actions"].unsqueeze(-1)).squeeze(-1)
+    def training_step(self, batch: OnPolicyBatch, batch_idx: int) -> Tensor:
+        q = self.policy(batch.obs).gather(-1, batch.actions.unsqueeze(-1)).squeeze(-1)
         if self.hparams.loss == "huber":
-            loss = F.smooth_l1_loss(q, batch["returns"])
+            loss = F.smooth_l1_loss(q, batch.returns)
         else:
-            loss = 0.5 * (q - batch["returns"]).pow(2).mean()
+            loss = 0.5 * (q - batch.returns).pow(2).mean()
         self.train_metrics.add({"train/loss": loss, "train/q_mean": q.mean()})
         return loss

@@ -189,12 +189,12 @@ class MetricsTracker(Callback):
         """
         if pl_module.rollout is None:
             return
-        frames, returns, _ = pl_module.rollout.episodes.drain()
+        end_frames, returns, _ = pl_module.rollout.episodes.drain()
         trainer = pl_module.trainer
         if gather and trainer.world_size > 1:
-            frames, returns = gather_episodes(frames, returns)
+            end_frames, returns = gather_episodes(end_frames, returns)
         now = self.seconds()
-        for frame, ret in zip(frames, returns, strict=True):
+        for frame, ret in zip(end_frames, returns, strict=True):
             self.recent.append(ret)
             self.episodes += 1
             self.history["frames"].append(frame)

@@ -19,7 +19,6 @@ from typing_extensions import override
 
 from slm_lightning.envs.atari import is_atari, make_atari_render_env
 from slm_lightning.envs.factory import EnvSpec, make_single_env
-from slm_lightning.envs.normalization import normalizer_state
 
 
 class Mp4RecordVideo(RecordVideo):
@@ -222,29 +221,22 @@ class VideoRecorder(Callback):
     @staticmethod
     def _normalizers(pl_module: L.LightningModule) -> dict[str, Any]:
         """The training observation statistics: the live rollout's, else the checkpoint's."""
-        rollout = getattr(pl_module, "rollout", None)
-        if rollout is not None and getattr(rollout, "env", None) is not None:
-            return normalizer_state(rollout.env)
-        return getattr(pl_module, "_checkpoint_normalizers", None) or {}
+        return pl_module.training_normalizers() or {}
 
     def _play(self, env: gym.Env, agent: Any, greedy: bool) -> list[float]:
         """Play ``episodes`` whole episodes (the first from ``seed``); returns their returns."""
         device = agent.device
-        initial_state = getattr(agent, "initial_state", None)
         returns: list[float] = []
         obs, _ = env.reset(seed=self.seed)
         for episode in range(self.episodes):
             if episode > 0:
                 obs, _ = env.reset()
-            state = None if initial_state is None else initial_state(1)
+            state = agent.initial_state(1)
             start, done, total = True, False, 0.0
             while not done:
                 obs_t = torch.as_tensor(np.asarray(obs, dtype=np.float32), device=device)[None]
-                if state is None:
-                    actions = agent.eval_actions(obs_t, greedy)
-                else:
-                    start_t = torch.tensor([start], device=device)
-                    actions, state = agent.recurrent_eval_actions(obs_t, state, start_t, greedy)
+                start_t = None if state is None else torch.tensor([start], device=device)
+                actions, state = agent.eval_step(obs_t, state, start_t, greedy)
                 action = agent.env_actions(actions.cpu().numpy())[0]
                 obs, reward, terminated, truncated, _ = env.step(action)
                 total += float(reward)

@@ -1,6 +1,16 @@
 """Rollout datasets, memories and return estimators."""
 
-from slm_lightning.data.onpolicy import OnPolicyMemory
-from slm_lightning.data.rollout import EpisodeLog, OnPolicyRollout
+from slm_lightning.data.onpolicy_memory import OnPolicyBatch, OnPolicyMemory, RecurrentBatch
+from slm_lightning.data.onpolicy_rollout import EpisodeLog, OnPolicyRollout
+from slm_lightning.data.returns import GAE, MonteCarloReturns, NStepReturns
 
-__all__ = ["EpisodeLog", "OnPolicyMemory", "OnPolicyRollout"]
+__all__ = [
+    "GAE",
+    "EpisodeLog",
+    "MonteCarloReturns",
+    "NStepReturns",
+    "OnPolicyBatch",
+    "OnPolicyMemory",
+    "OnPolicyRollout",
+    "RecurrentBatch",
+]

@@ -2,7 +2,7 @@
 
 from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -12,18 +12,26 @@ from slm_lightning.envs.factory import EnvSpec, make_vector_env, next_step_reset
 from slm_lightning.envs.normalization import freeze_normalizers, load_normalizer_state
 
 
+class EvaluationBatch(NamedTuple):
+    """The raw returns and lengths of the evaluation episodes, one entry per episode."""
+
+    returns: Tensor
+    lengths: Tensor
+
+
 class EvaluationEpisodes:
     """Plays ``num_episodes`` complete episodes and yields their raw returns as one batch.
 
     Episodes are spread evenly over the envs (env ``i`` plays ``(n + i) // num_envs`` of
     them) so that short episodes, which finish first, do not crowd out long ones.
 
-    A recurrent agent (one whose ``initial_state(num_envs)`` returns a tensor) acts through
-    ``recurrent_eval_actions(obs, state, episode_starts, greedy) -> (actions, state)``; its
-    hidden state is carried from step to step and zeroed where an episode starts.
+    The agent acts through ``eval_step(obs, state, episode_starts, greedy) -> (actions,
+    state)``, starting from ``initial_state(num_envs)`` (None for a feed-forward policy); a
+    recurrent policy's state is carried from step to step and zeroed where an episode starts.
 
     Args:
-        agent: the algorithm; needs ``eval_actions(obs, greedy)``, ``env_actions`` and ``device``.
+        agent: the algorithm; needs ``initial_state``, ``eval_step``, ``env_actions`` and
+            ``device``.
         env_spec: the training env spec; ``num_envs`` is capped at ``num_episodes``.
         seed: seed of the first evaluation env.
         num_episodes: episodes to play.
@@ -61,23 +69,18 @@ class EvaluationEpisodes:
         counts = np.zeros(n, dtype=int)
         returns: list[float] = []
         lengths: list[int] = []
-        initial_state = getattr(self.agent, "initial_state", None)
-        state = None if initial_state is None else initial_state(n)
+        device = self.agent.device
+        state = self.agent.initial_state(n)
         starts = np.ones(n, dtype=bool)
         prev_done = np.zeros(n, dtype=bool)
         obs, _ = env.reset(seed=self.seed)
         try:
             while (counts < targets).any():
-                obs_t = torch.as_tensor(np.asarray(obs, dtype=np.float32), device=self.agent.device)
-                if state is None:
-                    actions = self.agent.eval_actions(obs_t, self.greedy)
-                else:
-                    starts_t = torch.as_tensor(starts, device=self.agent.device)
-                    actions, state = self.agent.recurrent_eval_actions(
-                        obs_t, state, starts_t, self.greedy
-                    )
-                    # NEXT_STEP autoreset: the step after a done returns a first observation.
-                    starts = prev_done
+                obs_t = torch.as_tensor(np.asarray(obs, dtype=np.float32), device=device)
+                starts_t = None if state is None else torch.as_tensor(starts, device=device)
+                actions, state = self.agent.eval_step(obs_t, state, starts_t, self.greedy)
+                # NEXT_STEP autoreset: the step after a done returns a first observation.
+                starts = prev_done
                 obs, _, terminated, truncated, info = env.step(
                     self.agent.env_actions(actions.cpu().numpy())
                 )
@@ -92,6 +95,6 @@ class EvaluationEpisodes:
             env.close()
         return np.asarray(returns), np.asarray(lengths)
 
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+    def __iter__(self) -> Iterator[EvaluationBatch]:
         returns, lengths = self.play()
-        yield {"returns": torch.as_tensor(returns), "lengths": torch.as_tensor(lengths)}
+        yield EvaluationBatch(torch.as_tensor(returns), torch.as_tensor(lengths))

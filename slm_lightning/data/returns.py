@@ -1,4 +1,5 @@
-"""Returns and advantages for on-policy memory: GAE, n-step and Monte Carlo.
+"""Returns and advantages for on-policy memory: GAE, n-step and Monte Carlo, as functions
+and as the estimator objects a memory is built with.
 
 All functions take ``(T, N)`` float arrays (time-major, one column per env) and never build
 a return across an episode boundary:
@@ -11,7 +12,24 @@ Masked slots (gymnasium's NEXT_STEP autoreset steps) may hold anything, NaN incl
 ``np.where`` (not multiplication, since ``0 * NaN = NaN``) keeps them out of valid results.
 """
 
+from dataclasses import dataclass
+from typing import Protocol
+
 import numpy as np
+
+
+class Trajectory(Protocol):
+    """The ``(T, N)`` arrays of one rollout an estimator reads (an
+    :class:`~slm_lightning.data.onpolicy_memory.OnPolicyMemory`)."""
+
+    rewards: np.ndarray
+    values: np.ndarray
+    terminated: np.ndarray
+    truncated: np.ndarray
+    valid: np.ndarray
+
+    @property
+    def next_values(self) -> np.ndarray: ...
 
 
 def gae(
@@ -99,3 +117,76 @@ def monte_carlo_returns(rewards: np.ndarray, dones: np.ndarray, gamma: float) ->
         running = rewards[t] + gamma * np.where(dones[t], 0.0, running)
         returns[t] = running
     return returns
+
+
+@dataclass(frozen=True)
+class GAE:
+    """Generalised advantage estimation; the returns are ``advantages + values``.
+
+    Args:
+        gamma: discount factor.
+        lam: GAE lambda (0: TD(0) targets, 1: Monte Carlo bootstrapped at the rollout end).
+    """
+
+    gamma: float
+    lam: float
+
+    def estimate(self, rollout: Trajectory) -> tuple[np.ndarray, np.ndarray]:
+        """``(advantages, returns)`` of ``rollout``."""
+        return gae(
+            rollout.rewards,
+            rollout.values,
+            rollout.next_values,
+            rollout.terminated,
+            rollout.terminated | rollout.truncated,
+            self.gamma,
+            self.lam,
+        )
+
+
+@dataclass(frozen=True)
+class NStepReturns:
+    """n-step returns; the advantages are ``returns - values``.
+
+    Args:
+        gamma: discount factor.
+        n: steps summed before bootstrapping.
+    """
+
+    gamma: float
+    n: int
+
+    def estimate(self, rollout: Trajectory) -> tuple[np.ndarray, np.ndarray]:
+        """``(advantages, returns)`` of ``rollout``."""
+        dones = rollout.terminated | rollout.truncated
+        returns = nstep_returns(
+            rollout.rewards, rollout.next_values, rollout.terminated, dones, self.gamma, self.n
+        )
+        return returns - rollout.values, returns
+
+
+@dataclass(frozen=True)
+class MonteCarloReturns:
+    """Discounted reward-to-go with no critic: the advantage is the return itself, less the
+    mean return over the rollout's real transitions when ``center`` (a constant baseline).
+
+    Args:
+        gamma: discount factor.
+        center: subtract the mean return of the valid slots from the advantages.
+    """
+
+    gamma: float
+    center: bool = False
+
+    def estimate(self, rollout: Trajectory) -> tuple[np.ndarray, np.ndarray]:
+        """``(advantages, returns)`` of ``rollout``."""
+        returns = monte_carlo_returns(
+            rollout.rewards, rollout.terminated | rollout.truncated, self.gamma
+        )
+        advantages = returns.copy()
+        if self.center:
+            advantages -= advantages[rollout.valid].mean()
+        return advantages, returns
+
+
+ReturnsEstimator = GAE | NStepReturns | MonteCarloReturns

@@ -2,7 +2,8 @@
 clock, finished episodes, and the state a resume needs."""
 
 import random
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -13,22 +14,38 @@ from slm_lightning.envs.factory import EnvSpec, make_vector_env
 from slm_lightning.envs.normalization import load_normalizer_state, normalizer_state
 
 
+class FinishedEpisodes(NamedTuple):
+    """Episodes as parallel lists: the frame clock when each ended, its return and length."""
+
+    end_frames: list[int]
+    returns: list[float]
+    lengths: list[int]
+
+
 class EpisodeLog:
     """Episodes finished since the last :meth:`drain`, as parallel lists."""
 
     def __init__(self) -> None:
-        self.frames: list[int] = []
+        self.end_frames: list[int] = []
         self.returns: list[float] = []
         self.lengths: list[int] = []
 
-    def add(self, frames: int, returns: np.ndarray, lengths: np.ndarray) -> None:
-        self.frames.extend([frames] * len(returns))
+    def add(self, end_frame: int, returns: np.ndarray, lengths: np.ndarray) -> None:
+        """Log episodes that ended together.
+
+        Args:
+            end_frame: the frame clock after the vector step that ended them.
+            returns: their returns.
+            lengths: their lengths in steps.
+        """
+        self.end_frames.extend([end_frame] * len(returns))
         self.returns.extend(returns.tolist())
         self.lengths.extend(lengths.tolist())
 
-    def drain(self) -> tuple[list[int], list[float], list[int]]:
-        out = self.frames, self.returns, self.lengths
-        self.frames, self.returns, self.lengths = [], [], []
+    def drain(self) -> FinishedEpisodes:
+        """The episodes logged since the last call; the log starts over."""
+        out = FinishedEpisodes(self.end_frames, self.returns, self.lengths)
+        self.end_frames, self.returns, self.lengths = [], [], []
         return out
 
 
@@ -72,6 +89,15 @@ class VectorRollout(IterableDataset):
 
     def on_env_created(self, env: VectorEnv) -> None:
         """Hook: the env exists (normalisers restored) and is about to be reset."""
+
+    def restore_normalizers(self, state: dict | None) -> None:
+        """Normaliser statistics the envs start from when they are next built (a warm
+        start's; a resume restores them with :meth:`load_state_dict`).
+
+        Args:
+            state: :func:`~slm_lightning.envs.normalization.normalizer_state` of another run.
+        """
+        self._saved_normalizers = state
 
     def start(self) -> None:
         """Build, seed and reset the envs (on first use and after a resume)."""
@@ -142,3 +168,27 @@ class VectorRollout(IterableDataset):
         # None: saved before the first rollout built the env, so there is nothing to restore.
         self._saved_normalizers = state["normalizers"]
         self.close()  # envs restart from a fresh reset at the restored clock
+
+
+class RolloutBatches:
+    """What ``train_dataloader`` hands Lightning: the rollout's batches and their count, but
+    not its ``state_dict``.
+
+    Lightning 2.6 checkpoints any train dataloader that has ``state_dict`` and
+    ``load_state_dict`` under its private ``loops.fit_loop.state_dict.combined_loader``
+    (``lightning/pytorch/utilities/combined_loader.py::_state_dicts``) and restores it only on
+    a mid-epoch resume. The algorithm saves the rollout's state under ``checkpoint["rollout"]``
+    itself and restores it on every resume, so Lightning must not see it.
+
+    Args:
+        rollout: the algorithm's rollout dataset.
+    """
+
+    def __init__(self, rollout: VectorRollout) -> None:
+        self.rollout = rollout
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.rollout)
+
+    def __len__(self) -> int:
+        return len(self.rollout)

@@ -10,9 +10,6 @@ from torch.distributions import Categorical, Distribution, Normal
 from slm_lightning.nets.conv import ConvSpec, full_precision, observation_encoder
 from slm_lightning.nets.mlp import MLPSpec, mlp_body, orthogonal_init
 
-# Distribution argument validation costs more than the tiny forward passes of RL policies.
-Distribution.set_default_validate_args(False)
-
 
 class ActorCritic(nn.Module):
     """An actor (Categorical or diagonal Gaussian policy) and an optional critic ``V(s)``.
@@ -20,6 +17,11 @@ class ActorCritic(nn.Module):
     Continuous actions are sampled unbounded in a normalised ``[-1, 1]`` action space;
     :meth:`env_actions` clips them there and rescales them to the env's Box (or clips them
     to the Box when ``rescale_actions`` is false or the Box is unbounded).
+
+    It takes the same step as :class:`~slm_lightning.nets.RecurrentActorCritic`
+    (:meth:`step`, :meth:`act`, :meth:`value` with a hidden ``state`` and ``episode_starts``),
+    with no state: ``state`` is None and passes through, so rollouts, evaluation and videos
+    call both alike.
 
     Observations first go through an encoder shared by actor and critic: a conv trunk for
     image observations (trained by both losses, in the actor's parameter group), else a plain
@@ -36,6 +38,9 @@ class ActorCritic(nn.Module):
         conv: the conv trunk; None uses the Nature CNN for image observations (``(C, H, W)``
             Boxes, uint8 pixels scaled by 1/255) and no trunk otherwise.
     """
+
+    # Width of the flat hidden state a step carries: none.
+    state_size: int = 0
 
     def __init__(
         self,
@@ -104,23 +109,42 @@ class ActorCritic(nn.Module):
         with full_precision(obs):
             hidden = self.actor_body(obs)
             out = self.actor_head(hidden)
+            # validate_args=False: argument validation costs more than the tiny forward
+            # passes of RL policies (the outputs are finite: the rollout and the loss check).
             if self.discrete:
-                dist: Distribution = Categorical(logits=out)
+                dist: Distribution = Categorical(logits=out, validate_args=False)
             else:
-                dist = Normal(out, self.log_std.exp().expand_as(out))
+                dist = Normal(out, self.log_std.exp().expand_as(out), validate_args=False)
             value = None
             if self.critic_head is not None:
                 critic_in = hidden if self.shared else self.critic_body(obs)
                 value = self.critic_head(critic_in).squeeze(-1)
         return dist, value
 
-    def act(self, obs: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Sample actions; returns ``(actions, log_probs, values)`` (values None without a critic)."""
+    def initial_state(self, batch_size: int, device: torch.device | str = "cpu") -> None:
+        """No hidden state: None, whatever the batch."""
+        return None
+
+    def step(
+        self, obs: Tensor, state: None = None, episode_starts: Tensor | None = None
+    ) -> tuple[Distribution, Tensor | None, None]:
+        """One step for ``N`` envs: the distribution, values (None without a critic) and the
+        (absent) next state."""
+        dist, values = self(obs)
+        return dist, values, state
+
+    def act(
+        self, obs: Tensor, state: None = None, episode_starts: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None, None]:
+        """Sample actions; returns ``(actions, log_probs, values, state)`` (values None
+        without a critic, state None)."""
         dist, values = self(obs)
         actions = dist.sample()
-        return actions, self.log_prob(dist, actions), values
+        return actions, self.log_prob(dist, actions), values, state
 
-    def value(self, obs: Tensor) -> Tensor:
+    def value(
+        self, obs: Tensor, state: None = None, episode_starts: Tensor | None = None
+    ) -> Tensor:
         """``V(s)`` only; cheaper than :meth:`forward` with a separate critic."""
         obs = self.encoder(obs)
         with full_precision(obs):

@@ -11,6 +11,7 @@ import torch
 from gymnasium import spaces
 from torch import Tensor, nn
 
+from slm_lightning.errors import ConfigError
 from slm_lightning.nets.mlp import _ACTIVATIONS, Activation, orthogonal_init
 
 
@@ -44,28 +45,29 @@ class ConvSpec:
     activation: Activation = "relu"
     precision: Literal["auto", "float32", "bfloat16"] = "float32"
 
-    def __post_init__(self) -> None:
+    def check(self, key: str) -> None:
+        """Raise a :class:`ConfigError` naming ``key`` (e.g. ``model.init_args.conv``) for
+        layers no net can be built from.
+
+        Args:
+            key: where the user typed this spec.
+        """
         if not len(self.channels) == len(self.kernel_sizes) == len(self.strides):
-            raise ValueError(
-                "model.init_args.conv.channels, kernel_sizes and strides must have the same length, got "
+            raise ConfigError(
+                f"{key}.channels, kernel_sizes and strides must have the same length, got "
                 f"{len(self.channels)}, {len(self.kernel_sizes)} and {len(self.strides)}"
             )
         if min([*self.channels, *self.kernel_sizes, *self.strides], default=1) < 1:
-            raise ValueError(
-                "model.init_args.conv.channels, kernel_sizes and strides must all be >= 1"
-            )
+            raise ConfigError(f"{key}.channels, kernel_sizes and strides must all be >= 1")
         if self.hidden_size < 0:
-            raise ValueError(
-                f"model.init_args.conv.hidden_size must be >= 0, got {self.hidden_size}"
-            )
+            raise ConfigError(f"{key}.hidden_size must be >= 0, got {self.hidden_size}")
         if self.activation not in _ACTIVATIONS:
-            raise ValueError(
-                f"model.init_args.conv.activation must be one of {sorted(_ACTIVATIONS)}, "
-                f"got {self.activation!r}"
+            raise ConfigError(
+                f"{key}.activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}"
             )
         if self.precision not in ("auto", "float32", "bfloat16"):
-            raise ValueError(
-                "model.init_args.conv.precision must be one of ['auto', 'bfloat16', 'float32'], "
+            raise ConfigError(
+                f"{key}.precision must be one of ['auto', 'bfloat16', 'float32'], "
                 f"got {self.precision!r}"
             )
 
@@ -106,7 +108,7 @@ class ConvBody(nn.Module):
     ) -> None:
         super().__init__()
         if len(obs_shape) != 3:
-            raise ValueError(
+            raise ConfigError(
                 f"model.init_args.conv needs (channels, height, width) observations, got {obs_shape}"
             )
         self.scale = scale
@@ -124,7 +126,7 @@ class ConvBody(nn.Module):
         with torch.no_grad():
             flat = self.convs(torch.zeros(1, *obs_shape)).shape[1]
         if flat == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"model.init_args.conv layers reduce a {obs_shape} observation to nothing"
             )
         self.linear: nn.Module = nn.Identity()

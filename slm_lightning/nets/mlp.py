@@ -6,6 +6,8 @@ from typing import Literal
 
 from torch import nn
 
+from slm_lightning.errors import ConfigError
+
 Activation = Literal["tanh", "relu", "elu", "gelu", "silu", "leaky_relu"]
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "tanh": nn.Tanh,
@@ -29,12 +31,18 @@ class MLPSpec:
     hidden_sizes: list[int] = field(default_factory=lambda: [64, 64])
     activation: Activation = "tanh"
 
-    def __post_init__(self) -> None:
+    def check(self, key: str) -> None:
+        """Raise a :class:`ConfigError` naming ``key`` (the spec's full config key, e.g.
+        ``model.init_args.actor``) for a value no net can be built from.
+
+        Args:
+            key: where the user typed this spec.
+        """
         if any(size < 1 for size in self.hidden_sizes):
-            raise ValueError(f"net.hidden_sizes must all be >= 1, got {self.hidden_sizes}")
+            raise ConfigError(f"{key}.hidden_sizes must all be >= 1, got {self.hidden_sizes}")
         if self.activation not in _ACTIVATIONS:
-            raise ValueError(
-                f"net.activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}"
+            raise ConfigError(
+                f"{key}.activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}"
             )
 
 

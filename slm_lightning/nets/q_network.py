@@ -86,4 +86,6 @@ def epsilon_greedy(q: Tensor, epsilon: float) -> Tensor:
 
 def boltzmann(q: Tensor, temperature: float) -> Tensor:
     """Actions sampled from ``softmax(Q / temperature)``."""
-    return torch.distributions.Categorical(logits=q / max(temperature, 1e-8)).sample()
+    return torch.distributions.Categorical(
+        logits=q / max(temperature, 1e-8), validate_args=False
+    ).sample()

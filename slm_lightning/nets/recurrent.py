@@ -20,6 +20,7 @@ from gymnasium import spaces
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
+from slm_lightning.errors import ConfigError
 from slm_lightning.nets.actor_critic import ActorCritic
 from slm_lightning.nets.conv import ConvSpec, observation_encoder
 from slm_lightning.nets.mlp import _ACTIVATIONS, Activation, MLPSpec, mlp_body, orthogonal_init
@@ -47,21 +48,26 @@ class RecurrentSpec:
     activation: Activation = "tanh"
     sequence_length: int | None = None
 
-    def __post_init__(self) -> None:
+    def check(self, key: str) -> None:
+        """Raise a :class:`ConfigError` naming ``key`` (e.g. ``model.init_args.recurrent``)
+        for a core no net can be built from.
+
+        Args:
+            key: where the user typed this spec.
+        """
         if self.cell not in ("gru", "lstm"):
-            raise ValueError(f"recurrent.cell must be one of gru, lstm, got {self.cell!r}")
+            raise ConfigError(f"{key}.cell must be one of gru, lstm, got {self.cell!r}")
         if self.hidden_size < 1:
-            raise ValueError(f"recurrent.hidden_size must be >= 1, got {self.hidden_size}")
+            raise ConfigError(f"{key}.hidden_size must be >= 1, got {self.hidden_size}")
         if any(size < 1 for size in self.input_sizes):
-            raise ValueError(f"recurrent.input_sizes must all be >= 1, got {self.input_sizes}")
+            raise ConfigError(f"{key}.input_sizes must all be >= 1, got {self.input_sizes}")
         if self.activation not in _ACTIVATIONS:
-            raise ValueError(
-                f"recurrent.activation must be one of {sorted(_ACTIVATIONS)}, "
-                f"got {self.activation!r}"
+            raise ConfigError(
+                f"{key}.activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}"
             )
         if self.sequence_length is not None and self.sequence_length < 1:
-            raise ValueError(
-                f"recurrent.sequence_length must be >= 1 or None, got {self.sequence_length}"
+            raise ConfigError(
+                f"{key}.sequence_length must be >= 1 or None, got {self.sequence_length}"
             )
 
 

@@ -134,7 +134,7 @@ class CategoricalActor(nn.Module):
         return PolicySample(None, log_probs, log_probs.exp())
 
     def sample(self, obs: Tensor) -> Tensor:
-        return torch.distributions.Categorical(logits=self(obs)).sample()
+        return torch.distributions.Categorical(logits=self(obs), validate_args=False).sample()
 
     def greedy(self, obs: Tensor) -> Tensor:
         return self(obs).argmax(-1)

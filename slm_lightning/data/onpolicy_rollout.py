@@ -1,4 +1,5 @@
-"""The on-policy rollout dataset: roll out the vector env, fill memory, yield minibatches."""
+"""The on-policy rollout dataset: roll out the vector env into the algorithm's memory, compute
+returns there, and yield typed minibatches."""
 
 from collections.abc import Iterator
 from typing import Any, Protocol
@@ -8,75 +9,70 @@ import torch
 from gymnasium.vector import VectorEnv
 from torch import Tensor
 
-from slm_lightning.data.onpolicy import OnPolicyMemory
+from slm_lightning.data.onpolicy_memory import OnPolicyBatch, OnPolicyMemory, RecurrentBatch
 from slm_lightning.data.vector_rollout import EpisodeLog, VectorRollout
 from slm_lightning.envs.factory import EnvSpec, next_step_resets
 
-__all__ = ["EpisodeLog", "OnPolicyAgent", "OnPolicyRollout", "RecurrentAgent"]
+__all__ = ["EpisodeLog", "OnPolicyAgent", "OnPolicyRollout"]
 
 
 class OnPolicyAgent(Protocol):
-    """What the rollout needs from an on-policy algorithm."""
+    """What the rollout needs from an on-policy algorithm.
+
+    One step interface serves feed-forward and recurrent policies: ``state`` is the flat
+    ``(N, state_size)`` hidden state the envs carry into the step (None for a feed-forward
+    policy, whose ``initial_state`` is None) and ``episode_starts`` ``(N,)`` marks envs whose
+    observation starts an episode (their state is zeroed before use; None without a state).
+    """
 
     device: torch.device
     max_frames: int
-    stop_update: bool
-
-    def act(self, obs: Tensor) -> tuple[Tensor, Tensor, Tensor | None]: ...
-    def bootstrap_values(self, obs: Tensor) -> Tensor | None: ...
-    def env_actions(self, actions: np.ndarray) -> np.ndarray: ...
-    def compute_returns(self, memory: OnPolicyMemory) -> None: ...
-
-
-class RecurrentAgent(OnPolicyAgent, Protocol):
-    """What the rollout needs on top from an algorithm with a recurrent policy.
-
-    ``state`` is the flat ``(N, state_size)`` hidden state the envs carry into the step and
-    ``episode_starts`` ``(N,)`` marks envs whose observation starts an episode (their state
-    is zeroed before use).
-    """
 
     def initial_state(self, num_envs: int) -> Tensor | None: ...
-    def recurrent_act(
-        self, obs: Tensor, state: Tensor, episode_starts: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]: ...
-    def recurrent_values(
-        self, obs: Tensor, state: Tensor, episode_starts: Tensor
+    def act(
+        self, obs: Tensor, state: Tensor | None, episode_starts: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]: ...
+    def bootstrap_values(
+        self, obs: Tensor, state: Tensor | None, episode_starts: Tensor | None
     ) -> Tensor | None: ...
+    def env_actions(self, actions: np.ndarray) -> np.ndarray: ...
 
 
 class OnPolicyRollout(VectorRollout):
-    """Each ``iter()`` collects one rollout with the agent's current policy, computes returns
-    and advantages, then yields ``training_epochs x num_minibatches`` shuffled minibatches.
+    """Each ``iter()`` collects one rollout with the agent's current policy into ``memory``,
+    has the memory compute returns and advantages, then yields ``training_epochs x
+    num_minibatches`` shuffled minibatches (:class:`OnPolicyBatch`).
 
     With a recurrent policy (``sequence_length`` set) the rollout carries the policy's hidden
     state from step to step (across rollouts too), zeroes it where an episode starts, and
     stores the state each step began with; minibatches are then whole sequences of
-    ``sequence_length`` steps of one sub-env (see :meth:`OnPolicyMemory.sequence_tensors`),
-    shuffled over sequences, with ``valid`` to mask the loss. The hidden state is not
-    checkpointed, on purpose: a resume restarts the envs from a reset (see
-    :class:`VectorRollout`), so the states at the checkpoint belong to episodes that no longer
-    exist; every env restarts from the zero state with an episode start, as in a fresh run.
+    ``sequence_length`` steps of one sub-env (:class:`RecurrentBatch`, see
+    :meth:`OnPolicyMemory.sequence_batch`), shuffled over sequences, with ``valid`` to mask
+    the loss. The hidden state is not checkpointed, on purpose: a resume restarts the envs
+    from a reset (see :class:`VectorRollout`), so the states at the checkpoint belong to
+    episodes that no longer exist; every env restarts from the zero state with an episode
+    start, as in a fresh run.
 
     Args:
         agent: the algorithm (see :class:`OnPolicyAgent`).
         env_spec: which env to build.
+        memory: the algorithm's memory of one rollout, written here; its ``time_horizon``
+            is the rollout's length.
         seed: seed of this process's first sub-env and of minibatch shuffling.
-        time_horizon: vector steps per rollout.
         training_epochs: passes over each rollout.
         num_minibatches: minibatches per pass.
         world_size: processes rolling out in lockstep; the frame clock counts all of them.
         gamma: discount for reward normalisation.
-        sequence_length: steps per training sequence of a recurrent policy (the agent is then
-            a :class:`RecurrentAgent`); must divide ``time_horizon``. None: feed-forward.
+        sequence_length: steps per training sequence of a recurrent policy; must divide the
+            memory's time horizon. None: feed-forward.
     """
 
     def __init__(
         self,
         agent: OnPolicyAgent,
         env_spec: EnvSpec,
+        memory: OnPolicyMemory,
         seed: int,
-        time_horizon: int,
         training_epochs: int,
         num_minibatches: int,
         world_size: int = 1,
@@ -84,67 +80,59 @@ class OnPolicyRollout(VectorRollout):
         sequence_length: int | None = None,
     ) -> None:
         super().__init__(env_spec, seed, world_size, gamma)
+        time_horizon = memory.time_horizon
         if sequence_length is not None and (sequence_length < 1 or time_horizon % sequence_length):
             raise ValueError(
                 f"sequence_length must divide time_horizon {time_horizon}, got {sequence_length}"
             )
         self.sequence_length = sequence_length
         self.agent = agent
+        self.memory = memory
         self.time_horizon = time_horizon
         self.training_epochs = training_epochs
         self.num_minibatches = num_minibatches
         self.rollouts = 0
         self.rng = np.random.default_rng(seed)
-        self.memory: OnPolicyMemory | None = None
         # A recurrent policy's hidden state and episode-start flags between vector steps.
         self.policy_state: Tensor | None = None
         self.episode_starts: np.ndarray | None = None
+        self._stop_minibatches = False
 
     def __len__(self) -> int:
         # A known length stops Lightning from prefetching a batch, which would roll out
         # the next rollout before the last minibatch of this one has been trained on.
         return self.training_epochs * self.num_minibatches
 
+    def stop_minibatches(self) -> None:
+        """Yield no more minibatches of the current rollout (e.g. PPO's target-KL early
+        stop); the next rollout yields all of its own."""
+        self._stop_minibatches = True
+
     def on_env_created(self, env: VectorEnv) -> None:
-        obs_space, act_space = env.single_observation_space, env.single_action_space
-        obs_dtype = np.float32 if np.issubdtype(obs_space.dtype, np.floating) else obs_space.dtype
-        act_dtype = np.int64 if act_space.shape == () else np.float32
-        state_size = 0
-        if self.sequence_length is not None:
-            # Fresh envs, fresh episodes: every env starts from the zero state.
-            self.policy_state = self.agent.initial_state(env.num_envs)
+        # Fresh envs, fresh episodes: every env starts from the zero state (None: feed-forward).
+        self.policy_state = self.agent.initial_state(env.num_envs)
+        if self.policy_state is not None:
             self.episode_starts = np.ones(env.num_envs, dtype=bool)
-            state_size = self.policy_state.shape[-1]
-        self.memory = OnPolicyMemory(
-            self.time_horizon,
-            env.num_envs,
-            obs_space.shape,
-            obs_dtype,
-            act_space.shape,
-            act_dtype,
-            state_size,
-        )
 
     @torch.inference_mode()
     def collect(self) -> None:
-        """Roll out ``time_horizon`` vector steps into memory and compute returns."""
+        """Roll out ``time_horizon`` vector steps into memory, then compute its returns."""
         if self.env is None:
             self.start()
-        mem, agent, env = self.memory, self.agent, self.env
+        mem, agent, env, device = self.memory, self.agent, self.env, self.agent.device
         obs, prev_done = self.obs, self.prev_done
-        recurrent = self.sequence_length is not None
         state, starts = self.policy_state, self.episode_starts
+        recurrent = state is not None
+        starts_t = None
         for t in range(self.time_horizon):
-            obs_t = torch.as_tensor(obs, device=agent.device)
+            obs_t = torch.as_tensor(obs, device=device)
             if recurrent:
                 mem.states[t] = state.cpu().numpy()
                 mem.episode_starts[t] = starts
-                starts_t = torch.as_tensor(starts, device=agent.device)
-                actions, log_probs, values, state = agent.recurrent_act(obs_t, state, starts_t)
+                starts_t = torch.as_tensor(starts, device=device)
                 # The next observation starts an episode iff this step is the NEXT_STEP reset.
                 starts = prev_done
-            else:
-                actions, log_probs, values = agent.act(obs_t)
+            actions, log_probs, values, state = agent.act(obs_t, state, starts_t)
             actions = actions.cpu().numpy()
             next_obs, rewards, terminated, truncated, info = env.step(agent.env_actions(actions))
             mem.obs[t] = obs
@@ -160,36 +148,35 @@ class OnPolicyRollout(VectorRollout):
             obs = np.asarray(next_obs, dtype=mem.obs.dtype)
             self.record_step(obs, rewards, info)
             prev_done = next_step_resets(terminated, truncated, info)
-        obs_t = torch.as_tensor(obs, device=agent.device)
+        obs_t = torch.as_tensor(obs, device=device)
         if recurrent:
-            starts_t = torch.as_tensor(starts, device=agent.device)
-            bootstrap = agent.recurrent_values(obs_t, state, starts_t)
+            starts_t = torch.as_tensor(starts, device=device)
             self.policy_state, self.episode_starts = state, starts
-        else:
-            bootstrap = agent.bootstrap_values(obs_t)
+        bootstrap = agent.bootstrap_values(obs_t, state, starts_t)
         if bootstrap is not None:
             mem.last_values[:] = bootstrap.cpu().numpy()
         self.obs, self.prev_done = obs, prev_done
-        agent.compute_returns(mem)
+        mem.compute_returns()
         self.rollouts += 1
 
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+    def __iter__(self) -> Iterator[OnPolicyBatch | RecurrentBatch]:
         if self.frames >= self.agent.max_frames:
             return
-        self.agent.stop_update = False
+        self._stop_minibatches = False
         self.collect()
+        batch: OnPolicyBatch | RecurrentBatch
         if self.sequence_length is None:
-            batch = self.memory.flat_tensors()
+            batch = self.memory.flat_batch()
             valid = np.flatnonzero(self.memory.valid.reshape(-1))
         else:
-            batch = self.memory.sequence_tensors(self.sequence_length)
-            valid = np.flatnonzero(batch["valid"].any(dim=1).numpy())  # sequences to train on
+            batch = self.memory.sequence_batch(self.sequence_length)
+            valid = np.flatnonzero(batch.valid.any(dim=1).numpy())  # sequences to train on
         for _ in range(self.training_epochs):
             for chunk in np.array_split(self.rng.permutation(valid), self.num_minibatches):
-                if self.agent.stop_update:  # e.g. PPO's target_kl early stop
+                if self._stop_minibatches:
                     return
                 index = torch.from_numpy(chunk)
-                yield {key: value[index] for key, value in batch.items()}
+                yield batch._make(field[index] for field in batch)
 
     def state_dict(self) -> dict[str, Any]:
         """The base state plus the rollout count and the minibatch-shuffling generator."""

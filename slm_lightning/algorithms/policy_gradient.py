@@ -1,0 +1,170 @@
+"""The policy-gradient family's base (PPO, A2C, REINFORCE): an actor-critic policy, the
+on-policy memory and rollout, one Adam with a learning rate per network, gradient clipping."""
+
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from slm_lightning.algorithms.base import RLAlgorithm
+from slm_lightning.data.onpolicy_memory import OnPolicyBatch, OnPolicyMemory, RecurrentBatch
+from slm_lightning.data.onpolicy_rollout import OnPolicyRollout
+from slm_lightning.data.returns import ReturnsEstimator
+from slm_lightning.envs.factory import EnvSpec
+from slm_lightning.nets.actor_critic import ActorCritic
+from slm_lightning.nets.recurrent import RecurrentActorCritic
+from slm_lightning.optim import adam, clip_grad_norm, loss_scaling, set_learning_rates
+from slm_lightning.schedules import Schedule, scheduled
+
+
+class PolicyGradient(RLAlgorithm):
+    """Base of the policy-gradient algorithms: they own ``self.policy`` (an
+    :class:`~slm_lightning.nets.ActorCritic` or :class:`~slm_lightning.nets.RecurrentActorCritic`,
+    set by the subclass) and ``self.memory`` (an :class:`OnPolicyMemory` that computes returns
+    with ``estimator``), which the :class:`OnPolicyRollout` fills every epoch.
+
+    Optimisation: one Adam, one parameter group per network (the actor with any shared body,
+    then a separate critic), at ``lr`` and ``critic_lr`` scheduled over frames at the start of
+    every rollout; the global gradient norm clipped to ``max_grad_norm``.
+
+    Args:
+        env: the environment spec.
+        max_frames: training budget in frames (all envs, all ranks).
+        gamma: discount factor.
+        estimator: how the memory computes returns and advantages.
+        time_horizon: vector steps per rollout.
+        training_epochs: passes over each rollout.
+        num_minibatches: minibatches per pass.
+        lr: learning rate of the actor (and of a shared body), constant or scheduled.
+        critic_lr: learning rate of a separate critic; None uses ``lr``.
+        max_grad_norm: clip the global gradient norm to this (None: no clipping).
+        eval_episodes: episodes played by ``slm-lab validate`` / ``test``.
+        eval_greedy: evaluate the greedy policy instead of sampling.
+    """
+
+    adam_eps: float = 1e-5
+    policy: ActorCritic | RecurrentActorCritic
+    # Steps per training sequence of a recurrent policy; None: feed-forward minibatches.
+    sequence_length: int | None = None
+
+    def __init__(
+        self,
+        env: EnvSpec,
+        max_frames: int,
+        gamma: float,
+        estimator: ReturnsEstimator,
+        time_horizon: int,
+        training_epochs: int,
+        num_minibatches: int,
+        lr: float | Schedule,
+        critic_lr: float | Schedule | None,
+        max_grad_norm: float | None,
+        eval_episodes: int = 10,
+        eval_greedy: bool = True,
+    ) -> None:
+        super().__init__(env, max_frames, gamma, eval_episodes, eval_greedy)
+        self.check_positive(
+            time_horizon=time_horizon,
+            training_epochs=training_epochs,
+            num_minibatches=num_minibatches,
+        )
+        self.check_learning_rates(lr=lr, critic_lr=critic_lr)
+        self.estimator = estimator
+        self.time_horizon = time_horizon
+        self.training_epochs = training_epochs
+        self.num_minibatches = num_minibatches
+        self.lr = lr
+        self.critic_lr = critic_lr
+        self.max_grad_norm = max_grad_norm
+        self.memory: OnPolicyMemory | None = None
+
+    @override
+    def build_rollout(self) -> OnPolicyRollout:
+        self.memory = OnPolicyMemory.for_spaces(
+            self.time_horizon,
+            self.env_spec.num_envs,
+            self.observation_space,
+            self.action_space,
+            self.estimator,
+            state_size=self.policy.state_size,
+        )
+        return OnPolicyRollout(
+            self,
+            self.env_spec,
+            self.memory,
+            self.env_seed(),
+            self.training_epochs,
+            self.num_minibatches,
+            world_size=self.trainer.world_size,
+            gamma=self.gamma,
+            sequence_length=self.sequence_length,
+        )
+
+    # --- the policy step: one interface for feed-forward and recurrent policies ----------------
+
+    @override
+    def initial_state(self, num_envs: int) -> Tensor | None:
+        return self.policy.initial_state(num_envs, self.device)
+
+    def act(
+        self, obs: Tensor, state: Tensor | None, episode_starts: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """One rollout step: sampled actions, their log-probs, values and the next state."""
+        return self.policy.act(obs, state, episode_starts)
+
+    def bootstrap_values(
+        self, obs: Tensor, state: Tensor | None, episode_starts: Tensor | None
+    ) -> Tensor | None:
+        """``V`` after the rollout's last step (None without a critic)."""
+        return self.policy.value(obs, state, episode_starts) if self.policy.has_critic else None
+
+    @override
+    def eval_step(
+        self, obs: Tensor, state: Tensor | None, episode_starts: Tensor | None, greedy: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        dist, _, state = self.policy.step(obs, state, episode_starts)
+        return (self.policy.greedy(dist) if greedy else dist.sample()), state
+
+    @override
+    def eval_actions(self, obs: Tensor, greedy: bool) -> Tensor:
+        """Actions for ``obs`` as first observations of their episodes."""
+        state = self.initial_state(len(obs))
+        starts = (
+            None if state is None else torch.ones(len(obs), dtype=torch.bool, device=obs.device)
+        )
+        return self.eval_step(obs, state, starts, greedy)[0]
+
+    # --- optimisation ---------------------------------------------------------------------------
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        lr = scheduled(self.lr, 0, self.max_frames)
+        return adam(self.policy.param_groups(), lr, self.adam_eps, loss_scaling(self._trainer))
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        lr = scheduled(self.lr, self.frames, self.max_frames)
+        critic_lr = (
+            lr
+            if self.critic_lr is None
+            else scheduled(self.critic_lr, self.frames, self.max_frames)
+        )
+        set_learning_rates(self.trainer.optimizers[0], (lr, critic_lr))
+        self.train_metrics.set({"train/lr": lr})
+
+    @override
+    def on_train_batch_start(self, batch: OnPolicyBatch | RecurrentBatch, batch_idx: int) -> None:
+        # Once per rollout, before its first update: how well the critic's values predicted
+        # the returns the memory has just computed.
+        if batch_idx == 0 and self.policy.has_critic and self.memory is not None:
+            self.train_metrics.add({"train/explained_variance": self.memory.explained_variance()})
+
+    @override
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # The Trainer's gradient_clip_val, when given, overrides max_grad_norm.
+        max_norm = self.max_grad_norm if gradient_clip_val is None else gradient_clip_val
+        clip_grad_norm(self, optimizer, max_norm)
