@@ -139,6 +139,15 @@ def saved_rollout_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
     return state if isinstance(state, dict) else None
 
 
+def saved_memory_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The replay memory's ``state_dict`` a checkpoint holds, which an off-policy algorithm
+    writes under ``checkpoint["memory"]``; None without one (``checkpoint_memory: false``,
+    written before the first rollout, or an on-policy algorithm). The one place that knows
+    where in the checkpoint it is."""
+    memory = checkpoint.get("memory")
+    return memory if isinstance(memory, dict) else None
+
+
 def checkpoint_frames(checkpoint: dict[str, Any]) -> int:
     """The frame clock saved in a checkpoint (0 if it holds no rollout state)."""
     state = saved_rollout_state(checkpoint)

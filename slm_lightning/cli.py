@@ -38,6 +38,7 @@ from slm_lightning.checkpoints import (
     describe,
     read_checkpoint,
     saved_algorithm,
+    saved_memory_state,
     saved_rollout_state,
     warm_start,
 )
@@ -354,7 +355,7 @@ def check_resume(model: RLAlgorithm, checkpoint: dict[str, Any], path: str) -> N
                     f"this config has model.init_args.env.{option}={str(not trained).lower()}: "
                     "they must match to resume"
                 )
-    memory = rollout.get("memory") if rollout is not None else None
+    memory = saved_memory_state(checkpoint)
     if not memory:
         return
     hp = model.hparams

@@ -13,7 +13,7 @@ from gymnasium.vector import VectorWrapper
 
 from slm_lightning.cli import main
 from slm_lightning.data.frame_replay import FrameReplay
-from slm_lightning.data.offpolicy import OffPolicyRollout
+from slm_lightning.data.offpolicy_rollout import OffPolicyRollout
 from slm_lightning.data.rollout import OnPolicyRollout
 from slm_lightning.envs.atari import AtariGameEpisodes, AtariSpec, make_atari_render_env
 from slm_lightning.envs.factory import EnvSpec, make_vector_env, probe_spaces
@@ -243,8 +243,8 @@ def test_step_after_a_life_loss_is_a_real_transition():
     offpolicy.close()
     assert len(memory) == 127
     batch = memory.batch(np.arange(127))
-    np.testing.assert_array_equal(batch["obs"], mem.obs[mem.valid[:, 0], 0])
-    np.testing.assert_array_equal(np.flatnonzero(batch["terminated"]), terminals)
+    np.testing.assert_array_equal(batch.obs, mem.obs[mem.valid[:, 0], 0])
+    np.testing.assert_array_equal(np.flatnonzero(batch.terminated), terminals)
 
 
 @pytest.mark.parametrize("game", ["Breakout", "Pong"])

@@ -22,7 +22,7 @@ from gymnasium import spaces
 from slm_lightning import cli as cli_module
 from slm_lightning.algorithms import DQN
 from slm_lightning.algorithms.dqn import double_dqn_target, dqn_target
-from slm_lightning.data.offpolicy import OffPolicyRollout
+from slm_lightning.data.offpolicy_rollout import OffPolicyRollout
 from slm_lightning.data.prioritized import PrioritizedReplay
 from slm_lightning.data.replay import ReplayMemory
 from slm_lightning.envs.factory import EnvSpec
@@ -110,10 +110,10 @@ def test_targets_use_the_stored_nstep_discount():
                    np.array([[t + 1]], np.float32), np.array([False]), np.array([t == 4]),
                    np.array([True]))  # fmt: skip
     batch = {k: torch.as_tensor(v) for k, v in memory.batch(np.arange(len(memory))).items()}
-    np.testing.assert_array_equal(batch["obs"][:, 0], [0, 1, 2, 3, 4])
-    np.testing.assert_allclose(batch["discounts"], [GAMMA**3, GAMMA**3, GAMMA**3, GAMMA**2, GAMMA])
-    next_q = batch["next_obs"].repeat(1, 2) * torch.tensor([1.0, 10.0])  # max = 10 * next count
-    target = dqn_target(next_q, batch["rewards"], batch["discounts"], batch["terminated"])
+    np.testing.assert_array_equal(batch.obs[:, 0], [0, 1, 2, 3, 4])
+    np.testing.assert_allclose(batch.discounts, [GAMMA**3, GAMMA**3, GAMMA**3, GAMMA**2, GAMMA])
+    next_q = batch.next_obs.repeat(1, 2) * torch.tensor([1.0, 10.0])  # max = 10 * next count
+    target = dqn_target(next_q, batch.rewards, batch.discounts, batch.terminated)
     expected = [
         sum(GAMMA**i * (s + 1 + i) for i in range(k)) + GAMMA**k * 10 * (s + k)
         for s, k in zip(range(5), [3, 3, 3, 2, 1], strict=True)
@@ -218,18 +218,18 @@ def test_prioritized_training_step_updates_sampled_priorities_and_weights_the_lo
     model.rollout = SimpleNamespace(memory=memory, frames=0)
 
     batch = {k: torch.from_numpy(v) for k, v in model.sample_batch(memory).items()}
-    weights = batch["weights"]
+    weights = batch.weights
     assert weights.max() == 1.0 and weights.min() < 0.9
-    untouched = np.setdiff1d(np.arange(40), batch["indices"].numpy())
+    untouched = np.setdiff1d(np.arange(40), batch.indices.numpy())
     before = memory.tree.get(untouched).copy()
 
     with torch.no_grad():
-        q = model.policy(batch["obs"]).gather(-1, batch["actions"].unsqueeze(-1)).squeeze(-1)
+        q = model.policy(batch.obs).gather(-1, batch.actions.unsqueeze(-1)).squeeze(-1)
         target = dqn_target(
-            model.target(batch["next_obs"]),
-            batch["rewards"],
-            batch["discounts"],
-            batch["terminated"],
+            model.target(batch.next_obs),
+            batch.rewards,
+            batch.discounts,
+            batch.terminated,
         )
     loss = model.training_step(batch, 0)
 
@@ -237,7 +237,7 @@ def test_prioritized_training_step_updates_sampled_priorities_and_weights_the_lo
     torch.testing.assert_close(loss.detach(), (weights * elementwise).mean())
     assert not torch.isclose(loss.detach(), elementwise.mean())
     expected = {}  # where a slot was drawn twice the last value wins
-    for index, td in zip(batch["indices"].tolist(), (q - target).abs().tolist(), strict=True):
+    for index, td in zip(batch.indices.tolist(), (q - target).abs().tolist(), strict=True):
         expected[index] = (td + memory.eps) ** 0.6
     slots = np.array(sorted(expected))
     np.testing.assert_allclose(memory.tree.get(slots), [expected[i] for i in slots], rtol=1e-6)
@@ -253,9 +253,9 @@ def test_uniform_replay_loss_is_unweighted():
             p.add_(0.1 * torch.randn_like(p))
     batch = hand_batch()
     with torch.no_grad():
-        q = model.policy(batch["obs"]).gather(-1, batch["actions"].unsqueeze(-1)).squeeze(-1)
-        target = dqn_target(model.target(batch["next_obs"]), batch["rewards"],
-                            batch["discounts"], batch["terminated"])  # fmt: skip
+        q = model.policy(batch.obs).gather(-1, batch.actions.unsqueeze(-1)).squeeze(-1)
+        target = dqn_target(model.target(batch.next_obs), batch.rewards,
+                            batch.discounts, batch.terminated)  # fmt: skip
     loss = model.training_step(batch, 0)
     torch.testing.assert_close(loss.detach(), 0.5 * (q - target).pow(2).mean())
 
@@ -471,7 +471,7 @@ def first(tmp_path_factory):
         cli, s = fit(root / "run", "--model.init_args.max_frames=3000", *SMALL, *PER_NSTEP)
     memory = cli.model.rollout.memory
     snapshot = copy.deepcopy(memory.state_dict())
-    next_samples = [memory.sample(32, beta=0.5)["indices"] for _ in range(3)]
+    next_samples = [memory.sample(32, beta=0.5).indices for _ in range(3)]
     return cli, s, root / "run", snapshot, next_samples
 
 
@@ -500,7 +500,7 @@ def test_checkpoint_holds_the_replay_memory(first):
     fresh.load_state_dict(saved)
     assert len(fresh) == saved["size"] and fresh.cursor == saved["cursor"]
     for indices in next_samples:
-        np.testing.assert_array_equal(fresh.sample(32, beta=0.5)["indices"], indices)
+        np.testing.assert_array_equal(fresh.sample(32, beta=0.5).indices, indices)
     # The target-network schedule: copies at 2000, next at 4000.
     assert ckpt["next_target_update"] == 4000
 

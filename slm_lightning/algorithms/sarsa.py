@@ -11,9 +11,11 @@ from typing_extensions import override
 from slm_lightning.algorithms.base import RLAlgorithm
 from slm_lightning.config_types import NonNegativeFloat, PositiveCount
 from slm_lightning.data.onpolicy import OnPolicyMemory
+from slm_lightning.data.rollout import OnPolicyRollout
 from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.nets.mlp import MLPSpec
-from slm_lightning.nets.q_network import QNetwork, boltzmann, epsilon_greedy
+from slm_lightning.nets.q_network import QNetwork, exploration_setting, exploring_actions
+from slm_lightning.optim import adam, clip_gradient_norm, set_learning_rates
 from slm_lightning.schedules import Schedule, scheduled
 
 
@@ -45,6 +47,7 @@ class SARSA(RLAlgorithm):
     """
 
     action_spaces = (spaces.Discrete,)
+    adam_eps = 1e-5
 
     def __init__(
         self,
@@ -74,18 +77,41 @@ class SARSA(RLAlgorithm):
         self.check_learning_rates(lr=lr)
         self.check_choice("exploration", exploration, ("epsilon_greedy", "boltzmann"))
         self.check_choice("loss", loss, ("huber", "mse"))
+        self.lr = lr
+        self.time_horizon = time_horizon
+        self.training_epochs = training_epochs
+        self.num_minibatches = num_minibatches
+        self.exploration = exploration
+        self.epsilon = epsilon
+        self.temperature = temperature
+        self.loss = loss
+        self.max_grad_norm = max_grad_norm
         self.policy = QNetwork(self.observation_space, self.action_space, net or MLPSpec())
 
-    def explore(self, q: Tensor) -> Tensor:
-        hp = self.hparams
-        if hp.exploration == "boltzmann":
-            return boltzmann(q, scheduled(hp.temperature, self.frames, self.max_frames))
-        return epsilon_greedy(q, scheduled(hp.epsilon, self.frames, self.max_frames))
+    @override
+    def build_rollout(self) -> OnPolicyRollout:
+        return OnPolicyRollout(
+            self,
+            self.env_spec,
+            self.env_seed(),
+            self.time_horizon,
+            self.training_epochs,
+            self.num_minibatches,
+            world_size=self.trainer.world_size,
+            gamma=self.gamma,
+        )
+
+    def exploring_actions(self, q: Tensor) -> Tensor:
+        """Epsilon-greedy or Boltzmann actions from the Q-values ``q`` ``(B, n)``."""
+        _, rate = exploration_setting(
+            self.exploration, self.epsilon, self.temperature, self.frames, self.max_frames
+        )
+        return exploring_actions(q, self.exploration, rate)
 
     @override
     def act(self, obs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q = self.policy(obs)
-        actions = self.explore(q)
+        actions = self.exploring_actions(q)
         return actions, torch.zeros_like(q[:, 0]), q.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
 
     @override
@@ -95,26 +121,36 @@ class SARSA(RLAlgorithm):
     @override
     def eval_actions(self, obs: Tensor, greedy: bool) -> Tensor:
         q = self.policy(obs)
-        return q.argmax(-1) if greedy else self.explore(q)
+        return q.argmax(-1) if greedy else self.exploring_actions(q)
 
     def compute_returns(self, memory: OnPolicyMemory) -> None:
         memory.compute_returns("gae", self.gamma, gae_lambda=0.0)  # lambda 0: TD(0) targets
 
     @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        lr = scheduled(self.lr, 0, self.max_frames)
+        return adam(self, self.policy.param_groups(), lr, self.adam_eps)
+
+    @override
     def on_train_epoch_start(self) -> None:
-        super().on_train_epoch_start()
-        hp = self.hparams
-        key, value = (
-            ("epsilon", hp.epsilon)
-            if hp.exploration == "epsilon_greedy"
-            else ("temperature", hp.temperature)
+        lr = scheduled(self.lr, self.frames, self.max_frames)
+        set_learning_rates(self.trainer.optimizers[0], [lr])
+        key, rate = exploration_setting(
+            self.exploration, self.epsilon, self.temperature, self.frames, self.max_frames
         )
-        self.train_metrics.set({f"train/{key}": scheduled(value, self.frames, self.max_frames)})
+        self.train_metrics.set({"train/lr": lr, key: rate})
+
+    @override
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        max_norm = self.max_grad_norm if gradient_clip_val is None else gradient_clip_val
+        clip_gradient_norm(self, optimizer, max_norm)
 
     @override
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         q = self.policy(batch["obs"]).gather(-1, batch["actions"].unsqueeze(-1)).squeeze(-1)
-        if self.hparams.loss == "huber":
+        if self.loss == "huber":
             loss = F.smooth_l1_loss(q, batch["returns"])
         else:
             loss = 0.5 * (q - batch["returns"]).pow(2).mean()
