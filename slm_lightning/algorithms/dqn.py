@@ -162,6 +162,7 @@ class DQN(OffPolicyAlgorithm):
             )
         if tau is not None and not 0.0 < tau <= 1.0:
             raise ConfigError(f"model.init_args.tau must be in (0, 1], got {tau}")
+        self.check_replay_settings()
         self.double_q = double  # not ``double``: nn.Module.double() casts to float64
         self.lr = lr
         self.n_steps = n_steps

@@ -65,15 +65,6 @@ class OffPolicyAlgorithm(RLAlgorithm):
             raise ConfigError(
                 f"model.init_args.learning_starts must be >= 0, got {learning_starts}"
             )
-        if learning_starts >= max_frames:
-            raise ConfigError(
-                f"model.init_args.learning_starts ({learning_starts}) must be < max_frames "
-                f"({max_frames}): no update would run"
-            )
-        if memory_size < batch_size:
-            raise ConfigError(
-                f"model.init_args.memory_size ({memory_size}) must be >= batch_size ({batch_size})"
-            )
         self.batch_size = batch_size
         self.memory_size = memory_size
         self.learning_starts = learning_starts
@@ -83,6 +74,21 @@ class OffPolicyAlgorithm(RLAlgorithm):
         self.memory: ReplayMemory | None = None  # built with the rollout
         self._saved_memory: dict[str, Any] | None = None
         self._resumed_frames: int | None = None  # the frame clock of a checkpoint resumed
+
+    def check_replay_settings(self) -> None:
+        """Raise a :class:`ConfigError` for replay settings under which nothing would train:
+        no update before the budget ends, or a memory smaller than one batch. Subclasses call
+        it after checking their own hyperparameters, which it presupposes."""
+        if self.learning_starts >= self.max_frames:
+            raise ConfigError(
+                f"model.init_args.learning_starts ({self.learning_starts}) must be < max_frames "
+                f"({self.max_frames}): no update would run"
+            )
+        if self.memory_size < self.batch_size:
+            raise ConfigError(
+                f"model.init_args.memory_size ({self.memory_size}) must be >= batch_size "
+                f"({self.batch_size})"
+            )
 
     def replay_layout(self) -> ReplayLayout:
         """The memory's layout: this env's spaces, ``memory_size`` one-step transitions."""

@@ -283,6 +283,7 @@ class SAC(OffPolicyAlgorithm):
             alpha=alpha,
             initial_alpha=initial_alpha,
         )
+        self.check_replay_settings()
         # Several optimizers stepped at different rates: Lightning's manual optimization.
         self.automatic_optimization = False
         self.actor_lr, self.critic_lr, self.alpha_lr = actor_lr, critic_lr, alpha_lr
