@@ -261,6 +261,8 @@ class RLAlgorithm(L.LightningModule):
 
     @override
     def on_train_epoch_start(self) -> None:
+        if "lr" not in self.hparams:  # SAC / CrossQ: constant rates of their own optimizers
+            return
         lr = scheduled(self.hparams.lr, self.frames, self.max_frames)
         critic_lr = self.hparams.get("critic_lr")
         critic_lr = lr if critic_lr is None else scheduled(critic_lr, self.frames, self.max_frames)

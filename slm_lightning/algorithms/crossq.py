@@ -111,7 +111,6 @@ class CrossQ(SAC):
             eval_episodes=eval_episodes,
             eval_greedy=eval_greedy,
         )  # SAC's tau stays unused: there are no target critics
-        self.save_hyperparameters()  # CrossQ's own arguments, not SAC's (no tau)
         self.adam_betas = (adam_beta1, 0.999)
 
     @override

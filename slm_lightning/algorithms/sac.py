@@ -273,7 +273,9 @@ class SAC(OffPolicyAlgorithm):
             eval_episodes,
             eval_greedy,
         )
-        self.save_hyperparameters()
+        # Lightning collects the arguments of every __init__ up the subclass chain (CrossQ's
+        # too); tau means nothing without target critics and is no argument of CrossQ.
+        self.save_hyperparameters(ignore=[] if self.target_critics else ["tau"])
         self.check_positive(policy_delay=policy_delay)
         check_sac_args(
             actor_lr=actor_lr,
