@@ -237,7 +237,7 @@ def test_step_after_a_life_loss_is_a_real_transition():
 
     # DQN's frame replay keeps the same 127 transitions, with the same observations.
     memory = FrameReplay(1000, 1, (4, 84, 84), np.uint8, (), np.int64)
-    offpolicy = OffPolicyRollout(AlwaysFire(), BREAKOUT_LIVES, memory, 0)
+    offpolicy = OffPolicyRollout(AlwaysFire(), BREAKOUT_LIVES, memory, 0, learning_starts=10**9)
     for _ in range(128):
         offpolicy.step()
     offpolicy.close()
