@@ -159,6 +159,15 @@ def saved_rollout_state(
     return None
 
 
+def saved_memory_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The replay memory's ``state_dict`` a checkpoint holds, which an off-policy algorithm
+    writes under ``checkpoint["memory"]``; None without one (``checkpoint_memory: false``,
+    written before the first rollout, or an on-policy algorithm). The one place that knows
+    where in the checkpoint it is."""
+    memory = checkpoint.get("memory")
+    return memory if isinstance(memory, dict) else None
+
+
 def checkpoint_frames(checkpoint: dict[str, Any]) -> int:
     """The frame clock saved in a checkpoint (0 if it holds no rollout state)."""
     state = saved_rollout_state(checkpoint)
@@ -366,7 +375,7 @@ def check_resume(model: L.LightningModule, checkpoint: dict[str, Any], path: str
                     f"this config has model.init_args.env.{option}={str(not trained).lower()}: "
                     "they must match to resume"
                 )
-    memory = rollout.get("memory") if rollout is not None else None
+    memory = saved_memory_state(checkpoint)
     if not memory:
         return
     # The memory's settings are read from the saved hyperparameters by name because only the

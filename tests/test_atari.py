@@ -12,7 +12,7 @@ from gymnasium.vector import VectorWrapper
 
 from slm_lightning.cli import main
 from slm_lightning.data.frame_replay import FrameReplay
-from slm_lightning.data.offpolicy import OffPolicyRollout
+from slm_lightning.data.offpolicy_rollout import OffPolicyRollout
 from slm_lightning.data.onpolicy_memory import OnPolicyMemory
 from slm_lightning.data.onpolicy_rollout import OnPolicyRollout
 from slm_lightning.data.returns import MonteCarloReturns
@@ -241,14 +241,14 @@ def test_step_after_a_life_loss_is_a_real_transition():
 
     # DQN's frame replay keeps the same 127 transitions, with the same observations.
     memory = FrameReplay(1000, 1, (4, 84, 84), np.uint8, (), np.int64)
-    offpolicy = OffPolicyRollout(AlwaysFire(), BREAKOUT_LIVES, memory, 0)
+    offpolicy = OffPolicyRollout(AlwaysFire(), BREAKOUT_LIVES, memory, 0, learning_starts=10**9)
     for _ in range(128):
         offpolicy.step()
     offpolicy.close()
     assert len(memory) == 127
     batch = memory.batch(np.arange(127))
-    np.testing.assert_array_equal(batch["obs"], mem.obs[mem.valid[:, 0], 0])
-    np.testing.assert_array_equal(np.flatnonzero(batch["terminated"]), terminals)
+    np.testing.assert_array_equal(batch.obs, mem.obs[mem.valid[:, 0], 0])
+    np.testing.assert_array_equal(np.flatnonzero(batch.terminated), terminals)
 
 
 @pytest.mark.parametrize("game", ["Breakout", "Pong"])

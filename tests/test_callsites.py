@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from slm_lightning.algorithms import A2C, DQN, PPO, SAC, CrossQ, Reinforce
 from slm_lightning.callbacks import MetricsTracker
 from slm_lightning.data.onpolicy_memory import OnPolicyBatch, OnPolicyMemory
+from slm_lightning.data.replay import ReplayBatch
 from slm_lightning.data.vector_rollout import EpisodeLog
 from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.nets.actor_critic import ActorCritic
@@ -35,8 +36,7 @@ HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)  # 0.918939
 
 
 class Rollout:
-    """What ``training_step`` and the epoch hooks read off the rollout: the frame clock
-    and the number of minibatches per rollout (PPO logs diagnostics on the last one)."""
+    """What ``training_step`` and the epoch hooks read off the rollout: the frame clock."""
 
     def __init__(self, frames: int = 0, minibatches: int = 1) -> None:
         self.frames = frames
@@ -83,15 +83,16 @@ def onpolicy_batch(obs_dim: int, **fields: list) -> OnPolicyBatch:
 # --- DQN -----------------------------------------------------------------------------------------
 
 
-def dqn_batch() -> dict[str, Tensor]:
-    return {
-        "obs": torch.randn(2, 4),
-        "actions": torch.tensor([0, 1]),
-        "rewards": torch.tensor([1.0, 0.5]),
-        "next_obs": torch.randn(2, 4),
-        "terminated": torch.tensor([0.0, 1.0]),
-        "discounts": torch.tensor([0.9, 0.9]),
-    }
+def dqn_batch(rewards: tuple[float, float] = (1.0, 0.5), terminated=(0.0, 1.0)) -> ReplayBatch:
+    return ReplayBatch(
+        obs=torch.randn(2, 4),
+        actions=torch.tensor([0, 1]),
+        rewards=torch.tensor(rewards),
+        next_obs=torch.randn(2, 4),
+        discounts=torch.tensor([0.9, 0.9]),
+        terminated=torch.tensor(terminated),
+        indices=torch.tensor([0, 1]),
+    )
 
 
 @pytest.mark.parametrize(
@@ -119,6 +120,24 @@ def test_dqn_target_comes_from_the_right_net(double: bool, expected_loss: float)
     assert float(loss.detach()) == pytest.approx(expected_loss, rel=1e-6)
     assert metric(model, "train/loss") == pytest.approx(expected_loss, rel=1e-6)
     assert metric(model, "train/q_mean") == pytest.approx(0.5)  # (Q(s, 0) + Q(s, 1)) / 2
+
+
+def test_dqn_logs_the_mean_loss_of_the_updates_since_the_last_row() -> None:
+    """Two updates of plain DQN with constant nets, then the row the metrics logger takes.
+    Catches a row logging the last update's loss (0.8125) or the sum (5.9375)."""
+    torch.manual_seed(0)
+    model = DQN(CARTPOLE, net=TINY, loss="mse")
+    constant(model.policy.head, [1.0, 0.0])  # Q(s, .) = (1, 0); Q(s, a) of actions (0, 1): (1, 0)
+    constant(model.target.head, [3.0, 5.0])
+    # Update 1, as above: targets (1 + 0.9 * 5, 0.5) = (5.5, 0.5), loss 5.125.
+    model.training_step(dqn_batch(), 0)
+    # Update 2, both terminal: targets = rewards (0, 1.5)
+    # loss = 0.5 * ((1 - 0)^2 + (0 - 1.5)^2) / 2 = 0.5 * 3.25 / 2 = 0.8125
+    model.training_step(dqn_batch(rewards=(0.0, 1.5), terminated=(1.0, 1.0)), 1)
+    row = model.train_metrics.pop_row()
+    assert row["train/loss"] == pytest.approx((5.125 + 0.8125) / 2, rel=1e-6)  # 2.96875
+    assert row["train/q_mean"] == pytest.approx(0.5)
+    assert "train/loss" not in model.train_metrics.pop_row()  # the next row starts over
 
 
 def test_dqn_explores_and_learns_at_the_scheduled_values_of_the_frame_clock() -> None:
@@ -211,8 +230,9 @@ def test_crossq_bootstraps_from_the_min_of_its_own_critics() -> None:
     for critic, value in zip(model.critic.critics, [1.0, 3.0], strict=True):
         constant(critic[-1], [value])  # after the last Batch Renormalization: constant Q
     manual_optimization(model, attach(model))
-    batch = dqn_batch()
-    batch.update(obs=torch.randn(2, 3), next_obs=torch.randn(2, 3), actions=torch.rand(2, 1))
+    batch = dqn_batch()._replace(
+        obs=torch.randn(2, 3), next_obs=torch.randn(2, 3), actions=torch.rand(2, 1)
+    )
 
     model.training_step(batch, 0)
 

@@ -19,9 +19,10 @@ from gymnasium import spaces
 
 from slm_lightning.algorithms import DQN
 from slm_lightning.algorithms.dqn import double_dqn_target, dqn_target
-from slm_lightning.data.offpolicy import OffPolicyRollout
+from slm_lightning.checkpoints import checkpoint_frames, saved_memory_state
+from slm_lightning.data.offpolicy_rollout import OffPolicyRollout
 from slm_lightning.data.prioritized import PrioritizedReplay
-from slm_lightning.data.replay import ReplayMemory
+from slm_lightning.data.replay import ReplayBatch, ReplayMemory
 from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.nets.mlp import MLPSpec
 from slm_lightning.nets.q_network import QNetwork, boltzmann, epsilon_greedy
@@ -95,11 +96,11 @@ def test_targets_use_the_stored_nstep_discount():
         memory.add(np.array([[t]], np.float32), np.array([0]), np.array([t + 1.0]),
                    np.array([[t + 1]], np.float32), np.array([False]), np.array([t == 4]),
                    np.array([True]))  # fmt: skip
-    batch = {k: torch.as_tensor(v) for k, v in memory.batch(np.arange(len(memory))).items()}
-    np.testing.assert_array_equal(batch["obs"][:, 0], [0, 1, 2, 3, 4])
-    np.testing.assert_allclose(batch["discounts"], [GAMMA**3, GAMMA**3, GAMMA**3, GAMMA**2, GAMMA])
-    next_q = batch["next_obs"].repeat(1, 2) * torch.tensor([1.0, 10.0])  # max = 10 * next count
-    target = dqn_target(next_q, batch["rewards"], batch["discounts"], batch["terminated"])
+    batch = memory.batch(np.arange(len(memory))).as_tensors()
+    np.testing.assert_array_equal(batch.obs[:, 0], [0, 1, 2, 3, 4])
+    np.testing.assert_allclose(batch.discounts, [GAMMA**3, GAMMA**3, GAMMA**3, GAMMA**2, GAMMA])
+    next_q = batch.next_obs.repeat(1, 2) * torch.tensor([1.0, 10.0])  # max = 10 * next count
+    target = dqn_target(next_q, batch.rewards, batch.discounts, batch.terminated)
     expected = [
         sum(GAMMA**i * (s + 1 + i) for i in range(k)) + GAMMA**k * 10 * (s + k)
         for s, k in zip(range(5), [3, 3, 3, 2, 1], strict=True)
@@ -177,16 +178,17 @@ def small_dqn(**kwargs) -> DQN:
     )
 
 
-def hand_batch(n: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
+def hand_batch(n: int = 16, seed: int = 0) -> ReplayBatch:
     g = torch.Generator().manual_seed(seed)
-    return {
-        "obs": torch.randn(n, 4, generator=g),
-        "actions": torch.randint(2, (n,), generator=g),
-        "rewards": torch.rand(n, generator=g),
-        "next_obs": torch.randn(n, 4, generator=g),
-        "terminated": (torch.rand(n, generator=g) < 0.2).float(),
-        "discounts": torch.full((n,), 0.99),
-    }
+    return ReplayBatch(
+        obs=torch.randn(n, 4, generator=g),
+        actions=torch.randint(2, (n,), generator=g),
+        rewards=torch.rand(n, generator=g),
+        next_obs=torch.randn(n, 4, generator=g),
+        terminated=(torch.rand(n, generator=g) < 0.2).float(),
+        discounts=torch.full((n,), 0.99),
+        indices=torch.arange(n),
+    )
 
 
 def test_prioritized_training_step_updates_sampled_priorities_and_weights_the_loss():
@@ -201,21 +203,22 @@ def test_prioritized_training_step_updates_sampled_priorities_and_weights_the_lo
                    rng.random(1), rng.normal(size=(1, 4)).astype(np.float32),
                    rng.random(1) < 0.1, np.zeros(1, bool), np.ones(1, bool))  # fmt: skip
     memory.update_priorities(np.arange(40), rng.uniform(0.0, 3.0, 40))  # non-uniform weights
-    model.rollout = SimpleNamespace(memory=memory, frames=0)
+    model.memory = memory
+    model.rollout = SimpleNamespace(frames=0)
 
-    batch = {k: torch.from_numpy(v) for k, v in model.sample_batch(memory).items()}
-    weights = batch["weights"]
+    batch = model.sample_batch().as_tensors()
+    weights = batch.weights
     assert weights.max() == 1.0 and weights.min() < 0.9
-    untouched = np.setdiff1d(np.arange(40), batch["indices"].numpy())
+    untouched = np.setdiff1d(np.arange(40), batch.indices.numpy())
     before = memory.tree.get(untouched).copy()
 
     with torch.no_grad():
-        q = model.policy(batch["obs"]).gather(-1, batch["actions"].unsqueeze(-1)).squeeze(-1)
+        q = model.policy(batch.obs).gather(-1, batch.actions.unsqueeze(-1)).squeeze(-1)
         target = dqn_target(
-            model.target(batch["next_obs"]),
-            batch["rewards"],
-            batch["discounts"],
-            batch["terminated"],
+            model.target(batch.next_obs),
+            batch.rewards,
+            batch.discounts,
+            batch.terminated,
         )
     loss = model.training_step(batch, 0)
 
@@ -223,7 +226,7 @@ def test_prioritized_training_step_updates_sampled_priorities_and_weights_the_lo
     torch.testing.assert_close(loss.detach(), (weights * elementwise).mean())
     assert not torch.isclose(loss.detach(), elementwise.mean())
     expected = {}  # where a slot was drawn twice the last value wins
-    for index, td in zip(batch["indices"].tolist(), (q - target).abs().tolist(), strict=True):
+    for index, td in zip(batch.indices.tolist(), (q - target).abs().tolist(), strict=True):
         expected[index] = (td + memory.eps) ** 0.6
     slots = np.array(sorted(expected))
     np.testing.assert_allclose(memory.tree.get(slots), [expected[i] for i in slots], rtol=1e-6)
@@ -239,9 +242,9 @@ def test_uniform_replay_loss_is_unweighted():
             p.add_(0.1 * torch.randn_like(p))
     batch = hand_batch()
     with torch.no_grad():
-        q = model.policy(batch["obs"]).gather(-1, batch["actions"].unsqueeze(-1)).squeeze(-1)
-        target = dqn_target(model.target(batch["next_obs"]), batch["rewards"],
-                            batch["discounts"], batch["terminated"])  # fmt: skip
+        q = model.policy(batch.obs).gather(-1, batch.actions.unsqueeze(-1)).squeeze(-1)
+        target = dqn_target(model.target(batch.next_obs), batch.rewards,
+                            batch.discounts, batch.terminated)  # fmt: skip
     loss = model.training_step(batch, 0)
     torch.testing.assert_close(loss.detach(), 0.5 * (q - target).pow(2).mean())
 
@@ -257,7 +260,8 @@ def test_hard_target_copy_exactly_when_the_frame_clock_crosses_the_frequency():
     freq = 100
     model = small_dqn(target_update_frequency=freq)
     optimizer = torch.optim.Adam(model.policy.parameters(), lr=1e-2)
-    model.rollout = SimpleNamespace(frames=0, env=None, state_dict=lambda: {})
+    model.rollout = SimpleNamespace(frames=0, env=None)
+    model.rollout.state_dict = lambda: {"frames": model.rollout.frames}
     assert same(params(model.target), params(model.policy))
     copies = []
     # (frame clock at the update, whether the target equals the online net afterwards)
@@ -430,12 +434,14 @@ def test_offpolicy_rollout_resumed_mid_episode_builds_no_cross_episode_window(
         rollout.step()
     frames = rollout.frames
     state = copy.deepcopy(rollout.state_dict())
-    assert state["memory"]["size"] == len(rollout.memory)
+    memory_state = copy.deepcopy(rollout.memory.state_dict())
+    assert memory_state["size"] == len(rollout.memory)
     rollout.close()
 
     resumed = counting_rollout(counting_env, n_steps)
+    resumed.memory.load_state_dict(memory_state)  # as the algorithm restores its memory
     resumed.load_state_dict(state)
-    assert resumed.frames == frames and len(resumed.memory) == state["memory"]["size"]
+    assert resumed.frames == frames and len(resumed.memory) == memory_state["size"]
     for _ in range(40):
         resumed.step()
     assert resumed.frames == frames + 120
@@ -456,9 +462,9 @@ def first(tmp_path_factory):
     with contextlib.chdir(root):
         run = fit_in(root / "run", *BASE, "--model.init_args.max_frames=3000", *SMALL, *PER_NSTEP)
     cli, s = run.cli, run.summary
-    memory = cli.model.rollout.memory
+    memory = cli.model.memory
     snapshot = copy.deepcopy(memory.state_dict())
-    next_samples = [memory.sample(32, beta=0.5)["indices"] for _ in range(3)]
+    next_samples = [memory.sample(32, beta=0.5).indices for _ in range(3)]
     return cli, s, root / "run", snapshot, next_samples
 
 
@@ -466,9 +472,9 @@ def test_checkpoint_holds_the_replay_memory(first):
     cli, s, run, memory_state, next_samples = first
     assert s["frames"] == 3000
     ckpt = load(run / "checkpoints" / "last.ckpt")
-    rollout_state = ckpt["rollout"]
-    assert rollout_state["frames"] == 3000
-    saved = rollout_state["memory"]
+    assert checkpoint_frames(ckpt) == 3000
+    saved = saved_memory_state(ckpt)
+    assert saved is ckpt["memory"]
     assert 2000 < saved["size"] <= 3000 and saved["cursor"] == saved["size"]
     for key, value in memory_state.items():
         if key == "tree":
@@ -487,7 +493,7 @@ def test_checkpoint_holds_the_replay_memory(first):
     fresh.load_state_dict(saved)
     assert len(fresh) == saved["size"] and fresh.cursor == saved["cursor"]
     for indices in next_samples:
-        np.testing.assert_array_equal(fresh.sample(32, beta=0.5)["indices"], indices)
+        np.testing.assert_array_equal(fresh.sample(32, beta=0.5).indices, indices)
     # The target-network schedule: copies at 2000, next at 4000.
     assert ckpt["next_target_update"] == 4000
 
@@ -507,7 +513,7 @@ def test_resume_restores_the_replay_memory_and_continues_to_a_total_budget(
     cli, s2 = resumed.cli, resumed.summary
     assert s2["frames"] == 5000 and s2["start_frames"] == 3000
     assert s2["episodes"] > s1["episodes"]
-    memory = cli.model.rollout.memory
+    memory = cli.model.memory
     size1 = memory_state["size"]
     # The checkpointed transitions are still there (the capacity is not reached) and the
     # resumed run appended after them.
@@ -568,7 +574,7 @@ def test_short_fit_with_each_flag(flags, run_fit):
     explore_key = "train/temperature" if hp.exploration == "boltzmann" else "train/epsilon"
     assert any(explore_key in r for r in rows)
 
-    memory = model.rollout.memory
+    memory = model.memory
     assert isinstance(memory, PrioritizedReplay) == hp.prioritized
     assert memory.n_steps == hp.n_steps and memory.combined == hp.combined_replay
     assert (model.policy.value_head is not None) == hp.dueling

@@ -16,12 +16,11 @@ import pytest
 from slm_lightning.algorithms import DQN
 from slm_lightning.data.frame_replay import FrameReplay, PrioritizedFrameReplay
 from slm_lightning.data.prioritized import PrioritizedReplay
-from slm_lightning.data.replay import ReplayMemory
+from slm_lightning.data.replay import ReplayBatch, ReplayMemory
 from slm_lightning.envs.factory import EnvSpec
 
 STACK, FRAME = 4, (3, 2)
 NUM_ENVS = 3
-KEYS = ("obs", "actions", "rewards", "next_obs", "terminated", "discounts", "indices")
 
 
 class StackedStream:
@@ -84,11 +83,13 @@ def feed(memories: list[ReplayMemory], steps: int, padding: str, **stream_kwargs
             memory.add(*args)
 
 
-def assert_same(a: dict, b: dict) -> None:
-    assert set(a) == set(b)
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-        assert a[key].dtype == b[key].dtype, key
+def assert_same(a: ReplayBatch, b: ReplayBatch) -> None:
+    for key, x, y in zip(a._fields, a, b, strict=True):
+        if x is None or y is None:
+            assert x is None and y is None, key
+            continue
+        np.testing.assert_array_equal(x, y, err_msg=key)
+        assert x.dtype == y.dtype, key
 
 
 def naive(capacity: int, n_steps: int, cls: type = ReplayMemory, **kwargs) -> ReplayMemory:
@@ -113,7 +114,7 @@ def test_same_transitions_and_samples_as_naive_memory(padding, n_steps, combined
     assert len(memory) == len(reference) == 60 and memory.cursor == reference.cursor
     every = np.arange(60)
     assert_same(memory.batch(every), reference.batch(every))
-    assert memory.batch(every)["obs"].dtype == np.uint8
+    assert memory.batch(every).obs.dtype == np.uint8
     for _ in range(5):
         assert_same(memory.sample(32), reference.sample(32))
     np.testing.assert_array_equal(memory.pending_count, reference.pending_count)
@@ -144,8 +145,8 @@ def test_prioritized_variant_matches_prioritized_replay(n_steps):
             a, b = reference.sample(8, beta=0.5), memory.sample(8, beta=0.5)
             assert_same(b, a)
             td = td_rng.standard_normal(8)
-            reference.update_priorities(a["indices"], td)
-            memory.update_priorities(b["indices"], td)
+            reference.update_priorities(a.indices, td)
+            memory.update_priorities(b.indices, td)
     np.testing.assert_array_equal(memory.tree.tree, reference.tree.tree)
 
 
@@ -169,8 +170,8 @@ def test_short_episodes_drop_oldest_transitions_never_stale_frames(cls):
     assert_same(memory_tight.batch(stored), reference.batch(stored))
     for _ in range(5):
         batch = memory_tight.sample(64)
-        assert memory_tight.is_stored(batch["indices"]).all()
-        assert_same({k: batch[k] for k in KEYS}, reference.batch(batch["indices"]))
+        assert memory_tight.is_stored(batch.indices).all()
+        assert_same(batch._replace(weights=None), reference.batch(batch.indices))
     if cls is PrioritizedFrameReplay:
         dropped = np.setdiff1d(np.arange(400), stored)
         np.testing.assert_array_equal(memory_tight.tree.get(dropped), 0.0)
@@ -274,4 +275,4 @@ def test_dqn_picks_the_frame_memory_for_atari_and_rolls_out_uint8(prioritized):
         rollout.close()
     assert rollout.obs.dtype == np.uint8 and len(rollout.memory) == 2 * (12 - 2)
     batch = rollout.memory.sample(4)
-    assert batch["obs"].dtype == np.uint8 and batch["obs"].shape == (4, 4, 84, 84)
+    assert batch.obs.dtype == np.uint8 and batch.obs.shape == (4, 4, 84, 84)

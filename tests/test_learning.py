@@ -111,8 +111,8 @@ def test_pendulum_actions_inside_box(monkeypatch, run_fit) -> None:
         for start in (0, 200)
     )
     assert s["frames"] == frames and s["episodes"] == 2 * num_envs
-    tracked = next(
-        cb for cb in run.trainer.callbacks if isinstance(cb, MetricsTracker)
-    ).history["returns"]
+    tracked = next(cb for cb in run.trainer.callbacks if isinstance(cb, MetricsTracker)).history[
+        "returns"
+    ]
     assert sorted(tracked) == pytest.approx(episode_returns, rel=1e-5)
     assert s["return_ma"] == pytest.approx(np.mean(episode_returns), rel=1e-4)

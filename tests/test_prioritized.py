@@ -62,7 +62,7 @@ def test_sampling_frequencies_match_priorities():
     draws, batch = 200, 64
     counts = np.zeros(4)
     for _ in range(draws):
-        np.add.at(counts, memory.sample(batch, beta=0.5)["indices"], 1)
+        np.add.at(counts, memory.sample(batch, beta=0.5).indices, 1)
     expected = draws * batch * np.array([0.1, 0.2, 0.3, 0.4])
     chi_square = float(((counts - expected) ** 2 / expected).sum())
     assert chi_square < 16.27  # 99.9% quantile with 3 degrees of freedom
@@ -76,11 +76,11 @@ def test_importance_weights_by_hand():
     # batch max is item 0's weight and w / max = (P_i / P_0)^-0.5 = 1, 1/sqrt(2), 1/sqrt(3), 1/2.
     batch = memory.sample(64, beta=0.5)
     by_index = np.array([1.0, 0.70710678, 0.57735027, 0.5])
-    np.testing.assert_allclose(batch["weights"], by_index[batch["indices"]], rtol=1e-6)
-    assert batch["weights"].dtype == np.float32
-    np.testing.assert_array_equal(batch["obs"][:, 0], batch["indices"])
+    np.testing.assert_allclose(batch.weights, by_index[batch.indices], rtol=1e-6)
+    assert batch.weights.dtype == np.float32
+    np.testing.assert_array_equal(batch.obs[:, 0], batch.indices)
     # beta = 0: no correction at all
-    np.testing.assert_array_equal(memory.sample(8, beta=0.0)["weights"], np.ones(8))
+    np.testing.assert_array_equal(memory.sample(8, beta=0.0).weights, np.ones(8))
 
 
 def test_update_priorities_and_max_priority_for_new_transitions():
@@ -109,8 +109,8 @@ def test_state_dict_round_trip_same_next_samples():
     assert restored.max_priority == memory.max_priority
     for _ in range(3):
         a, b = memory.sample(16, beta=0.7), restored.sample(16, beta=0.7)
-        for key in a:
-            np.testing.assert_array_equal(a[key], b[key])
+        for key, x, y in zip(a._fields, a, b, strict=True):
+            np.testing.assert_array_equal(x, y, err_msg=key)
 
 
 @pytest.mark.parametrize(

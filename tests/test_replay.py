@@ -41,8 +41,8 @@ def test_circular_overwrite_order_and_uint8_kept():
     np.testing.assert_array_equal(memory.actions, [5, 1, 2, 3, 4])
     np.testing.assert_array_equal(memory.last_indices, [4, 0])
     batch = memory.sample(7)
-    assert batch["obs"].dtype == np.uint8 and batch["terminated"].dtype == np.float32
-    np.testing.assert_allclose(batch["discounts"], 0.99)
+    assert batch.obs.dtype == np.uint8 and batch.terminated.dtype == np.float32
+    np.testing.assert_allclose(batch.discounts, 0.99)
 
 
 def test_float_obs_stored_float32_and_oversized_add_keeps_newest():
@@ -117,13 +117,13 @@ def test_combined_replay_always_holds_newest():
     np.testing.assert_array_equal(newest, [26, 27, 28, 29])
     for _ in range(20):
         batch = memory.sample(8)
-        np.testing.assert_array_equal(batch["indices"][:4], newest)
-        np.testing.assert_array_equal(batch["obs"][:4, 0], [19] * 4)
-    np.testing.assert_array_equal(memory.sample(2)["indices"], [28, 29])  # newest first
+        np.testing.assert_array_equal(batch.indices[:4], newest)
+        np.testing.assert_array_equal(batch.obs[:4, 0], [19] * 4)
+    np.testing.assert_array_equal(memory.sample(2).indices, [28, 29])  # newest first
     uniform = ReplayMemory(50, 4, (1,), np.float32, (), np.int64, seed=3)
     for t in range(20):
         step(uniform, [t] * 4, [0.0] * 4, [t + 1] * 4)
-    hits = [set(newest) <= set(uniform.sample(8)["indices"]) for _ in range(20)]
+    hits = [set(newest) <= set(uniform.sample(8).indices) for _ in range(20)]
     assert not any(hits)
 
 
@@ -141,8 +141,8 @@ def test_state_dict_round_trip_same_next_samples_and_pending():
     assert len(restored) == 8 and restored.cursor == memory.cursor == 2
     for _ in range(3):
         a, b = memory.sample(6), restored.sample(6)
-        for key in a:
-            np.testing.assert_array_equal(a[key], b[key])
+        for key, x, y in zip(a._fields, a, b, strict=True):
+            np.testing.assert_array_equal(x, y, err_msg=key)
     for m in (memory, restored):  # pending windows resume where they were
         step(m, [7, 57], [1.0, 2.0], [8, 58], terminated=[True, False])
     for name in ("obs", "rewards", "next_obs", "terminated", "discounts"):

@@ -17,6 +17,8 @@ import yaml
 from slm_lightning import cli as cli_module
 from slm_lightning.algorithms import PPO
 from slm_lightning.callbacks import MetricsTracker
+from slm_lightning.checkpoints import saved_memory_state
+from slm_lightning.data.replay import ReplayMemory
 from tests.cli_helpers import FitRun, fit_in, read_metrics
 
 CONFIG = Path(__file__).parents[1] / "configs" / "ppo_cartpole.yaml"
@@ -328,6 +330,9 @@ class RestoredState(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self.rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())
         self.rollout = copy.deepcopy(pl_module.rollout.state_dict())
+        memory = getattr(pl_module, "memory", None)
+        replay = isinstance(memory, ReplayMemory)
+        self.memory = copy.deepcopy(memory.state_dict()) if replay else None
         self.optimizer = copy.deepcopy(trainer.optimizers[0].state_dict())
         self.tracker = copy.deepcopy(
             next(cb for cb in trainer.callbacks if isinstance(cb, MetricsTracker)).state_dict()
@@ -374,9 +379,10 @@ def test_resume_restores_every_state_exactly(config, isolated_run) -> None:
     assert probe.rollout["frames"] == saved["frames"]
     for key in ("rng", "rollouts"):  # minibatch shuffling (on-policy)
         assert probe.rollout.get(key) == saved.get(key), key
-    if saved.get("memory") is not None:  # replay contents, cursor and sampling generator
-        for key, value in saved["memory"].items():
-            np.testing.assert_array_equal(probe.rollout["memory"][key], value, err_msg=key)
+    assert (saved_memory_state(ckpt) is not None) == (config == "dqn_cartpole")
+    if config == "dqn_cartpole":  # replay contents, cursor and sampling generator
+        for key, value in saved_memory_state(ckpt).items():
+            np.testing.assert_array_equal(probe.memory[key], value, err_msg=key)
     for index, state in ckpt["optimizer_states"][0]["state"].items():
         for name, value in state.items():
             assert torch.equal(probe.optimizer["state"][index][name], value), (index, name)

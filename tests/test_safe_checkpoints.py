@@ -404,8 +404,9 @@ def test_resume_without_memory_refills_before_updating(isolated_run, capsys) -> 
             "--model.init_args.env.num_envs=4", "--model.init_args.learning_starts=200",
             "--model.init_args.batch_size=32", "--model.init_args.checkpoint_memory=false"]  # fmt: skip
     assert slm_lab(*args, "--model.init_args.max_frames=400") == 0
-    first = load(run / "checkpoints" / "last.ckpt")["global_step"]
-    assert first == 51
+    saved = load(run / "checkpoints" / "last.ckpt")
+    first = saved["global_step"]
+    assert first == 51 and saved["memory"] is None
     capsys.readouterr()
     assert slm_lab(*args, "--ckpt_path=last", "--model.init_args.max_frames=800") == 0
     assert load(run / "checkpoints" / "last.ckpt")["global_step"] == first + 51

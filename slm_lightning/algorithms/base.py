@@ -153,19 +153,6 @@ class RLAlgorithm(L.LightningModule, ABC):
             if spec is not None:
                 spec.check(f"model.init_args.{name}")
 
-    def check_replay(self, learning_starts: int, batch_size: int, memory_size: int) -> None:
-        """Raise a :class:`ConfigError` for replay settings under which nothing would train:
-        no update before the budget ends, or a memory smaller than one batch."""
-        if learning_starts >= self.max_frames:
-            raise ConfigError(
-                f"model.init_args.learning_starts ({learning_starts}) must be < max_frames "
-                f"({self.max_frames}): no update would run"
-            )
-        if memory_size < batch_size:
-            raise ConfigError(
-                f"model.init_args.memory_size ({memory_size}) must be >= batch_size ({batch_size})"
-            )
-
     @override
     def train_dataloader(self) -> RolloutBatches:
         if self.rollout is None:

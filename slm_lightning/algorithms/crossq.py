@@ -1,40 +1,25 @@
 """CrossQ (Bhatt et al. 2024, "CrossQ: Batch Normalization in Deep Reinforcement Learning for
 Greater Sample Efficiency and Simplicity", ICLR, arXiv:1902.05605): SAC without target
-networks, with batch-(re)normalised critics. Reuses SAC's losses, actor and temperature."""
+networks, with batch-(re)normalised critics."""
 
-from typing import Any
-
-import numpy as np
 import torch
 from gymnasium import spaces
 from torch import Tensor
 from typing_extensions import override
 
-from slm_lightning.algorithms.base import RLAlgorithm
-from slm_lightning.algorithms.sac import (
-    DEFAULT_NET,
-    EntropyTemperature,
-    check_sac_args,
-    default_target_entropy,
-    replay_rollout,
-    sac_critic_target,
-    sac_optimizers,
-    twin_critic_loss,
-    update_actor_and_alpha,
-)
+from slm_lightning.algorithms.sac import SAC, sac_critic_target, twin_critic_loss
 from slm_lightning.config_types import Count, NonNegativeFloat, PositiveCount
-from slm_lightning.data.offpolicy import OffPolicyRollout
-from slm_lightning.data.replay import ReplayMemory
+from slm_lightning.data.replay import ReplayBatch
 from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.errors import ConfigError
 from slm_lightning.nets.mlp import MLPSpec
-from slm_lightning.nets.sac_nets import BatchRenormSpec, TwinQ, make_actor
+from slm_lightning.nets.sac_nets import BatchRenormSpec, TwinQ
 
 # The paper's critics are wide: two layers of 2048 ReLU units (Bhatt et al. 2024, table 1).
 WIDE_CRITIC = MLPSpec([2048, 2048], "relu")
 
 
-class CrossQ(RLAlgorithm):
+class CrossQ(SAC):
     """CrossQ: SAC whose critics carry Batch Renormalization and have no target networks.
 
     The bootstrap target comes from the critics themselves. The batch's current pairs
@@ -43,7 +28,7 @@ class CrossQ(RLAlgorithm):
     (with separate passes the next pairs, whose actions come from the policy rather than
     the memory, would be normalised with mismatched statistics: Bhatt et al. 2024, sec. 3).
     The actor update evaluates the critics in eval mode (running statistics, untouched).
-    Box actions only.
+    Box actions only. Everything else (actor, temperature, replay, delays) is :class:`SAC`'s.
 
     Args:
         env: the environment spec.
@@ -71,6 +56,8 @@ class CrossQ(RLAlgorithm):
     """
 
     action_spaces = (spaces.Box,)
+    target_critics = False
+    critic_eval_in_actor_update = True
 
     def __init__(
         self,
@@ -97,119 +84,56 @@ class CrossQ(RLAlgorithm):
         eval_episodes: int = 10,
         eval_greedy: bool = True,
     ) -> None:
-        super().__init__(env, max_frames, gamma, eval_episodes, eval_greedy)
-        self.save_hyperparameters()
-        self.check_positive(
-            batch_size=batch_size,
-            memory_size=memory_size,
-            training_frequency=training_frequency,
-            updates_per_step=updates_per_step,
-            policy_delay=policy_delay,
-        )
-        check_sac_args(
-            actor_lr=actor_lr,
-            critic_lr=critic_lr,
-            alpha_lr=alpha_lr,
-            learning_starts=learning_starts,
-            alpha=alpha,
-            initial_alpha=initial_alpha,
-        )
-        if not 0.0 <= adam_beta1 < 1.0:
+        if not 0.0 <= adam_beta1 < 1.0:  # before any net is built
             raise ConfigError(f"model.init_args.adam_beta1 must be in [0, 1), got {adam_beta1}")
         if batch_size < 2:  # batch statistics of one row are undefined
             raise ConfigError(f"model.init_args.batch_size must be >= 2, got {batch_size}")
-        self.check_replay(learning_starts, batch_size, memory_size)
-        self.check_nets(actor=actor, critic=critic)
-        self.automatic_optimization = False
-        self.learning_starts = learning_starts
-        self.actor = make_actor(
-            self.observation_space, self.action_space, actor or DEFAULT_NET, type(self).__name__
+        self.batch_renorm = batch_renorm or BatchRenormSpec()
+        super().__init__(
+            env,
+            max_frames,
+            gamma,
+            actor=actor,
+            critic=critic or WIDE_CRITIC,
+            actor_lr=actor_lr,
+            critic_lr=critic_lr,
+            alpha_lr=alpha_lr,
+            batch_size=batch_size,
+            memory_size=memory_size,
+            learning_starts=learning_starts,
+            training_frequency=training_frequency,
+            updates_per_step=updates_per_step,
+            policy_delay=policy_delay,
+            alpha=alpha,
+            initial_alpha=initial_alpha,
+            target_entropy=target_entropy,
+            checkpoint_memory=checkpoint_memory,
+            eval_episodes=eval_episodes,
+            eval_greedy=eval_greedy,
+        )  # SAC's tau stays unused: there are no target critics
+        self.adam_betas = (adam_beta1, 0.999)
+
+    @override
+    def build_critic(self, spec: MLPSpec) -> TwinQ:
+        return TwinQ(
+            self.observation_space, self.action_space, spec, batch_renorm=self.batch_renorm
         )
-        self.critic = TwinQ(
-            self.observation_space,
-            self.action_space,
-            critic or WIDE_CRITIC,
-            batch_renorm=batch_renorm or BatchRenormSpec(),
-        )
-        if target_entropy is None:
-            target_entropy = default_target_entropy(self.action_space)
-        self.temperature = EntropyTemperature(alpha, target_entropy, initial_alpha)
-        self.critic_updates = 0  # drives policy_delay; checkpointed
 
-    @override
-    def build_rollout(self) -> OffPolicyRollout:
-        return replay_rollout(self)
-
-    def explore(self, obs: Tensor) -> Tensor:
-        """Uniform actions before ``learning_starts``, then samples from the policy."""
-        if self.frames < self.learning_starts:
-            return self.actor.uniform(len(obs), obs.device)
-        return self.actor.sample(obs)
-
-    @override
-    def eval_actions(self, obs: Tensor, greedy: bool) -> Tensor:
-        return self.actor.greedy(obs) if greedy else self.actor.sample(obs)
-
-    @override
-    def env_actions(self, actions: np.ndarray) -> np.ndarray:
-        return self.actor.env_actions(actions)
-
-    def sample_batch(self, memory: ReplayMemory) -> dict[str, np.ndarray]:
-        return memory.sample(self.hparams.batch_size)
-
-    @override
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        betas = (self.hparams.adam_beta1, 0.999)
-        return sac_optimizers(self.actor, self.critic, self.temperature, self.hparams, betas)
-
-    @override
-    def on_train_epoch_start(self) -> None:
-        # Constant learning rates: nothing to schedule (the base hook assumes an ``lr``).
-        pass
-
-    def joint_q(self, batch: dict[str, Tensor], next_actions: Tensor) -> tuple[Tensor, Tensor]:
+    def joint_q(self, batch: ReplayBatch, next_actions: Tensor) -> tuple[Tensor, Tensor]:
         """``Q_i(s, a)`` and ``Q_i(s', a')``, each ``(num_critics, B)``, from ONE forward pass
         over the concatenated batch (in train mode: both halves share its BN statistics)."""
-        obs = torch.cat([batch["obs"], batch["next_obs"]])
-        actions = torch.cat([batch["actions"], next_actions])
+        obs = torch.cat([batch.obs, batch.next_obs])
+        actions = torch.cat([batch.actions, next_actions])
         q, next_q = self.critic(obs, actions).chunk(2, dim=1)
         return q, next_q
 
     @override
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        critic_opt, *policy_opts = self.optimizers()
+    def critic_loss(self, batch: ReplayBatch) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
-            nxt = self.actor.evaluate(batch["next_obs"])
+            nxt = self.actor.evaluate(batch.next_obs)
         q, next_q = self.joint_q(batch, nxt.actions)
-        terms = batch["rewards"], batch["discounts"], batch["terminated"]
+        terms = batch.rewards, batch.discounts, batch.terminated
         # No target network: the bootstrap is the critics' own, with its gradient stopped.
         next_q = next_q.detach().min(0).values
         target = sac_critic_target(next_q, nxt.log_probs, *terms, self.temperature.alpha)
-        critic_loss = twin_critic_loss(q, target)
-        self.train_metrics.add({"train/critic_loss": critic_loss})  # named if not finite
-        critic_opt.zero_grad(set_to_none=True)
-        self.manual_backward(critic_loss)
-        critic_opt.step()
-        self.critic_updates += 1
-        self.train_metrics.add({"train/q_mean": q.mean()})
-        if self.critic_updates % self.hparams.policy_delay == 0:
-            update_actor_and_alpha(
-                self.actor,
-                self.critic,
-                self.temperature,
-                batch["obs"],
-                policy_opts,
-                self.manual_backward,
-                self.train_metrics,
-                critic_eval=True,
-            )
-
-    @override
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["critic_updates"] = self.critic_updates
-
-    @override
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self.critic_updates = checkpoint.get("critic_updates", 0)
+        return q, twin_critic_loss(q, target)

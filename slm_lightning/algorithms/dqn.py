@@ -1,28 +1,46 @@
 """DQN (Mnih et al. 2015) and its Double (van Hasselt et al. 2016) and Dueling variants,
-with optional n-step returns and prioritized replay."""
+with optional n-step returns and prioritized replay.
+
+The data path, in order:
+
+1. env step: ``data/offpolicy_rollout.py:OffPolicyRollout.step`` acts with :meth:`DQN.explore`
+   (``nets/q_network.py:exploring_actions``) and steps the vector env;
+2. rollout: the same ``step`` writes the transition into the algorithm's memory,
+   ``data/replay.py:ReplayMemory.add`` (n-step windows in ``_add_nstep``; the class chosen
+   by ``data/replay_choice.py:make_replay``, built in ``algorithms/off_policy.py:build_rollout``);
+3. replay memory: ``ReplayMemory._write`` (``PrioritizedReplay._write`` gives new transitions
+   the maximal priority; ``FrameReplay`` stores each frame once);
+4. sample: ``OffPolicyRollout.__iter__`` yields :meth:`DQN.sample_batch`
+   (``ReplayMemory.sample`` / ``PrioritizedReplay.sample``), a ``data/replay.py:ReplayBatch``;
+5. target: :meth:`DQN.training_step` with :func:`dqn_target` / :func:`double_dqn_target`;
+6. loss: Huber or MSE on the TD error, weighted by the PER weights, in ``training_step``;
+7. optimizer: Lightning's automatic optimization, :meth:`DQN.configure_optimizers`
+   (``optim.py:adam``), clipped in :meth:`DQN.configure_gradient_clipping`;
+8. target-net update: :meth:`DQN.on_train_batch_end` (Polyak with ``tau``, or hard copies);
+9. priorities: ``training_step`` calls ``PrioritizedReplay.update_priorities`` on
+   ``self.memory`` with the batch's TD errors.
+"""
 
 import copy
+import dataclasses
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from gymnasium import spaces
 from torch import Tensor
 from typing_extensions import override
 
-from slm_lightning.algorithms.base import RLAlgorithm
+from slm_lightning.algorithms.off_policy import OffPolicyAlgorithm
 from slm_lightning.config_types import Count, NonNegativeFloat, PositiveCount
-from slm_lightning.data.frame_replay import FrameReplay, PrioritizedFrameReplay
-from slm_lightning.data.offpolicy import OffPolicyRollout
 from slm_lightning.data.prioritized import PrioritizedReplay
-from slm_lightning.data.replay import ReplayMemory
-from slm_lightning.envs.atari import is_atari
+from slm_lightning.data.replay import ReplayBatch, ReplayLayout, ReplayMemory
+from slm_lightning.data.replay_choice import make_replay
 from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.errors import ConfigError
 from slm_lightning.nets.conv import ConvSpec
 from slm_lightning.nets.mlp import MLPSpec
-from slm_lightning.nets.q_network import QNetwork, boltzmann, epsilon_greedy
+from slm_lightning.nets.q_network import QNetwork, exploration_setting, exploring_actions
 from slm_lightning.optim import adam, clip_grad_norm, loss_scaling, set_learning_rates
 from slm_lightning.schedules import Schedule, scheduled
 
@@ -47,7 +65,7 @@ def double_dqn_target(
     return rewards + discounts * (1.0 - terminated) * next_q_target.gather(-1, best).squeeze(-1)
 
 
-class DQN(RLAlgorithm):
+class DQN(OffPolicyAlgorithm):
     """Deep Q-learning from replay, for discrete actions.
 
     ``double``, ``dueling``, ``n_steps`` and ``prioritized`` combine freely: DQN is all off,
@@ -119,20 +137,24 @@ class DQN(RLAlgorithm):
         eval_episodes: int = 10,
         eval_greedy: bool = True,
     ) -> None:
-        super().__init__(env, max_frames, gamma, eval_episodes, eval_greedy)
-        self.save_hyperparameters()
-        self.check_positive(
-            batch_size=batch_size,
-            memory_size=memory_size,
-            training_frequency=training_frequency,
-            updates_per_step=updates_per_step,
-            n_steps=n_steps,
-            target_update_frequency=target_update_frequency,
+        super().__init__(
+            env,
+            max_frames,
+            gamma,
+            batch_size,
+            memory_size,
+            learning_starts,
+            training_frequency,
+            updates_per_step,
+            checkpoint_memory,
+            eval_episodes,
+            eval_greedy,
         )
+        self.save_hyperparameters()
+        self.check_positive(n_steps=n_steps, target_update_frequency=target_update_frequency)
         self.check_learning_rates(lr=lr)
         self.check_choice("exploration", exploration, ("epsilon_greedy", "boltzmann"))
         self.check_choice("loss", loss, ("huber", "mse"))
-        self.check_nets(net=net, conv=conv)
         if combined_replay and prioritized:
             raise ConfigError(
                 "model.init_args.combined_replay must be false with prioritized: true "
@@ -140,8 +162,22 @@ class DQN(RLAlgorithm):
             )
         if tau is not None and not 0.0 < tau <= 1.0:
             raise ConfigError(f"model.init_args.tau must be in (0, 1], got {tau}")
-        self.check_replay(learning_starts, batch_size, memory_size)
-        self.learning_starts = learning_starts
+        self.check_replay_settings()
+        self.check_nets(net=net, conv=conv)
+        self.double_q = double  # not ``double``: nn.Module.double() casts to float64
+        self.lr = lr
+        self.n_steps = n_steps
+        self.combined_replay = combined_replay
+        self.prioritized = prioritized
+        self.per_alpha = per_alpha
+        self.per_beta = per_beta
+        self.exploration = exploration
+        self.epsilon = epsilon
+        self.temperature = temperature
+        self.target_update_frequency = target_update_frequency
+        self.tau = tau
+        self.loss = loss
+        self.max_grad_norm = max_grad_norm
         self.policy = QNetwork(
             self.observation_space, self.action_space, net or MLPSpec(), dueling, conv=conv
         )
@@ -149,116 +185,78 @@ class DQN(RLAlgorithm):
         self._next_target_update = target_update_frequency
 
     @override
-    def build_rollout(self) -> OffPolicyRollout:
-        hp = self.hparams
-        obs_dtype = self.observation_space.dtype
-        obs_dtype = np.float32 if np.issubdtype(obs_dtype, np.floating) else obs_dtype
-        kwargs = dict(
-            capacity=hp.memory_size,
-            num_envs=self.env_spec.num_envs,
-            obs_shape=self.observation_space.shape,
-            obs_dtype=obs_dtype,
-            action_shape=(),
-            action_dtype=np.int64,
-            n_steps=hp.n_steps,
-            gamma=self.gamma,
-            combined=hp.combined_replay,
-            seed=self.env_seed(),
-        )
-        # Stacks of uint8 frames (Atari) go to a frame memory, which stores each frame once
-        # (~7.5 instead of 56 GB for 1M Atari transitions) and returns the same batches; the
-        # choice changes no result, so it is not a hyperparameter.
-        spec = self.env_spec
-        stack = spec.atari.stack_num if is_atari(spec.name) else spec.frame_stack
-        frames = stack > 1 and obs_dtype == np.uint8
-        if hp.prioritized:
-            per = PrioritizedFrameReplay if frames else PrioritizedReplay
-            memory = per(**kwargs, alpha=hp.per_alpha)
-        else:
-            memory = (FrameReplay if frames else ReplayMemory)(**kwargs)
-        return OffPolicyRollout(
-            self,
-            self.env_spec,
-            memory,
-            self.env_seed(),
-            training_frequency=hp.training_frequency,
-            updates_per_step=hp.updates_per_step,
-            world_size=self.trainer.world_size,
-            gamma=self.gamma,
-            checkpoint_memory=hp.checkpoint_memory,
-        )
+    def replay_layout(self) -> ReplayLayout:
+        layout = super().replay_layout()
+        return dataclasses.replace(layout, n_steps=self.n_steps, combined=self.combined_replay)
+
+    @override
+    def build_memory(self) -> ReplayMemory:
+        return make_replay(self.replay_layout(), self.prioritized, self.per_alpha)
 
     def explore(self, obs: Tensor) -> Tensor:
-        q = self.policy(obs)
-        if self.hparams.exploration == "boltzmann":
-            return boltzmann(q, scheduled(self.hparams.temperature, self.frames, self.max_frames))
-        return epsilon_greedy(q, scheduled(self.hparams.epsilon, self.frames, self.max_frames))
+        """Epsilon-greedy or Boltzmann actions from the online net's Q-values."""
+        _, rate = exploration_setting(
+            self.exploration, self.epsilon, self.temperature, self.frames, self.max_frames
+        )
+        return exploring_actions(self.policy(obs), self.exploration, rate)
 
     @override
     def eval_actions(self, obs: Tensor, greedy: bool) -> Tensor:
         return self.policy(obs).argmax(-1) if greedy else self.explore(obs)
 
-    def sample_batch(self, memory: ReplayMemory) -> dict[str, np.ndarray]:
-        if isinstance(memory, PrioritizedReplay):
-            return memory.sample(
-                self.hparams.batch_size,
-                beta=scheduled(self.hparams.per_beta, self.frames, self.max_frames),
-            )
-        return memory.sample(self.hparams.batch_size)
+    @override
+    def sample_batch(self) -> ReplayBatch:
+        if isinstance(self.memory, PrioritizedReplay):
+            beta = scheduled(self.per_beta, self.frames, self.max_frames)
+            return self.memory.sample(self.batch_size, beta=beta)
+        return self.memory.sample(self.batch_size)
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        lr = scheduled(self.hparams.lr, 0, self.max_frames)
+        lr = scheduled(self.lr, 0, self.max_frames)
         return adam(self.policy.param_groups(), lr, self.adam_eps, loss_scaling(self._trainer))
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        lr = scheduled(self.lr, self.frames, self.max_frames)
+        set_learning_rates(self.trainer.optimizers[0], [lr])
+        key, rate = exploration_setting(
+            self.exploration, self.epsilon, self.temperature, self.frames, self.max_frames
+        )
+        self.train_metrics.set({"train/lr": lr, key: rate})
 
     @override
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
     ) -> None:
-        max_norm = self.hparams.max_grad_norm if gradient_clip_val is None else gradient_clip_val
+        max_norm = self.max_grad_norm if gradient_clip_val is None else gradient_clip_val
         clip_grad_norm(self, optimizer, max_norm)
 
     @override
-    def on_train_epoch_start(self) -> None:
-        hp = self.hparams
-        lr = scheduled(hp.lr, self.frames, self.max_frames)
-        set_learning_rates(self.trainer.optimizers[0], (lr,))
-        self.train_metrics.set({"train/lr": lr})
-        if hp.exploration == "epsilon_greedy":
-            self.train_metrics.set(
-                {"train/epsilon": scheduled(hp.epsilon, self.frames, self.max_frames)}
-            )
-        else:
-            self.train_metrics.set(
-                {"train/temperature": scheduled(hp.temperature, self.frames, self.max_frames)}
-            )
-
-    @override
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        hp = self.hparams
-        obs, next_obs = batch["obs"], batch["next_obs"]
-        if hp.double:  # one forward pass of the online net over s and s' together
+    def training_step(self, batch: ReplayBatch, batch_idx: int) -> Tensor:
+        obs, next_obs = batch.obs, batch.next_obs
+        if self.double_q:  # one forward pass of the online net over s and s' together
             q_all = self.policy(torch.cat([obs, next_obs]))
             q_values, next_q_online = q_all[: len(obs)], q_all[len(obs) :].detach()
         else:
             q_values = self.policy(obs)
-        q = q_values.gather(-1, batch["actions"].long().unsqueeze(-1)).squeeze(-1)
+        q = q_values.gather(-1, batch.actions.long().unsqueeze(-1)).squeeze(-1)
         with torch.no_grad():
             next_q_target = self.target(next_obs)
-            args = (batch["rewards"], batch["discounts"], batch["terminated"])
-            if hp.double:
+            args = (batch.rewards, batch.discounts, batch.terminated)
+            if self.double_q:
                 target = double_dqn_target(next_q_online, next_q_target, *args)
             else:
                 target = dqn_target(next_q_target, *args)
         td_error = q - target
-        if hp.loss == "huber":
+        if self.loss == "huber":
             elementwise = F.smooth_l1_loss(q, target, reduction="none")
         else:
             elementwise = 0.5 * td_error.pow(2)
-        if "weights" in batch:  # prioritized replay: correct the sampling bias
-            loss = (batch["weights"] * elementwise).mean()
-            self.rollout.memory.update_priorities(
-                batch["indices"].cpu().numpy(), td_error.detach().abs().cpu().numpy()
+        if batch.weights is not None:  # prioritized replay: correct the sampling bias
+            loss = (batch.weights * elementwise).mean()
+            self.memory.update_priorities(
+                batch.indices.cpu().numpy(), td_error.detach().abs().cpu().numpy()
             )
         else:
             loss = elementwise.mean()
@@ -267,17 +265,15 @@ class DQN(RLAlgorithm):
 
     @override
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        hp = self.hparams
-        if hp.tau is not None:
+        if self.tau is not None:
             with torch.no_grad():
                 torch._foreach_lerp_(
-                    list(self.target.parameters()), list(self.policy.parameters()), hp.tau
+                    list(self.target.parameters()), list(self.policy.parameters()), self.tau
                 )
         elif self.frames >= self._next_target_update:
             self.target.load_state_dict(self.policy.state_dict())
-            self._next_target_update = (
-                self.frames // hp.target_update_frequency + 1
-            ) * hp.target_update_frequency
+            period = self.target_update_frequency
+            self._next_target_update = (self.frames // period + 1) * period
 
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -1,8 +1,8 @@
 """Soft Actor-Critic (Haarnoja et al. 2018a, arXiv:1801.01290; 2018b, arXiv:1812.05905) for
 Box actions, and its Discrete-action form (Christodoulou 2019, arXiv:1910.07207).
 
-The loss math is in small pure functions below; CrossQ (``crossq.py``) reuses them together
-with :class:`EntropyTemperature`, :func:`replay_rollout` and :func:`update_actor_and_alpha`.
+The loss math is in small pure functions below; CrossQ (``crossq.py``) is a :class:`SAC` with
+another critic loss.
 """
 
 import copy
@@ -17,10 +17,9 @@ from gymnasium import spaces
 from torch import Tensor, nn
 from typing_extensions import override
 
-from slm_lightning.algorithms.base import RLAlgorithm
+from slm_lightning.algorithms.off_policy import OffPolicyAlgorithm
 from slm_lightning.config_types import Count, NonNegativeFloat, PositiveCount
-from slm_lightning.data.offpolicy import OffPolicyRollout
-from slm_lightning.data.replay import ReplayMemory
+from slm_lightning.data.replay import ReplayBatch
 from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.errors import ConfigError
 from slm_lightning.nets.mlp import MLPSpec
@@ -135,57 +134,8 @@ def check_sac_args(**values: float | None) -> None:
     for key, value in values.items():
         if key == "tau" and not 0.0 < value <= 1.0:
             raise ConfigError(f"model.init_args.tau must be in (0, 1], got {value}")
-        if key == "learning_starts" and value < 0:
-            raise ConfigError(f"model.init_args.learning_starts must be >= 0, got {value}")
         if key.endswith(("_lr", "alpha")) and value is not None and value <= 0:
             raise ConfigError(f"model.init_args.{key} must be > 0, got {value}")
-
-
-def replay_rollout(agent: RLAlgorithm) -> OffPolicyRollout:
-    """A uniform replay memory and the off-policy rollout over the agent's ``memory_size``,
-    ``training_frequency``, ``updates_per_step`` and ``checkpoint_memory`` hyperparameters.
-    Box actions are stored as the actor's ``[-1, 1]`` actions, not the env's."""
-    hp = agent.hparams
-    discrete = isinstance(agent.action_space, spaces.Discrete)
-    obs_dtype = agent.observation_space.dtype
-    memory = ReplayMemory(
-        capacity=hp.memory_size,
-        num_envs=agent.env_spec.num_envs,
-        obs_shape=agent.observation_space.shape,
-        obs_dtype=np.float32 if np.issubdtype(obs_dtype, np.floating) else obs_dtype,
-        action_shape=() if discrete else agent.action_space.shape,
-        action_dtype=np.int64 if discrete else np.float32,
-        gamma=agent.gamma,
-        seed=agent.env_seed(),
-    )
-    return OffPolicyRollout(
-        agent,
-        agent.env_spec,
-        memory,
-        agent.env_seed(),
-        training_frequency=hp.training_frequency,
-        updates_per_step=hp.updates_per_step,
-        world_size=agent.trainer.world_size,
-        gamma=agent.gamma,
-        checkpoint_memory=hp.checkpoint_memory,
-    )
-
-
-def sac_optimizers(
-    actor: nn.Module,
-    critic: nn.Module,
-    temperature: EntropyTemperature,
-    hp: Any,
-    betas: tuple[float, float] = (0.9, 0.999),
-) -> list[torch.optim.Optimizer]:
-    """Adam for the critics, the actor and (when tuned) ``log_alpha``, in that order."""
-    optimizers = [
-        torch.optim.Adam(critic.parameters(), lr=hp.critic_lr, betas=betas, fused=True),
-        torch.optim.Adam(actor.parameters(), lr=hp.actor_lr, betas=betas, fused=True),
-    ]
-    if temperature.auto:
-        optimizers.append(torch.optim.Adam([temperature.log_alpha], lr=hp.alpha_lr, fused=True))
-    return optimizers
 
 
 @contextmanager
@@ -246,7 +196,7 @@ def update_actor_and_alpha(
     metrics.add({"train/entropy": entropy.mean(), "train/alpha": temperature.alpha})
 
 
-class SAC(RLAlgorithm):
+class SAC(OffPolicyAlgorithm):
     """Soft Actor-Critic: twin critics with Polyak-averaged targets, a maximum-entropy actor,
     and an automatically tuned entropy coefficient; Box or Discrete actions.
 
@@ -281,6 +231,10 @@ class SAC(RLAlgorithm):
     """
 
     action_spaces = (spaces.Box, spaces.Discrete)
+    # Polyak-averaged target critics give the bootstrap (CrossQ bootstraps from the critics).
+    target_critics = True
+    # Evaluate the critics in eval mode in the actor update (CrossQ: running BN statistics).
+    critic_eval_in_actor_update = False
 
     def __init__(
         self,
@@ -306,42 +260,54 @@ class SAC(RLAlgorithm):
         eval_episodes: int = 10,
         eval_greedy: bool = True,
     ) -> None:
-        super().__init__(env, max_frames, gamma, eval_episodes, eval_greedy)
-        self.save_hyperparameters()
-        self.check_positive(
-            batch_size=batch_size,
-            memory_size=memory_size,
-            training_frequency=training_frequency,
-            updates_per_step=updates_per_step,
-            policy_delay=policy_delay,
+        super().__init__(
+            env,
+            max_frames,
+            gamma,
+            batch_size,
+            memory_size,
+            learning_starts,
+            training_frequency,
+            updates_per_step,
+            checkpoint_memory,
+            eval_episodes,
+            eval_greedy,
         )
+        # Lightning collects the arguments of every __init__ up the subclass chain (CrossQ's
+        # too); tau means nothing without target critics and is no argument of CrossQ.
+        self.save_hyperparameters(ignore=[] if self.target_critics else ["tau"])
+        self.check_positive(policy_delay=policy_delay)
         check_sac_args(
             actor_lr=actor_lr,
             critic_lr=critic_lr,
             alpha_lr=alpha_lr,
             tau=tau,
-            learning_starts=learning_starts,
             alpha=alpha,
             initial_alpha=initial_alpha,
         )
-        # Several optimizers stepped at different rates: Lightning's manual optimization.
-        self.check_replay(learning_starts, batch_size, memory_size)
+        self.check_replay_settings()
         self.check_nets(actor=actor, critic=critic)
+        # Several optimizers stepped at different rates: Lightning's manual optimization.
         self.automatic_optimization = False
-        self.learning_starts = learning_starts
+        self.actor_lr, self.critic_lr, self.alpha_lr = actor_lr, critic_lr, alpha_lr
+        self.adam_betas = (0.9, 0.999)
+        self.tau = tau
+        self.policy_delay = policy_delay
         self.actor = make_actor(
             self.observation_space, self.action_space, actor or DEFAULT_NET, type(self).__name__
         )
-        self.critic = TwinQ(self.observation_space, self.action_space, critic or DEFAULT_NET)
-        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.critic = self.build_critic(critic or DEFAULT_NET)
+        self.critic_target = (
+            copy.deepcopy(self.critic).requires_grad_(False) if self.target_critics else None
+        )
         if target_entropy is None:
             target_entropy = default_target_entropy(self.action_space)
         self.temperature = EntropyTemperature(alpha, target_entropy, initial_alpha)
         self.critic_updates = 0  # drives policy_delay; checkpointed
 
-    @override
-    def build_rollout(self) -> OffPolicyRollout:
-        return replay_rollout(self)
+    def build_critic(self, spec: MLPSpec) -> TwinQ:
+        """The twin critics, each with the MLP body ``spec``."""
+        return TwinQ(self.observation_space, self.action_space, spec)
 
     def explore(self, obs: Tensor) -> Tensor:
         """Uniform actions before ``learning_starts``, then samples from the policy."""
@@ -357,50 +323,59 @@ class SAC(RLAlgorithm):
     def env_actions(self, actions: np.ndarray) -> np.ndarray:
         return self.actor.env_actions(actions)
 
-    def sample_batch(self, memory: ReplayMemory) -> dict[str, np.ndarray]:
-        return memory.sample(self.hparams.batch_size)
-
     @override
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        return sac_optimizers(self.actor, self.critic, self.temperature, self.hparams)
+        """Adam for the critics, the actor and (when tuned) ``log_alpha``, in that order; the
+        learning rates are constant."""
+        betas = self.adam_betas
+        optimizers = [
+            torch.optim.Adam(self.critic.parameters(), lr=self.critic_lr, betas=betas, fused=True),
+            torch.optim.Adam(self.actor.parameters(), lr=self.actor_lr, betas=betas, fused=True),
+        ]
+        if self.temperature.auto:
+            log_alpha = [self.temperature.log_alpha]
+            optimizers.append(torch.optim.Adam(log_alpha, lr=self.alpha_lr, fused=True))
+        return optimizers
 
-    @override
-    def on_train_epoch_start(self) -> None:
-        # Constant learning rates: nothing to schedule (the base hook assumes an ``lr``).
-        pass
-
-    @override
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        critic_opt, *policy_opts = self.optimizers()
+    def critic_loss(self, batch: ReplayBatch) -> tuple[Tensor, Tensor]:
+        """``Q_i(s, a)`` ``(num_critics, B)`` and the twin critics' loss against the soft
+        target from the target critics."""
         with torch.no_grad():
-            nxt = self.actor.evaluate(batch["next_obs"])
-            next_q = self.critic_target(batch["next_obs"], nxt.actions).min(0).values
-            terms = batch["rewards"], batch["discounts"], batch["terminated"]
+            nxt = self.actor.evaluate(batch.next_obs)
+            next_q = self.critic_target(batch.next_obs, nxt.actions).min(0).values
+            terms = batch.rewards, batch.discounts, batch.terminated
             alpha = self.temperature.alpha
             target = sac_critic_target(next_q, nxt.log_probs, *terms, alpha, nxt.probs)
-        q = self.critic.taken(batch["obs"], batch["actions"])
-        critic_loss = twin_critic_loss(q, target)
+        q = self.critic.taken(batch.obs, batch.actions)
+        return q, twin_critic_loss(q, target)
+
+    @override
+    def training_step(self, batch: ReplayBatch, batch_idx: int) -> None:
+        critic_opt, *policy_opts = self.optimizers()
+        q, critic_loss = self.critic_loss(batch)
         self.train_metrics.add({"train/critic_loss": critic_loss})  # named if not finite
         critic_opt.zero_grad(set_to_none=True)
         self.manual_backward(critic_loss)
         critic_opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(
-                list(self.critic_target.parameters()),
-                list(self.critic.parameters()),
-                self.hparams.tau,
-            )
+        if self.critic_target is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(
+                    list(self.critic_target.parameters()),
+                    list(self.critic.parameters()),
+                    self.tau,
+                )
         self.critic_updates += 1
         self.train_metrics.add({"train/q_mean": q.mean()})
-        if self.critic_updates % self.hparams.policy_delay == 0:
+        if self.critic_updates % self.policy_delay == 0:
             update_actor_and_alpha(
                 self.actor,
                 self.critic,
                 self.temperature,
-                batch["obs"],
+                batch.obs,
                 policy_opts,
                 self.manual_backward,
                 self.train_metrics,
+                critic_eval=self.critic_eval_in_actor_update,
             )
 
     @override

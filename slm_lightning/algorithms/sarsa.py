@@ -15,7 +15,7 @@ from slm_lightning.data.onpolicy_rollout import OnPolicyRollout
 from slm_lightning.data.returns import GAE
 from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.nets.mlp import MLPSpec
-from slm_lightning.nets.q_network import QNetwork, boltzmann, epsilon_greedy
+from slm_lightning.nets.q_network import QNetwork, exploration_setting, exploring_actions
 from slm_lightning.optim import adam, clip_grad_norm, loss_scaling, set_learning_rates
 from slm_lightning.schedules import Schedule, scheduled
 
@@ -48,6 +48,7 @@ class SARSA(RLAlgorithm):
     """
 
     action_spaces = (spaces.Discrete,)
+    adam_eps = 1e-5
 
     def __init__(
         self,
@@ -78,15 +79,23 @@ class SARSA(RLAlgorithm):
         self.check_choice("exploration", exploration, ("epsilon_greedy", "boltzmann"))
         self.check_choice("loss", loss, ("huber", "mse"))
         self.check_nets(net=net)
+        self.lr = lr
+        self.time_horizon = time_horizon
+        self.training_epochs = training_epochs
+        self.num_minibatches = num_minibatches
+        self.exploration = exploration
+        self.epsilon = epsilon
+        self.temperature = temperature
+        self.loss = loss
+        self.max_grad_norm = max_grad_norm
         self.policy = QNetwork(self.observation_space, self.action_space, net or MLPSpec())
         self.estimator = GAE(gamma, 0.0)  # lambda 0: TD(0) targets
         self.memory: OnPolicyMemory | None = None
 
     @override
     def build_rollout(self) -> OnPolicyRollout:
-        hp = self.hparams
         self.memory = OnPolicyMemory.for_spaces(
-            hp.time_horizon,
+            self.time_horizon,
             self.env_spec.num_envs,
             self.observation_space,
             self.action_space,
@@ -97,23 +106,24 @@ class SARSA(RLAlgorithm):
             self.env_spec,
             self.memory,
             self.env_seed(),
-            hp.training_epochs,
-            hp.num_minibatches,
+            self.training_epochs,
+            self.num_minibatches,
             world_size=self.trainer.world_size,
             gamma=self.gamma,
         )
 
-    def explore(self, q: Tensor) -> Tensor:
-        hp = self.hparams
-        if hp.exploration == "boltzmann":
-            return boltzmann(q, scheduled(hp.temperature, self.frames, self.max_frames))
-        return epsilon_greedy(q, scheduled(hp.epsilon, self.frames, self.max_frames))
+    def exploring_actions(self, q: Tensor) -> Tensor:
+        """Epsilon-greedy or Boltzmann actions from the Q-values ``q`` ``(B, n)``."""
+        _, rate = exploration_setting(
+            self.exploration, self.epsilon, self.temperature, self.frames, self.max_frames
+        )
+        return exploring_actions(q, self.exploration, rate)
 
     def act(
         self, obs: Tensor, state: None = None, episode_starts: None = None
     ) -> tuple[Tensor, Tensor, Tensor, None]:
         q = self.policy(obs)
-        actions = self.explore(q)
+        actions = self.exploring_actions(q)
         values = q.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
         return actions, torch.zeros_like(q[:, 0]), values, None
 
@@ -125,37 +135,33 @@ class SARSA(RLAlgorithm):
     @override
     def eval_actions(self, obs: Tensor, greedy: bool) -> Tensor:
         q = self.policy(obs)
-        return q.argmax(-1) if greedy else self.explore(q)
+        return q.argmax(-1) if greedy else self.exploring_actions(q)
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        lr = scheduled(self.hparams.lr, 0, self.max_frames)
-        return adam(self.policy.param_groups(), lr, 1e-5, loss_scaling(self._trainer))
+        lr = scheduled(self.lr, 0, self.max_frames)
+        return adam(self.policy.param_groups(), lr, self.adam_eps, loss_scaling(self._trainer))
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        lr = scheduled(self.lr, self.frames, self.max_frames)
+        set_learning_rates(self.trainer.optimizers[0], [lr])
+        key, rate = exploration_setting(
+            self.exploration, self.epsilon, self.temperature, self.frames, self.max_frames
+        )
+        self.train_metrics.set({"train/lr": lr, key: rate})
 
     @override
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
     ) -> None:
-        max_norm = self.hparams.max_grad_norm if gradient_clip_val is None else gradient_clip_val
+        max_norm = self.max_grad_norm if gradient_clip_val is None else gradient_clip_val
         clip_grad_norm(self, optimizer, max_norm)
-
-    @override
-    def on_train_epoch_start(self) -> None:
-        hp = self.hparams
-        lr = scheduled(hp.lr, self.frames, self.max_frames)
-        set_learning_rates(self.trainer.optimizers[0], (lr,))
-        self.train_metrics.set({"train/lr": lr})
-        key, value = (
-            ("epsilon", hp.epsilon)
-            if hp.exploration == "epsilon_greedy"
-            else ("temperature", hp.temperature)
-        )
-        self.train_metrics.set({f"train/{key}": scheduled(value, self.frames, self.max_frames)})
 
     @override
     def training_step(self, batch: OnPolicyBatch, batch_idx: int) -> Tensor:
         q = self.policy(batch.obs).gather(-1, batch.actions.unsqueeze(-1)).squeeze(-1)
-        if self.hparams.loss == "huber":
+        if self.loss == "huber":
             loss = F.smooth_l1_loss(q, batch.returns)
         else:
             loss = 0.5 * (q - batch.returns).pow(2).mean()

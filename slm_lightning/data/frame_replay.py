@@ -6,7 +6,7 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from slm_lightning.data.prioritized import PrioritizedReplay
-from slm_lightning.data.replay import FIELDS, ReplayMemory
+from slm_lightning.data.replay import ReplayBatch, ReplayMemory
 
 
 class FrameReplay(ReplayMemory):
@@ -17,8 +17,9 @@ class FrameReplay(ReplayMemory):
     56 KB per transition (56 GB for 1M); here a transition costs about one 7 KB frame. Each
     :meth:`add` writes, per valid sub-env, only the newest frame of ``next_obs`` into a
     circular frame store. A transition keeps the serial numbers of the ``stack`` frames of its
-    ``obs`` and of its ``next_obs`` (so the inherited ``obs``, ``next_obs`` and
-    ``pending_obs`` arrays hold int64 serials shaped ``(…, stack)``), and :meth:`batch` gathers
+    ``obs`` and of its ``next_obs`` (int64 serials shaped ``(…, stack)``, in the arrays
+    ``obs_serials``, ``next_obs_serials`` and ``pending_obs_serials`` that hold observations
+    in :class:`ReplayMemory`), and :meth:`batch` gathers
     the frames back into stacks with one fancy index per key. Everything else (n-step windows,
     combined replay, sampling, the generator) is :class:`ReplayMemory`'s.
 
@@ -49,6 +50,8 @@ class FrameReplay(ReplayMemory):
         **kwargs: for the next class in the method resolution order (``alpha`` and ``eps`` of
             :class:`PrioritizedFrameReplay`).
     """
+
+    obs_name = "obs_serials"
 
     def __init__(
         self,
@@ -94,7 +97,7 @@ class FrameReplay(ReplayMemory):
         self.frame_capacity = frame_capacity
         # Frame serial s lives in row s % frame_capacity; serial -1 is the all-zero frame in
         # the extra last row, which is never written.
-        self.frames = np.zeros((frame_capacity + 1, *obs_shape[1:]), dtype=self.obs_dtype)
+        self.frame_store = np.zeros((frame_capacity + 1, *obs_shape[1:]), dtype=self.obs_dtype)
         self.frames_written = 0
         self.head = np.full((num_envs, self.stack), -1, dtype=np.int64)  # last next_obs
         # frames_written when each transition was stored: non-decreasing from the oldest.
@@ -126,13 +129,13 @@ class FrameReplay(ReplayMemory):
         super().add(obs_refs, actions, rewards, next_refs, terminated, truncated, valid)
 
     def _slots(self, refs: np.ndarray) -> np.ndarray:
-        """Rows of :attr:`frames` holding the frames with serials ``refs``."""
+        """Rows of :attr:`frame_store` holding the frames with serials ``refs``."""
         return np.where(refs < 0, self.frame_capacity, refs % self.frame_capacity)
 
     def _store(self, frames: np.ndarray) -> np.ndarray:
         """Append frames to the store; return their serials."""
         serials = self.frames_written + np.arange(len(frames))
-        self.frames[serials % self.frame_capacity] = frames
+        self.frame_store[serials % self.frame_capacity] = frames
         self.frames_written += len(frames)
         return serials
 
@@ -160,9 +163,9 @@ class FrameReplay(ReplayMemory):
         recent = self.frames_written - self.stack * self.add_frames
         same = (np.where(head < 0, recent, head) >= recent).all(axis=1)
         if same.all():
-            same = (self.frames[self._slots(head)] == obs).reshape(len(obs), -1).all(axis=1)
+            same = (self.frame_store[self._slots(head)] == obs).reshape(len(obs), -1).all(axis=1)
         elif same.any():
-            old = self.frames[self._slots(head[same])]
+            old = self.frame_store[self._slots(head[same])]
             same[same] = (old == obs[same]).reshape(len(old), -1).all(axis=1)
         obs_refs = head
         if not same.all():  # a new episode (or a stream that does not continue)
@@ -225,22 +228,23 @@ class FrameReplay(ReplayMemory):
         # Without evictions the stored slots are [0, size) (the same slots as ReplayMemory).
         return draws if self.size == self.capacity or tail == 0 else (draws + tail) % self.capacity
 
-    def batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    def batch(self, indices: np.ndarray) -> ReplayBatch:
         """As :meth:`ReplayMemory.batch`, with ``obs`` and ``next_obs`` rebuilt from frames."""
         out = super().batch(indices)
-        out["obs"] = self.frames[self._slots(out["obs"])]
-        out["next_obs"] = self.frames[self._slots(out["next_obs"])]
-        return out
+        return out._replace(
+            obs=self.frame_store[self._slots(out.obs)],
+            next_obs=self.frame_store[self._slots(out.next_obs)],
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """The :class:`ReplayMemory` state (frame serials for observations, every filled slot)
         plus the written frames (views, as there), their counter and each stream's head."""
         state = super().state_dict()
-        state.update({name: getattr(self, name)[: self.filled] for name in FIELDS})
+        state.update({name: getattr(self, name)[: self.filled] for name in self.fields})
         return {
             **state,
             "frame_capacity": self.frame_capacity,
-            "frames": self.frames[: min(self.frames_written, self.frame_capacity)],
+            "frame_store": self.frame_store[: min(self.frames_written, self.frame_capacity)],
             "frames_written": self.frames_written,
             "head": self.head.copy(),
             "written_at": self.written_at[: self.filled],
@@ -253,15 +257,15 @@ class FrameReplay(ReplayMemory):
         Args:
             state: a :meth:`state_dict`.
         """
-        saved = (state["frame_capacity"], state["frames"].shape[1:], state["head"].shape[1])
-        if saved != (self.frame_capacity, self.frames.shape[1:], self.stack):
+        saved = (state["frame_capacity"], state["frame_store"].shape[1:], state["head"].shape[1])
+        if saved != (self.frame_capacity, self.frame_store.shape[1:], self.stack):
             raise ValueError(
                 f"memory.frame_capacity, frame shape and stack of the saved memory {saved} "
-                f"differ from this memory's {(self.frame_capacity, self.frames.shape[1:])}, "
+                f"differ from this memory's {(self.frame_capacity, self.frame_store.shape[1:])}, "
                 f"{self.stack}; they must match to restore it"
             )
         super().load_state_dict(state)
-        self.frames[: len(state["frames"])] = state["frames"]
+        self.frame_store[: len(state["frame_store"])] = state["frame_store"]
         self.frames_written = int(state["frames_written"])
         self.head[...] = state["head"]
         self.filled = int(state["filled"])

@@ -5,7 +5,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import DTypeLike
 
-from slm_lightning.data.replay import ReplayMemory
+from slm_lightning.data.replay import ReplayBatch, ReplayMemory
 
 
 class SumTree:
@@ -174,7 +174,7 @@ class PrioritizedReplay(ReplayMemory):
         self.tree.update(index, self.max_priority)
         return index
 
-    def sample(self, batch_size: int, beta: float = 0.4) -> dict[str, np.ndarray]:
+    def sample(self, batch_size: int, beta: float = 0.4) -> ReplayBatch:
         """Draw one transition from each of ``batch_size`` equal slices of the priority mass.
 
         Stratifying (Schaul et al. 2016, App. B.2.1) lowers the variance of the batch
@@ -185,7 +185,7 @@ class PrioritizedReplay(ReplayMemory):
             beta: importance-sampling exponent in ``[0, 1]``; annealed to 1 over training.
 
         Returns:
-            The keys of :meth:`ReplayMemory.sample` plus ``weights`` (float32): the
+            The batch with ``weights`` (float32): the
             importance-sampling weights ``(N * P(i))^-beta`` divided by their maximum over
             this batch. Alg. 1 (line 10) and sec. 3.4 normalise by ``1 / max_i w_i`` "so that
             they only scale the update downwards"; taking the max over the batch (as Alg. 1
@@ -201,9 +201,7 @@ class PrioritizedReplay(ReplayMemory):
         indices = self.tree.find(np.minimum(targets, np.nextafter(total, 0.0)))
         probs = self.tree.get(indices) / total
         weights = (self.size * probs) ** -beta
-        out = self.batch(indices)
-        out["weights"] = (weights / weights.max()).astype(np.float32)
-        return out
+        return self.batch(indices)._replace(weights=(weights / weights.max()).astype(np.float32))
 
     def update_priorities(self, indices: np.ndarray, td_errors: np.ndarray) -> None:
         """Set ``p_i = (|td_i| + eps)^alpha`` for the sampled slots.

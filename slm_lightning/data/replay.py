@@ -1,14 +1,115 @@
-"""Off-policy replay memory: preallocated circular storage with n-step returns."""
+"""Off-policy replay memory: preallocated circular storage with n-step returns, its layout
+(:class:`ReplayLayout`) and its typed samples (:class:`ReplayBatch`)."""
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
+import torch
+from gymnasium import spaces
 from numpy.typing import DTypeLike
+from torch import Tensor
 
-# Storage arrays, each shaped ``(capacity, …)``; a checkpoint saves their filled prefix.
-FIELDS = ("obs", "actions", "rewards", "next_obs", "terminated", "discounts")
-# Per-env pending n-step windows, each shaped ``(num_envs, n_steps, …)``.
-PENDING = ("obs", "actions", "rewards", "steps")
+# The arrays of a batch: numpy from the memory, tensors once the rollout hands it to Lightning.
+Array = np.ndarray | Tensor
+
+
+class ReplayBatch(NamedTuple):
+    """Sampled transitions, numpy arrays from the memory or tensors for ``training_step``.
+
+    The TD target of row ``i`` is ``rewards[i] + discounts[i] * (1 - terminated[i]) *
+    V(next_obs[i])``.
+
+    Args:
+        obs: observations the actions were taken in ``(B, *obs_shape)``.
+        actions: actions taken ``(B, *action_shape)``.
+        rewards: (n-step discounted) rewards ``(B,)``.
+        next_obs: observations after the (last) step ``(B, *obs_shape)``.
+        discounts: ``gamma^k`` of each transition's k steps ``(B,)``.
+        terminated: float32 1 where ``next_obs`` is terminal, 0 otherwise ``(B,)``.
+        indices: the memory slots drawn ``(B,)``, for ``update_priorities``.
+        weights: importance-sampling weights ``(B,)`` of prioritized replay; None otherwise.
+    """
+
+    obs: Array
+    actions: Array
+    rewards: Array
+    next_obs: Array
+    discounts: Array
+    terminated: Array
+    indices: Array
+    weights: Array | None = None
+
+    def as_tensors(self) -> "ReplayBatch":
+        """The same batch as tensors sharing the arrays' memory (None stays None)."""
+        return ReplayBatch(*(None if x is None else torch.from_numpy(x) for x in self))
+
+
+@dataclass(frozen=True)
+class ReplayLayout:
+    """What a replay memory stores and how it samples: the constructor arguments every
+    replay class shares (see :class:`ReplayMemory`).
+
+    Args:
+        capacity: transitions kept.
+        num_envs: envs per ``add`` call.
+        obs_shape: one observation's shape.
+        obs_dtype: stored observation dtype (float32 for float observations).
+        action_shape: one action's shape.
+        action_dtype: stored action dtype.
+        n_steps: steps aggregated into one transition.
+        gamma: discount of the n-step sums.
+        combined: combined experience replay.
+        seed: seed of the memory's sampling generator.
+    """
+
+    capacity: int
+    num_envs: int
+    obs_shape: tuple[int, ...]
+    obs_dtype: np.dtype
+    action_shape: tuple[int, ...]
+    action_dtype: np.dtype
+    n_steps: int = 1
+    gamma: float = 0.99
+    combined: bool = False
+    seed: int = 0
+
+
+def replay_layout(
+    observation_space: spaces.Box,
+    action_space: spaces.Space,
+    capacity: int,
+    num_envs: int,
+    seed: int,
+    gamma: float = 0.99,
+    n_steps: int = 1,
+    combined: bool = False,
+) -> ReplayLayout:
+    """The layout of a memory for one env's spaces: float observations stored as float32,
+    others (uint8 frames) kept; Discrete actions as int64 scalars, Box actions as float32.
+
+    Args:
+        observation_space: the env's (single) observation space.
+        action_space: the env's (single) action space; a Box is stored as it is given to
+            ``add`` (SAC stores the actor's ``[-1, 1]`` actions).
+        capacity, num_envs, seed, gamma, n_steps, combined: as in :class:`ReplayLayout`.
+    """
+    obs_dtype = np.dtype(observation_space.dtype)
+    if np.issubdtype(obs_dtype, np.floating):
+        obs_dtype = np.dtype(np.float32)
+    discrete = isinstance(action_space, spaces.Discrete)
+    return ReplayLayout(
+        capacity=capacity,
+        num_envs=num_envs,
+        obs_shape=tuple(observation_space.shape),
+        obs_dtype=obs_dtype,
+        action_shape=() if discrete else tuple(action_space.shape),
+        action_dtype=np.dtype(np.int64 if discrete else np.float32),
+        n_steps=n_steps,
+        gamma=gamma,
+        combined=combined,
+        seed=seed,
+    )
 
 
 class ReplayMemory:
@@ -39,6 +140,11 @@ class ReplayMemory:
         seed: seed of the memory's own sampling generator.
     """
 
+    # Name of the arrays that hold observations: ``obs``, ``next_obs`` and ``pending_obs``
+    # here; :class:`~slm_lightning.data.frame_replay.FrameReplay` keeps the serial numbers of
+    # the observations' frames there instead, and names them so.
+    obs_name = "obs"
+
     def __init__(
         self,
         capacity: int,
@@ -66,8 +172,9 @@ class ReplayMemory:
         if np.issubdtype(obs_dtype, np.floating):
             obs_dtype = np.dtype(np.float32)
         self.obs_dtype = obs_dtype  # of the observations that add takes and sample returns
-        self.obs = np.zeros((capacity, *obs_shape), dtype=obs_dtype)
-        self.next_obs = np.zeros_like(self.obs)
+        stored_obs = np.zeros((capacity, *obs_shape), dtype=obs_dtype)
+        setattr(self, self.obs_name, stored_obs)
+        setattr(self, f"next_{self.obs_name}", np.zeros_like(stored_obs))
         self.actions = np.zeros((capacity, *action_shape), dtype=action_dtype)
         self.rewards = np.zeros(capacity, dtype=np.float32)
         self.terminated = np.zeros(capacity, dtype=bool)
@@ -79,7 +186,7 @@ class ReplayMemory:
         # Pending windows, oldest first: rewards accumulate sum_i gamma^i r_i in float64,
         # steps counts the steps each window has aggregated so far.
         pend = (num_envs, n_steps)
-        self.pending_obs = np.zeros((*pend, *obs_shape), dtype=obs_dtype)
+        setattr(self, f"pending_{self.obs_name}", np.zeros((*pend, *obs_shape), dtype=obs_dtype))
         self.pending_actions = np.zeros((*pend, *action_shape), dtype=action_dtype)
         self.pending_rewards = np.zeros(pend, dtype=np.float64)
         self.pending_steps = np.zeros(pend, dtype=np.int64)
@@ -87,6 +194,18 @@ class ReplayMemory:
 
     def __len__(self) -> int:
         return self.size
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The storage arrays, each shaped ``(capacity, …)``, in :meth:`_write`'s order; a
+        checkpoint saves their filled prefix."""
+        name = self.obs_name
+        return (name, "actions", "rewards", f"next_{name}", "terminated", "discounts")
+
+    @property
+    def pending_fields(self) -> tuple[str, ...]:
+        """The pending n-step windows, each shaped ``(num_envs, n_steps, …)``."""
+        return tuple(f"pending_{n}" for n in (self.obs_name, "actions", "rewards", "steps"))
 
     def add(
         self,
@@ -137,7 +256,8 @@ class ReplayMemory:
         # every open window, then emit the windows that are complete (full or episode end).
         env = np.flatnonzero(valid)
         slot = self.pending_count[env]
-        self.pending_obs[env, slot] = obs[env]
+        pending_obs = getattr(self, f"pending_{self.obs_name}")
+        pending_obs[env, slot] = obs[env]
         self.pending_actions[env, slot] = actions[env]
         self.pending_rewards[env, slot] = 0.0
         self.pending_steps[env, slot] = 0
@@ -151,7 +271,7 @@ class ReplayMemory:
         emit = open_ & (done[:, None] | (full[:, None] & (np.arange(self.n_steps) == 0)))
         env, slot = np.nonzero(emit)  # env-major, oldest window first
         self.last_indices = self._write(
-            self.pending_obs[env, slot],
+            pending_obs[env, slot],
             self.pending_actions[env, slot],
             self.pending_rewards[env, slot],
             next_obs[env],
@@ -160,8 +280,8 @@ class ReplayMemory:
         )
         self.pending_count[done] = 0
         shift = np.flatnonzero(full)  # drop the emitted oldest window
-        for name in PENDING:
-            arr = getattr(self, f"pending_{name}")
+        for name in self.pending_fields:
+            arr = getattr(self, name)
             arr[shift, :-1] = arr[shift, 1:]
         self.pending_count[shift] -= 1
 
@@ -183,12 +303,9 @@ class ReplayMemory:
             )
             count = self.capacity
         index = (self.cursor + np.arange(count)) % self.capacity
-        self.obs[index] = obs
-        self.actions[index] = actions
-        self.rewards[index] = rewards
-        self.next_obs[index] = next_obs
-        self.terminated[index] = terminated
-        self.discounts[index] = discounts
+        values = (obs, actions, rewards, next_obs, terminated, discounts)
+        for name, value in zip(self.fields, values, strict=True):
+            getattr(self, name)[index] = value
         self.cursor = (self.cursor + count) % self.capacity
         self.size = min(self.size + count, self.capacity)
         return index
@@ -212,23 +329,26 @@ class ReplayMemory:
         """``count`` stored slots drawn uniformly with replacement."""
         return self.rng.integers(0, self.size, count)
 
-    def batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    def batch(self, indices: np.ndarray) -> ReplayBatch:
         """The transitions at ``indices`` (copies), with ``terminated`` as float32 0/1.
 
         Args:
             indices: slots in ``[0, len(self))``.
         """
-        return {
-            "obs": self.obs[indices],
-            "actions": self.actions[indices],
-            "rewards": self.rewards[indices],
-            "next_obs": self.next_obs[indices],
-            "terminated": self.terminated[indices].astype(np.float32),
-            "discounts": self.discounts[indices],
-            "indices": indices,
-        }
+        stored_obs, actions, rewards, stored_next_obs, terminated, discounts = (
+            getattr(self, name)[indices] for name in self.fields
+        )
+        return ReplayBatch(
+            obs=stored_obs,
+            actions=actions,
+            rewards=rewards,
+            next_obs=stored_next_obs,
+            discounts=discounts,
+            terminated=terminated.astype(np.float32),
+            indices=indices,
+        )
 
-    def sample(self, batch_size: int) -> dict[str, np.ndarray]:
+    def sample(self, batch_size: int) -> ReplayBatch:
         """Sample ``batch_size`` transitions uniformly with replacement.
 
         With ``combined``, the batch starts with the transitions written by the last
@@ -239,8 +359,7 @@ class ReplayMemory:
             batch_size: transitions in the batch.
 
         Returns:
-            ``obs``, ``actions``, ``rewards``, ``next_obs``, ``terminated``, ``discounts``
-            and ``indices`` (the slots, as passed to ``update_priorities``).
+            The batch, ``weights`` None.
         """
         self._check_sample(batch_size)
         newest = self.last_indices[-batch_size:] if self.combined else self.last_indices[:0]
@@ -257,11 +376,11 @@ class ReplayMemory:
             "capacity": self.capacity,
             "num_envs": self.num_envs,
             "n_steps": self.n_steps,
-            **{name: getattr(self, name)[: self.size] for name in FIELDS},
+            **{name: getattr(self, name)[: self.size] for name in self.fields},
             "cursor": self.cursor,
             "size": self.size,
             "last_indices": self.last_indices.copy(),
-            **{f"pending_{n}": getattr(self, f"pending_{n}").copy() for n in PENDING},
+            **{name: getattr(self, name).copy() for name in self.pending_fields},
             "pending_count": self.pending_count.copy(),
             "rng": self.rng.bit_generator.state,
         }
@@ -279,9 +398,9 @@ class ReplayMemory:
                     f"memory's ({getattr(self, key)}); they must match to restore it"
                 )
         self.size, self.cursor = int(state["size"]), int(state["cursor"])
-        for name in FIELDS:
+        for name in self.fields:
             getattr(self, name)[: len(state[name])] = state[name]
         self.last_indices = np.asarray(state["last_indices"], dtype=np.int64)
-        for name in (*(f"pending_{n}" for n in PENDING), "pending_count"):
+        for name in (*self.pending_fields, "pending_count"):
             getattr(self, name)[...] = state[name]
         self.rng.bit_generator.state = state["rng"]

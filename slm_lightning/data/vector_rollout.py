@@ -107,8 +107,9 @@ class VectorRollout(IterableDataset):
             load_normalizer_state(self.env, self._saved_normalizers)
         self.on_env_created(self.env)
         obs, _ = self.env.reset(seed=seed)
-        # The dtype observations are stored in (a frame replay's ``obs`` holds frame numbers).
-        obs_dtype = getattr(self.memory, "obs_dtype", self.memory.obs.dtype)
+        # The dtype observations are stored in (a frame replay stores frame serial numbers).
+        memory = self.memory
+        obs_dtype = memory.obs_dtype if hasattr(memory, "obs_dtype") else memory.obs.dtype
         self.obs = np.asarray(obs, dtype=obs_dtype)
         self.prev_done = np.zeros(self.env.num_envs, dtype=bool)
 

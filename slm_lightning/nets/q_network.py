@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from slm_lightning.nets.conv import ConvBody, ConvSpec, full_precision, observation_encoder
 from slm_lightning.nets.mlp import _ACTIVATIONS, Activation, MLPSpec, mlp_body, orthogonal_init
+from slm_lightning.schedules import Schedule, scheduled
 
 
 class QNetwork(nn.Module):
@@ -89,3 +90,37 @@ def boltzmann(q: Tensor, temperature: float) -> Tensor:
     return torch.distributions.Categorical(
         logits=q / max(temperature, 1e-8), validate_args=False
     ).sample()
+
+
+def exploration_setting(
+    exploration: str,
+    epsilon: float | Schedule,
+    temperature: float | Schedule,
+    frames: int,
+    max_frames: int,
+) -> tuple[str, float]:
+    """The exploration rate in force at ``frames`` and its metric key: ``train/epsilon`` for
+    ``epsilon_greedy``, ``train/temperature`` for ``boltzmann``.
+
+    Args:
+        exploration: ``epsilon_greedy`` or ``boltzmann``.
+        epsilon: the exploration rate, constant or scheduled over frames.
+        temperature: the Boltzmann temperature, constant or scheduled over frames.
+        frames: the frame clock.
+        max_frames: the training budget (the end of a schedule by default).
+    """
+    if exploration == "boltzmann":
+        return "train/temperature", scheduled(temperature, frames, max_frames)
+    return "train/epsilon", scheduled(epsilon, frames, max_frames)
+
+
+def exploring_actions(q: Tensor, exploration: str, rate: float) -> Tensor:
+    """Actions from Q-values ``(B, n)``: :func:`epsilon_greedy` with epsilon ``rate``, or
+    :func:`boltzmann` with temperature ``rate``.
+
+    Args:
+        q: Q-values of every action.
+        exploration: ``epsilon_greedy`` or ``boltzmann``.
+        rate: its epsilon or temperature (:func:`exploration_setting`).
+    """
+    return boltzmann(q, rate) if exploration == "boltzmann" else epsilon_greedy(q, rate)

@@ -189,12 +189,17 @@ class BatchRenormSpec:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.momentum <= 1.0:
-            raise ValueError(f"batch_renorm.momentum must be in (0, 1], got {self.momentum}")
+            raise ConfigError(
+                f"model.init_args.batch_renorm.momentum must be in (0, 1], got {self.momentum}"
+            )
         if self.warmup_steps < 0 or self.relax_steps < 0:
-            raise ValueError("batch_renorm.warmup_steps and relax_steps must be >= 0")
+            raise ConfigError(
+                "model.init_args.batch_renorm.warmup_steps and relax_steps must be >= 0"
+            )
         if self.r_max < 1.0 or self.d_max < 0.0:
-            raise ValueError(
-                f"batch_renorm needs r_max >= 1 and d_max >= 0, got {self.r_max}, {self.d_max}"
+            raise ConfigError(
+                "model.init_args.batch_renorm needs r_max >= 1 and d_max >= 0, got "
+                f"{self.r_max}, {self.d_max}"
             )
 
 

@@ -1,16 +1,16 @@
-"""The off-policy rollout dataset: step the envs, write replay memory, yield sampled batches."""
+"""The off-policy rollout dataset: step the envs, write the algorithm's replay memory, yield
+sampled batches."""
 
 import math
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 from gymnasium.vector import VectorEnv
-from loguru import logger
 from torch import Tensor
 
-from slm_lightning.data.replay import ReplayMemory
+from slm_lightning.data.replay import ReplayBatch, ReplayMemory
 from slm_lightning.data.vector_rollout import VectorRollout
 from slm_lightning.envs.factory import EnvSpec, next_step_resets
 
@@ -20,11 +20,10 @@ class OffPolicyAgent(Protocol):
 
     device: torch.device
     max_frames: int
-    learning_starts: int
 
     def explore(self, obs: Tensor) -> Tensor: ...
     def env_actions(self, actions: np.ndarray) -> np.ndarray: ...
-    def sample_batch(self, memory: ReplayMemory) -> dict[str, np.ndarray]: ...
+    def sample_batch(self) -> ReplayBatch: ...
 
 
 class OffPolicyRollout(VectorRollout):
@@ -32,22 +31,25 @@ class OffPolicyRollout(VectorRollout):
 
     One ``iter()`` (one Lightning epoch) runs enough such cycles to cover about
     ``epoch_frames`` frames, so per-epoch hooks (metrics, checkpoints) stay off the
-    per-step path. No batch is yielded before the frame clock reaches the agent's
-    ``learning_starts`` (after a resume from a checkpoint without the replay memory,
-    before ``learning_starts`` more frames have refilled it). Because the dataset has a length, Lightning does not prefetch:
-    every update happens before the next env step, as in the sequential algorithm.
+    per-step path. No batch is yielded before the frame clock reaches ``learning_starts``.
+    Because the dataset has a length, Lightning does not prefetch: every update happens
+    before the next env step, as in the sequential algorithm.
+
+    The memory is the algorithm's: it checkpoints it; the rollout only writes into it. The
+    rollout's own state (frame clock, RNGs, normalisers) is :class:`VectorRollout`'s.
 
     Args:
         agent: the algorithm (see :class:`OffPolicyAgent`).
         env_spec: which env to build.
-        memory: the replay memory the rollout writes and the agent samples.
+        memory: the algorithm's replay memory, which the rollout writes and the agent samples.
         seed: seed of this process's first sub-env.
+        learning_starts: the frame before which no batch is yielded (the agent's
+            ``learning_starts``, later after a resume that has to refill the memory).
         training_frequency: vector steps between two rounds of updates.
         updates_per_step: sampled batches (gradient steps) per round.
         epoch_frames: frames per Lightning epoch (rounded up to whole cycles).
         world_size: processes rolling out in lockstep; the frame clock counts all of them.
         gamma: discount for reward normalisation.
-        checkpoint_memory: put the whole replay memory into checkpoints.
     """
 
     def __init__(
@@ -56,24 +58,21 @@ class OffPolicyRollout(VectorRollout):
         env_spec: EnvSpec,
         memory: ReplayMemory,
         seed: int,
+        learning_starts: int,
         training_frequency: int = 1,
         updates_per_step: int = 1,
         epoch_frames: int = 1000,
         world_size: int = 1,
         gamma: float = 0.99,
-        checkpoint_memory: bool = True,
     ) -> None:
         super().__init__(env_spec, seed, world_size, gamma)
         self.agent = agent
         self.memory = memory
+        self.learning_starts = learning_starts
         self.training_frequency = training_frequency
         self.updates_per_step = updates_per_step
-        self.checkpoint_memory = checkpoint_memory
         frames_per_cycle = training_frequency * env_spec.num_envs * world_size
         self.cycles_per_epoch = max(1, math.ceil(epoch_frames / frames_per_cycle))
-        # No updates before this frame: the agent's learning_starts, and after a resume from a
-        # checkpoint without the memory, learning_starts frames more to fill it again.
-        self.learning_resumes = agent.learning_starts
 
     def __len__(self) -> int:
         return self.cycles_per_epoch * self.updates_per_step
@@ -101,37 +100,13 @@ class OffPolicyRollout(VectorRollout):
         self.prev_done = next_step_resets(terminated, truncated, info)
         self.obs = next_obs
 
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+    def __iter__(self) -> Iterator[ReplayBatch]:
         for _ in range(self.cycles_per_epoch):
             if self.frames >= self.agent.max_frames:
                 return
             for _ in range(self.training_frequency):
                 self.step()
-            if self.frames < self.learning_resumes or len(self.memory) == 0:
+            if self.frames < self.learning_starts or len(self.memory) == 0:
                 continue
             for _ in range(self.updates_per_step):
-                batch = self.agent.sample_batch(self.memory)
-                yield {key: torch.from_numpy(value) for key, value in batch.items()}
-
-    def state_dict(self) -> dict[str, Any]:
-        """The base state plus (unless ``checkpoint_memory`` is off) the whole replay memory."""
-        return {
-            **super().state_dict(),
-            "memory": self.memory.state_dict() if self.checkpoint_memory else None,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        if state["memory"] is not None:
-            self.memory.load_state_dict(state["memory"])
-            return
-        # Saved with checkpoint_memory: false. Updating at once would fit the first few
-        # transitions over and over; fill the memory as a new run does.
-        starts = self.agent.learning_starts
-        self.learning_resumes = max(starts, self.frames + starts)
-        if starts > 0:
-            logger.info(
-                f"the checkpoint holds no replay memory (checkpoint_memory: false): collecting "
-                f"learning_starts={starts} frames, to frame {self.learning_resumes}, before "
-                "updating again"
-            )
+                yield self.agent.sample_batch().as_tensors()
