@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
-import imageio_ffmpeg
 import lightning as L
 import numpy as np
 import torch
@@ -32,6 +31,9 @@ class Mp4RecordVideo(RecordVideo):
     @override
     def stop_recording(self) -> None:
         if self.recorded_frames:
+            # Imported here: runs that record no video never load ffmpeg's bindings.
+            import imageio_ffmpeg
+
             height, width = self.recorded_frames[0].shape[:2]
             path = os.path.join(self.video_folder, f"{self._video_name}.mp4")
             writer = imageio_ffmpeg.write_frames(
