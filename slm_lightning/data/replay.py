@@ -2,7 +2,7 @@
 (:class:`ReplayLayout`) and its typed samples (:class:`ReplayBatch`)."""
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -83,14 +83,19 @@ class ReplayLayout:
     combined: bool = False
     seed: int = 0
 
+    # The key under ``model.init_args`` that sets each field, for messages.
+    config_keys: ClassVar[dict[str, str]] = {
+        "capacity": "memory_size",
+        "num_envs": "env.num_envs",
+        "n_steps": "n_steps",
+        "gamma": "gamma",
+    }
+
     def __post_init__(self) -> None:
-        for field, key in (
-            ("capacity", "memory_size"),
-            ("num_envs", "env.num_envs"),
-            ("n_steps", "n_steps"),
-        ):
+        for field in ("capacity", "num_envs", "n_steps"):
             value = getattr(self, field)
             if value < 1:
+                key = self.config_keys[field]
                 raise ConfigError(f"model.init_args.{key} must be >= 1, got {value}")
         if not 0.0 <= self.gamma <= 1.0:
             raise ConfigError(f"model.init_args.gamma must be in [0, 1], got {self.gamma}")
