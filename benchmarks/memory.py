@@ -27,7 +27,7 @@ import numpy as np
 
 from slm_lightning.data.frame_replay import FrameReplay, PrioritizedFrameReplay
 from slm_lightning.data.prioritized import PrioritizedReplay, SumTree
-from slm_lightning.data.replay import ReplayMemory
+from slm_lightning.data.replay import ReplayLayout, ReplayMemory
 
 CAPACITY, NUM_ENVS, BATCH, OBS_SHAPE = 1_000_000, 16, 256, (8,)  # LunarLander-sized obs
 SECONDS = 0.5  # per memory, after the fill
@@ -164,15 +164,19 @@ def print_table(rows: dict[str, dict[str, float | None]]) -> None:
 def main() -> None:
     memories = {
         "ReplayMemory": (
-            ReplayMemory(CAPACITY, NUM_ENVS, OBS_SHAPE, np.float32, (), np.int64),
+            ReplayMemory(ReplayLayout(CAPACITY, NUM_ENVS, OBS_SHAPE, np.float32, (), np.int64)),
             {},
         ),
         "ReplayMemory n_steps=3": (
-            ReplayMemory(CAPACITY, NUM_ENVS, OBS_SHAPE, np.float32, (), np.int64, n_steps=3),
+            ReplayMemory(
+                ReplayLayout(CAPACITY, NUM_ENVS, OBS_SHAPE, np.float32, (), np.int64, n_steps=3)
+            ),
             {},
         ),
         "PrioritizedReplay": (
-            PrioritizedReplay(CAPACITY, NUM_ENVS, OBS_SHAPE, np.float32, (), np.int64),
+            PrioritizedReplay(
+                ReplayLayout(CAPACITY, NUM_ENVS, OBS_SHAPE, np.float32, (), np.int64)
+            ),
             {"beta": 0.4},
         ),
     }
@@ -181,13 +185,15 @@ def main() -> None:
     print_table({name: bench(memory, kwargs) for name, (memory, kwargs) in memories.items()})
     del memories
 
-    atari = (NUM_ENVS, ATARI_SHAPE, np.uint8, (), np.int64)
+    def atari(capacity: int) -> ReplayLayout:
+        return ReplayLayout(capacity, NUM_ENVS, ATARI_SHAPE, np.uint8, (), np.int64)
+
     print(f"\nAtari: {NUM_ENVS} envs per add, batch {ATARI_BATCH}, obs {ATARI_SHAPE} uint8")
     rows = {}
     for name, make, fill in [
-        ("ReplayMemory (capacity 1e4)", lambda: ReplayMemory(10_000, *atari), 10_000),
-        ("FrameReplay (capacity 1e5)", lambda: FrameReplay(ATARI_FILL, *atari), ATARI_FILL),
-        ("PrioritizedFrameReplay (1e5)", lambda: PrioritizedFrameReplay(ATARI_FILL, *atari), 0),
+        ("ReplayMemory (capacity 1e4)", lambda: ReplayMemory(atari(10_000)), 10_000),
+        ("FrameReplay (capacity 1e5)", lambda: FrameReplay(atari(ATARI_FILL)), ATARI_FILL),
+        ("PrioritizedFrameReplay (1e5)", lambda: PrioritizedFrameReplay(atari(ATARI_FILL)), 0),
     ]:
         before = resident_bytes()
         memory = make()
@@ -205,7 +211,7 @@ def main() -> None:
         ("FrameReplay", 1_000_000, FrameReplay),
         ("PrioritizedFrameReplay", 1_000_000, PrioritizedFrameReplay),
     ]:
-        memory = make(capacity, *atari)
+        memory = make(atari(capacity))
         per = array_bytes(memory) / capacity
         print(f"| {name} | {per:,.0f} | {per * 1e6 / 1e9:.2f} GB |")
         del memory

@@ -11,7 +11,7 @@ statistics where both runs normalise, with fresh counters, optimizers and replay
 
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
 import torch
@@ -22,6 +22,7 @@ from loguru import logger
 from torch import Tensor
 from typing_extensions import override
 
+from slm_lightning.data.replay import ReplayLayout
 from slm_lightning.errors import ConfigError
 
 # Listed names of mismatching tensors in an error line, before "…".
@@ -339,6 +340,16 @@ def check_checkpoint_options(config: Namespace, subcommand: str | None) -> None:
         check_checkpoint_file(config.warm_start, "warm_start")
 
 
+@runtime_checkable
+class ReplayOwner(Protocol):
+    """An algorithm that owns a replay memory (the off-policy family), which it builds with
+    :meth:`replay_layout`."""
+
+    def replay_layout(self) -> ReplayLayout:
+        """The layout of the memory this algorithm builds."""
+        ...
+
+
 def check_resume(model: L.LightningModule, checkpoint: dict[str, Any], path: str) -> None:
     """Raise a one-line ConfigError unless ``checkpoint`` can resume (or evaluate) ``model``:
     the same algorithm, the same network shapes (observation and action spaces), finite
@@ -376,19 +387,14 @@ def check_resume(model: L.LightningModule, checkpoint: dict[str, Any], path: str
                     "they must match to resume"
                 )
     memory = saved_memory_state(checkpoint)
-    if not memory:
+    if not memory or not isinstance(model, ReplayOwner):
         return
-    # The memory's settings are read from the saved hyperparameters by name because only the
-    # replay algorithms have them (None or the default elsewhere); a memory owned by the
-    # algorithm could be compared through its own typed layout instead.
-    hp = model.hparams
-    expected = {
-        "capacity": ("memory_size", hp.get("memory_size")),
-        "num_envs": ("env.num_envs", model.env_spec.num_envs),
-        "n_steps": ("n_steps", hp.get("n_steps", 1)),
-    }
-    for field, (key, value) in expected.items():
-        if value is not None and field in memory and memory[field] != value:
+    # The fields a memory's load_state_dict requires to match; checked here, before the run
+    # folder is written to, with the config keys that set them.
+    layout = model.replay_layout()
+    for field in ("capacity", "num_envs", "n_steps"):
+        key, value = layout.config_keys[field], getattr(layout, field)
+        if field in memory and memory[field] != value:
             raise ConfigError(
                 f"ckpt_path: the replay memory in {path} has {key}={memory[field]}, this "
                 f"config model.init_args.{key}={value}; they must match to resume"

@@ -7,6 +7,8 @@ import lightning as L
 import torch
 from torch import nn
 
+from slm_lightning.schedules import scheduled
+
 
 def loss_scaling(trainer: L.Trainer | None) -> bool:
     """Whether ``trainer`` scales the loss (``16-mixed``'s GradScaler; not ``bf16-mixed``).
@@ -70,3 +72,59 @@ def clip_grad_norm(
         torch.nn.utils.clip_grad_norm_(params, max_norm)
     else:  # 16-mixed: Lightning unscales first (adam() then avoids the fused kernel)
         module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+
+
+class PolicyAdam:
+    """The optimizer hooks of an algorithm trained by one Adam over
+    ``self.policy.param_groups()``; put it before the algorithm's base class
+    (``class DQN(PolicyAdam, OffPolicyAlgorithm)``) so its hooks override
+    ``LightningModule``'s.
+
+    - ``configure_optimizers``: :func:`adam` at the first rate of :meth:`learning_rates`,
+      with the class's ``adam_eps``, fused unless the trainer scales the loss (16-mixed);
+    - ``on_train_epoch_start``: the rates of :meth:`learning_rates` at the current frame,
+      set once per rollout and logged as ``train/lr`` (the first group's);
+    - ``configure_gradient_clipping``: :func:`clip_grad_norm` to ``max_grad_norm``; the
+      Trainer's ``gradient_clip_val``, when given, overrides it.
+
+    The algorithm provides ``policy``, ``lr``, ``max_grad_norm`` and the frame clock
+    (``frames``, ``max_frames``) of :class:`~slm_lightning.algorithms.base.RLAlgorithm`.
+    """
+
+    adam_eps: float = 1e-5
+
+    def learning_rates(self, frames: int) -> tuple[float, ...]:
+        """The learning rate of each parameter group at ``frames`` (here ``lr`` for the
+        first group; later groups keep theirs).
+
+        Args:
+            frames: the frame clock.
+        """
+        return (scheduled(self.lr, frames, self.max_frames),)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """One Adam, every group at the first rate of :meth:`learning_rates` at frame 0."""
+        lr = self.learning_rates(0)[0]
+        return adam(self.policy.param_groups(), lr, self.adam_eps, loss_scaling(self._trainer))
+
+    def on_train_epoch_start(self) -> None:
+        """Set the scheduled learning rates before the rollout's updates and log them."""
+        rates = self.learning_rates(self.frames)
+        set_learning_rates(self.trainer.optimizers[0], rates)
+        self.train_metrics.set({"train/lr": rates[0]})
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip the global gradient norm to ``max_grad_norm`` (or ``gradient_clip_val``).
+
+        Args:
+            optimizer: the optimizer about to step.
+            gradient_clip_val: the Trainer's clipping value; None uses ``max_grad_norm``.
+            gradient_clip_algorithm: ignored: the norm is always clipped.
+        """
+        max_norm = self.max_grad_norm if gradient_clip_val is None else gradient_clip_val
+        clip_grad_norm(self, optimizer, max_norm)

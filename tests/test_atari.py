@@ -15,6 +15,7 @@ from slm_lightning.data.frame_replay import FrameReplay
 from slm_lightning.data.offpolicy_rollout import OffPolicyRollout
 from slm_lightning.data.onpolicy_memory import OnPolicyMemory
 from slm_lightning.data.onpolicy_rollout import OnPolicyRollout
+from slm_lightning.data.replay import ReplayLayout
 from slm_lightning.data.returns import MonteCarloReturns
 from slm_lightning.envs.atari import AtariGameEpisodes, AtariSpec, make_atari_render_env
 from slm_lightning.envs.factory import EnvSpec, make_vector_env, probe_spaces
@@ -240,7 +241,7 @@ def test_step_after_a_life_loss_is_a_real_transition():
     rollout.close()
 
     # DQN's frame replay keeps the same 127 transitions, with the same observations.
-    memory = FrameReplay(1000, 1, (4, 84, 84), np.uint8, (), np.int64)
+    memory = FrameReplay(ReplayLayout(1000, 1, (4, 84, 84), np.uint8, (), np.int64))
     offpolicy = OffPolicyRollout(AlwaysFire(), BREAKOUT_LIVES, memory, 0, learning_starts=10**9)
     for _ in range(128):
         offpolicy.step()

@@ -119,10 +119,21 @@ def test_other_spaces(existing_run, isolated_run, capsys) -> None:
     assert "policy.actor_body.0.weight (64, 4) vs (64, 6)" in line
 
 
-def test_other_replay_layout(sources, isolated_run, capsys) -> None:
-    args = [*DQN, "--model.init_args.env.num_envs=2", f"--ckpt_path={sources['dqn']}"]
+@pytest.mark.parametrize(
+    ("option", "saved"),
+    [
+        ("env.num_envs=2", "env.num_envs=4"),
+        ("n_steps=1", "n_steps=3"),
+        ("memory_size=1000", "memory_size=50000"),
+    ],
+)
+def test_other_replay_layout(option, saved, sources, isolated_run, capsys) -> None:
+    args = [*DQN, f"--model.init_args.{option}", f"--ckpt_path={sources['dqn']}"]
     line = fails_with_one_line(args, isolated_run, capsys)
-    assert "env.num_envs=4" in line and "env.num_envs=2" in line
+    assert line == (
+        f"ckpt_path: the replay memory in {sources['dqn']} has {saved}, this config "
+        f"model.init_args.{option}; they must match to resume"
+    )
 
 
 def test_best_without_a_run(isolated_run, capsys) -> None:

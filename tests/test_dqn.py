@@ -22,7 +22,7 @@ from slm_lightning.algorithms.dqn import double_dqn_target, dqn_target
 from slm_lightning.checkpoints import checkpoint_frames, saved_memory_state
 from slm_lightning.data.offpolicy_rollout import OffPolicyRollout
 from slm_lightning.data.prioritized import PrioritizedReplay
-from slm_lightning.data.replay import ReplayBatch, ReplayMemory
+from slm_lightning.data.replay import ReplayBatch, ReplayLayout, ReplayMemory
 from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.nets.mlp import MLPSpec
 from slm_lightning.nets.q_network import QNetwork, boltzmann, epsilon_greedy
@@ -91,7 +91,9 @@ def test_double_dqn_target_by_hand():
 def test_targets_use_the_stored_nstep_discount():
     """With a 3-step memory the batch's discounts are gamma^k (k cut short at an episode end)
     and the target discounts the bootstrap by exactly that."""
-    memory = ReplayMemory(16, 1, (1,), np.float32, (), np.int64, n_steps=3, gamma=GAMMA)
+    memory = ReplayMemory(
+        ReplayLayout(16, 1, (1,), np.float32, (), np.int64, n_steps=3, gamma=GAMMA)
+    )
     for t in range(5):  # one episode of 5 steps, truncated at the end: rewards 1..5
         memory.add(np.array([[t]], np.float32), np.array([0]), np.array([t + 1.0]),
                    np.array([[t + 1]], np.float32), np.array([False]), np.array([t == 4]),
@@ -196,7 +198,9 @@ def test_prioritized_training_step_updates_sampled_priorities_and_weights_the_lo
     with torch.no_grad():  # a target net that differs from the online one
         for p in model.target.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    memory = PrioritizedReplay(64, 1, (4,), np.float32, (), np.int64, alpha=0.6, seed=3)
+    memory = PrioritizedReplay(
+        ReplayLayout(64, 1, (4,), np.float32, (), np.int64, seed=3), alpha=0.6
+    )
     rng = np.random.default_rng(0)
     for _ in range(40):
         memory.add(rng.normal(size=(1, 4)).astype(np.float32), rng.integers(0, 2, 1),
@@ -488,8 +492,12 @@ def test_checkpoint_holds_the_replay_memory(first):
 
     # A fresh memory loaded from the checkpoint draws the same next batches.
     model = cli.model
-    fresh = PrioritizedReplay(50_000, 4, (4,), np.float32, (), np.int64, n_steps=3,
-                              gamma=model.gamma, alpha=0.6, seed=12345)  # fmt: skip
+    fresh = PrioritizedReplay(
+        ReplayLayout(
+            50_000, 4, (4,), np.float32, (), np.int64, n_steps=3, gamma=model.gamma, seed=12345
+        ),
+        alpha=0.6,
+    )
     fresh.load_state_dict(saved)
     assert len(fresh) == saved["size"] and fresh.cursor == saved["cursor"]
     for indices in next_samples:

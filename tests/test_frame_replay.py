@@ -16,7 +16,7 @@ import pytest
 from slm_lightning.algorithms import DQN
 from slm_lightning.data.frame_replay import FrameReplay, PrioritizedFrameReplay
 from slm_lightning.data.prioritized import PrioritizedReplay
-from slm_lightning.data.replay import ReplayBatch, ReplayMemory
+from slm_lightning.data.replay import ReplayBatch, ReplayLayout, ReplayMemory
 from slm_lightning.envs.factory import EnvSpec
 
 STACK, FRAME = 4, (3, 2)
@@ -92,14 +92,20 @@ def assert_same(a: ReplayBatch, b: ReplayBatch) -> None:
         assert x.dtype == y.dtype, key
 
 
-def naive(capacity: int, n_steps: int, cls: type = ReplayMemory, **kwargs) -> ReplayMemory:
-    return cls(capacity, NUM_ENVS, (STACK, *FRAME), np.uint8, (), np.int64, n_steps=n_steps,
-               gamma=0.9, **{"seed": 4} | kwargs)  # fmt: skip
+def layout(capacity: int, n_steps: int, combined: bool = False, seed: int = 4) -> ReplayLayout:
+    """The stream's layout: ``NUM_ENVS`` envs of ``(STACK, *FRAME)`` uint8 stacks, gamma 0.9."""
+    return ReplayLayout(capacity, NUM_ENVS, (STACK, *FRAME), np.uint8, (), np.int64,
+                        n_steps=n_steps, gamma=0.9, combined=combined, seed=seed)  # fmt: skip
 
 
-def frames(capacity: int, n_steps: int, cls: type = FrameReplay, **kwargs) -> FrameReplay:
-    return cls(capacity, NUM_ENVS, (STACK, *FRAME), np.uint8, (), np.int64, n_steps=n_steps,
-               gamma=0.9, **{"seed": 4} | kwargs)  # fmt: skip
+def naive(capacity: int, n_steps: int, cls: type = ReplayMemory, combined: bool = False,
+          seed: int = 4, **kwargs) -> ReplayMemory:  # fmt: skip
+    return cls(layout(capacity, n_steps, combined, seed), **kwargs)
+
+
+def frames(capacity: int, n_steps: int, cls: type = FrameReplay, combined: bool = False,
+           seed: int = 4, **kwargs) -> FrameReplay:  # fmt: skip
+    return cls(layout(capacity, n_steps, combined, seed), **kwargs)
 
 
 @pytest.mark.parametrize("padding", ["zero", "repeat"])
@@ -204,8 +210,8 @@ def test_state_dict_round_trip_same_next_samples_and_stream(cls):
 
 def test_footprint_about_one_frame_per_transition():
     capacity, shape = 100_000, (4, 84, 84)  # allocation is lazy: nothing is touched here
-    memory = FrameReplay(capacity, 16, shape, np.uint8, (), np.int64)
-    reference = ReplayMemory(1000, 16, shape, np.uint8, (), np.int64)
+    memory = FrameReplay(ReplayLayout(capacity, 16, shape, np.uint8, (), np.int64))
+    reference = ReplayMemory(ReplayLayout(1000, 16, shape, np.uint8, (), np.int64))
     frame = 84 * 84
 
     def per_transition(m: ReplayMemory, n: int) -> float:
@@ -214,7 +220,7 @@ def test_footprint_about_one_frame_per_transition():
     assert per_transition(reference, 1000) > 8 * frame
     assert frame < per_transition(memory, capacity) < 1.1 * frame
     # Written frames: one per transition plus one per episode (zero padding shared).
-    small = FrameReplay(1000, NUM_ENVS, (STACK, *FRAME), np.uint8, (), np.int64)
+    small = FrameReplay(ReplayLayout(1000, NUM_ENVS, (STACK, *FRAME), np.uint8, (), np.int64))
     feed([small], 300, "zero", max_len=50)
     assert small.frames_written < 1.1 * len(small)
 
@@ -222,8 +228,12 @@ def test_footprint_about_one_frame_per_transition():
 def test_real_atari_stream_matches_naive_memory():
     vector_env = pytest.importorskip("ale_py.vector_env")
     env = vector_env.AtariVectorEnv("pong", 2, max_num_frames_per_episode=60, num_threads=1)
-    reference = ReplayMemory(500, 2, (4, 84, 84), np.uint8, (), np.int64, n_steps=3, seed=1)
-    memory = FrameReplay(500, 2, (4, 84, 84), np.uint8, (), np.int64, n_steps=3, seed=1)
+    reference = ReplayMemory(
+        ReplayLayout(500, 2, (4, 84, 84), np.uint8, (), np.int64, n_steps=3, seed=1)
+    )
+    memory = FrameReplay(
+        ReplayLayout(500, 2, (4, 84, 84), np.uint8, (), np.int64, n_steps=3, seed=1)
+    )
     obs, _ = env.reset(seed=0)
     prev_done = np.zeros(2, bool)
     rng = np.random.default_rng(0)
@@ -249,10 +259,9 @@ def test_real_atari_stream_matches_naive_memory():
     ],
 )
 def test_invalid_arguments(kwargs, message):
-    args = {"capacity": 100, "num_envs": 3, "obs_shape": (4, 2), "obs_dtype": np.uint8,
-            "action_shape": (), "action_dtype": np.int64} | kwargs  # fmt: skip
+    obs_shape = kwargs.pop("obs_shape", (4, 2))
     with pytest.raises(ValueError, match=message):
-        FrameReplay(**args)
+        FrameReplay(ReplayLayout(100, 3, obs_shape, np.uint8, (), np.int64), **kwargs)
 
 
 @pytest.mark.parametrize("prioritized", [False, True])

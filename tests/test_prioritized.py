@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 
 from slm_lightning.data.prioritized import PrioritizedReplay, SumTree
+from slm_lightning.data.replay import ReplayLayout
 
 
-def filled(size: int, capacity: int | None = None, **kwargs) -> PrioritizedReplay:
+def filled(size: int, capacity: int | None = None, seed: int = 0, **kwargs) -> PrioritizedReplay:
     """A memory holding ``size`` one-step transitions whose observation is their slot."""
-    memory = PrioritizedReplay(capacity or size, 1, (1,), np.float32, (), np.int64, **kwargs)
+    layout = ReplayLayout(capacity or size, 1, (1,), np.float32, (), np.int64, seed=seed)
+    memory = PrioritizedReplay(layout, **kwargs)
     for i in range(size):
         memory.add(np.array([[i]]), np.array([i]), np.array([0.0]), np.array([[i + 1]]),
                    np.zeros(1, bool), np.zeros(1, bool), np.ones(1, bool))  # fmt: skip
@@ -104,7 +106,7 @@ def test_state_dict_round_trip_same_next_samples():
     memory.update_priorities(np.arange(6), np.linspace(0.1, 3.0, 6))
     memory.sample(4, beta=0.4)
     state = pickle.loads(pickle.dumps(memory.state_dict()))
-    restored = PrioritizedReplay(8, 1, (1,), np.float32, (), np.int64, seed=99)
+    restored = PrioritizedReplay(ReplayLayout(8, 1, (1,), np.float32, (), np.int64, seed=99))
     restored.load_state_dict(state)
     assert restored.max_priority == memory.max_priority
     for _ in range(3):
@@ -122,8 +124,10 @@ def test_state_dict_round_trip_same_next_samples():
     ],
 )
 def test_invalid_arguments(kwargs, message):
+    combined = kwargs.pop("combined", False)
+    layout = ReplayLayout(4, 1, (1,), np.float32, (), np.int64, combined=combined)
     with pytest.raises(ValueError, match=message):
-        PrioritizedReplay(4, 1, (1,), np.float32, (), np.int64, **kwargs)
+        PrioritizedReplay(layout, **kwargs)
 
 
 def test_invalid_beta():

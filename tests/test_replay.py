@@ -9,7 +9,8 @@ import pickle
 import numpy as np
 import pytest
 
-from slm_lightning.data.replay import ReplayMemory
+from slm_lightning.data.replay import ReplayLayout, ReplayMemory
+from slm_lightning.errors import ConfigError
 
 NAN = float("nan")
 
@@ -29,7 +30,7 @@ def step(memory: ReplayMemory, obs, rewards, next_obs, terminated=None, truncate
 
 
 def test_circular_overwrite_order_and_uint8_kept():
-    memory = ReplayMemory(5, 2, (2, 2), np.uint8, (), np.int64)
+    memory = ReplayMemory(ReplayLayout(5, 2, (2, 2), np.uint8, (), np.int64))
     for t in range(3):  # six transitions into five slots: the sixth overwrites slot 0
         obs = np.stack([np.full((2, 2), 2 * t + i, np.uint8) for i in range(2)])
         memory.add(obs, np.array([2 * t, 2 * t + 1]), np.array([1.0, 2.0]), obs + 100,
@@ -46,7 +47,7 @@ def test_circular_overwrite_order_and_uint8_kept():
 
 
 def test_float_obs_stored_float32_and_oversized_add_keeps_newest():
-    memory = ReplayMemory(3, 4, (1,), np.float64, (), np.int64)
+    memory = ReplayMemory(ReplayLayout(3, 4, (1,), np.float64, (), np.int64))
     assert memory.obs.dtype == np.float32
     step(memory, [0, 1, 2, 3], [0, 1, 2, 3], [10, 11, 12, 13])
     np.testing.assert_array_equal(memory.obs[:, 0], [1, 2, 3])
@@ -54,7 +55,7 @@ def test_float_obs_stored_float32_and_oversized_add_keeps_newest():
 
 
 def test_invalid_slots_skipped():
-    memory = ReplayMemory(10, 3, (1,), np.float32, (), np.int64)
+    memory = ReplayMemory(ReplayLayout(10, 3, (1,), np.float32, (), np.int64))
     step(memory, [1, 2, 3], [1.0, NAN, 3.0], [4, 5, 6], terminated=[False, False, True],
          valid=[True, False, True])  # fmt: skip
     assert len(memory) == 2
@@ -89,7 +90,9 @@ NSTEP_EXPECTED = [
 
 
 def test_nstep_windows_with_truncation_and_termination():
-    memory = ReplayMemory(100, 2, (1,), np.float32, (), np.int64, n_steps=3, gamma=0.9)
+    memory = ReplayMemory(
+        ReplayLayout(100, 2, (1,), np.float32, (), np.int64, n_steps=3, gamma=0.9)
+    )
     written = []
     for t in range(7):
         ended = {"terminated": [t == 6, False], "truncated": [t == 3, False]}
@@ -110,7 +113,9 @@ def test_nstep_windows_with_truncation_and_termination():
 
 
 def test_combined_replay_always_holds_newest():
-    memory = ReplayMemory(50, 4, (1,), np.float32, (), np.int64, combined=True, seed=3)
+    memory = ReplayMemory(
+        ReplayLayout(50, 4, (1,), np.float32, (), np.int64, combined=True, seed=3)
+    )
     for t in range(20):  # wraps: 80 transitions into 50 slots
         step(memory, [t] * 4, [0.0] * 4, [t + 1] * 4)
     newest = memory.last_indices
@@ -120,7 +125,7 @@ def test_combined_replay_always_holds_newest():
         np.testing.assert_array_equal(batch.indices[:4], newest)
         np.testing.assert_array_equal(batch.obs[:4, 0], [19] * 4)
     np.testing.assert_array_equal(memory.sample(2).indices, [28, 29])  # newest first
-    uniform = ReplayMemory(50, 4, (1,), np.float32, (), np.int64, seed=3)
+    uniform = ReplayMemory(ReplayLayout(50, 4, (1,), np.float32, (), np.int64, seed=3))
     for t in range(20):
         step(uniform, [t] * 4, [0.0] * 4, [t + 1] * 4)
     hits = [set(newest) <= set(uniform.sample(8).indices) for _ in range(20)]
@@ -129,7 +134,9 @@ def test_combined_replay_always_holds_newest():
 
 def test_state_dict_round_trip_same_next_samples_and_pending():
     def make() -> ReplayMemory:
-        return ReplayMemory(8, 2, (1,), np.float32, (), np.int64, n_steps=3, gamma=0.9, seed=7)
+        return ReplayMemory(
+            ReplayLayout(8, 2, (1,), np.float32, (), np.int64, n_steps=3, gamma=0.9, seed=7)
+        )
 
     memory = make()
     for t in range(7):  # 10 transitions wrap the 8 slots; two windows per env stay pending
@@ -148,27 +155,27 @@ def test_state_dict_round_trip_same_next_samples_and_pending():
     for name in ("obs", "rewards", "next_obs", "terminated", "discounts"):
         np.testing.assert_array_equal(getattr(memory, name), getattr(restored, name))
     with pytest.raises(ValueError, match="memory.n_steps"):
-        ReplayMemory(8, 2, (1,), np.float32, (), np.int64).load_state_dict(state)
+        ReplayMemory(ReplayLayout(8, 2, (1,), np.float32, (), np.int64)).load_state_dict(state)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"capacity": 0}, "memory.capacity must be >= 1, got 0"),
-        ({"num_envs": 0}, "memory.num_envs must be >= 1, got 0"),
-        ({"n_steps": 0}, "memory.n_steps must be >= 1, got 0"),
-        ({"gamma": 1.5}, r"memory.gamma must be in \[0, 1\], got 1.5"),
+        ({"capacity": 0}, "^model.init_args.memory_size must be >= 1, got 0$"),
+        ({"num_envs": 0}, "^model.init_args.env.num_envs must be >= 1, got 0$"),
+        ({"n_steps": 0}, "^model.init_args.n_steps must be >= 1, got 0$"),
+        ({"gamma": 1.5}, r"^model.init_args.gamma must be in \[0, 1\], got 1.5$"),
     ],
 )
 def test_invalid_arguments(kwargs, message):
     args = {"capacity": 4, "num_envs": 1, "obs_shape": (1,), "obs_dtype": np.float32,
             "action_shape": (), "action_dtype": np.int64} | kwargs  # fmt: skip
-    with pytest.raises(ValueError, match=message):
-        ReplayMemory(**args)
+    with pytest.raises(ConfigError, match=message):
+        ReplayLayout(**args)
 
 
 def test_sample_errors():
-    memory = ReplayMemory(4, 1, (1,), np.float32, (), np.int64)
+    memory = ReplayMemory(ReplayLayout(4, 1, (1,), np.float32, (), np.int64))
     with pytest.raises(RuntimeError, match="empty"):
         memory.sample(2)
     step(memory, [0], [1.0], [1])

@@ -14,8 +14,8 @@ The data path, in order:
    (``ReplayMemory.sample`` / ``PrioritizedReplay.sample``), a ``data/replay.py:ReplayBatch``;
 5. target: :meth:`DQN.training_step` with :func:`dqn_target` / :func:`double_dqn_target`;
 6. loss: Huber or MSE on the TD error, weighted by the PER weights, in ``training_step``;
-7. optimizer: Lightning's automatic optimization, :meth:`DQN.configure_optimizers`
-   (``optim.py:adam``), clipped in :meth:`DQN.configure_gradient_clipping`;
+7. optimizer: Lightning's automatic optimization, ``optim.py:PolicyAdam.configure_optimizers``
+   (``optim.py:adam``), clipped in ``PolicyAdam.configure_gradient_clipping``;
 8. target-net update: :meth:`DQN.on_train_batch_end` (Polyak with ``tau``, or hard copies);
 9. priorities: ``training_step`` calls ``PrioritizedReplay.update_priorities`` on
    ``self.memory`` with the batch's TD errors.
@@ -41,7 +41,7 @@ from slm_lightning.errors import ConfigError
 from slm_lightning.nets.conv import ConvSpec
 from slm_lightning.nets.mlp import MLPSpec
 from slm_lightning.nets.q_network import QNetwork, exploration_setting, exploring_actions
-from slm_lightning.optim import adam, clip_grad_norm, loss_scaling, set_learning_rates
+from slm_lightning.optim import PolicyAdam
 from slm_lightning.schedules import Schedule, scheduled
 
 
@@ -65,7 +65,7 @@ def double_dqn_target(
     return rewards + discounts * (1.0 - terminated) * next_q_target.gather(-1, best).squeeze(-1)
 
 
-class DQN(OffPolicyAlgorithm):
+class DQN(PolicyAdam, OffPolicyAlgorithm):
     """Deep Q-learning from replay, for discrete actions.
 
     ``double``, ``dueling``, ``n_steps`` and ``prioritized`` combine freely: DQN is all off,
@@ -212,25 +212,12 @@ class DQN(OffPolicyAlgorithm):
         return self.memory.sample(self.batch_size)
 
     @override
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        lr = scheduled(self.lr, 0, self.max_frames)
-        return adam(self.policy.param_groups(), lr, self.adam_eps, loss_scaling(self._trainer))
-
-    @override
     def on_train_epoch_start(self) -> None:
-        lr = scheduled(self.lr, self.frames, self.max_frames)
-        set_learning_rates(self.trainer.optimizers[0], [lr])
+        super().on_train_epoch_start()
         key, rate = exploration_setting(
             self.exploration, self.epsilon, self.temperature, self.frames, self.max_frames
         )
-        self.train_metrics.set({"train/lr": lr, key: rate})
-
-    @override
-    def configure_gradient_clipping(
-        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
-    ) -> None:
-        max_norm = self.max_grad_norm if gradient_clip_val is None else gradient_clip_val
-        clip_grad_norm(self, optimizer, max_norm)
+        self.train_metrics.set({key: rate})
 
     @override
     def training_step(self, batch: ReplayBatch, batch_idx: int) -> Tensor:

@@ -12,11 +12,11 @@ from slm_lightning.data.returns import ReturnsEstimator
 from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.nets.actor_critic import ActorCritic
 from slm_lightning.nets.recurrent import RecurrentActorCritic
-from slm_lightning.optim import adam, clip_grad_norm, loss_scaling, set_learning_rates
+from slm_lightning.optim import PolicyAdam
 from slm_lightning.schedules import Schedule, scheduled
 
 
-class PolicyGradient(RLAlgorithm):
+class PolicyGradient(PolicyAdam, RLAlgorithm):
     """Base of the policy-gradient algorithms: they own ``self.policy`` (an
     :class:`~slm_lightning.nets.ActorCritic` or :class:`~slm_lightning.nets.RecurrentActorCritic`,
     set by the subclass) and ``self.memory`` (an :class:`OnPolicyMemory` that computes returns
@@ -136,20 +136,12 @@ class PolicyGradient(RLAlgorithm):
     # --- optimisation ---------------------------------------------------------------------------
 
     @override
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        lr = scheduled(self.lr, 0, self.max_frames)
-        return adam(self.policy.param_groups(), lr, self.adam_eps, loss_scaling(self._trainer))
-
-    @override
-    def on_train_epoch_start(self) -> None:
-        lr = scheduled(self.lr, self.frames, self.max_frames)
+    def learning_rates(self, frames: int) -> tuple[float, float]:
+        lr = scheduled(self.lr, frames, self.max_frames)
         critic_lr = (
-            lr
-            if self.critic_lr is None
-            else scheduled(self.critic_lr, self.frames, self.max_frames)
+            lr if self.critic_lr is None else scheduled(self.critic_lr, frames, self.max_frames)
         )
-        set_learning_rates(self.trainer.optimizers[0], (lr, critic_lr))
-        self.train_metrics.set({"train/lr": lr})
+        return lr, critic_lr
 
     @override
     def on_train_batch_start(self, batch: OnPolicyBatch | RecurrentBatch, batch_idx: int) -> None:
@@ -157,14 +149,3 @@ class PolicyGradient(RLAlgorithm):
         # the returns the memory has just computed.
         if batch_idx == 0 and self.policy.has_critic and self.memory is not None:
             self.train_metrics.add({"train/explained_variance": self.memory.explained_variance()})
-
-    @override
-    def configure_gradient_clipping(
-        self,
-        optimizer: torch.optim.Optimizer,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
-        # The Trainer's gradient_clip_val, when given, overrides max_grad_norm.
-        max_norm = self.max_grad_norm if gradient_clip_val is None else gradient_clip_val
-        clip_grad_norm(self, optimizer, max_norm)

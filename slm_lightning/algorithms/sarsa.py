@@ -16,11 +16,11 @@ from slm_lightning.data.returns import GAE
 from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.nets.mlp import MLPSpec
 from slm_lightning.nets.q_network import QNetwork, exploration_setting, exploring_actions
-from slm_lightning.optim import adam, clip_grad_norm, loss_scaling, set_learning_rates
-from slm_lightning.schedules import Schedule, scheduled
+from slm_lightning.optim import PolicyAdam
+from slm_lightning.schedules import Schedule
 
 
-class SARSA(RLAlgorithm):
+class SARSA(PolicyAdam, RLAlgorithm):
     """SARSA: regress ``Q(s, a)`` on ``r + gamma Q(s', a')`` where ``a'`` is the action the
     exploring policy really took next.
 
@@ -138,25 +138,12 @@ class SARSA(RLAlgorithm):
         return q.argmax(-1) if greedy else self.exploring_actions(q)
 
     @override
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        lr = scheduled(self.lr, 0, self.max_frames)
-        return adam(self.policy.param_groups(), lr, self.adam_eps, loss_scaling(self._trainer))
-
-    @override
     def on_train_epoch_start(self) -> None:
-        lr = scheduled(self.lr, self.frames, self.max_frames)
-        set_learning_rates(self.trainer.optimizers[0], [lr])
+        super().on_train_epoch_start()
         key, rate = exploration_setting(
             self.exploration, self.epsilon, self.temperature, self.frames, self.max_frames
         )
-        self.train_metrics.set({"train/lr": lr, key: rate})
-
-    @override
-    def configure_gradient_clipping(
-        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
-    ) -> None:
-        max_norm = self.max_grad_norm if gradient_clip_val is None else gradient_clip_val
-        clip_grad_norm(self, optimizer, max_norm)
+        self.train_metrics.set({key: rate})
 
     @override
     def training_step(self, batch: OnPolicyBatch, batch_idx: int) -> Tensor:

@@ -1,12 +1,12 @@
 """Replay memory for stacked frames (Atari): every frame stored once, stacks rebuilt at sampling."""
 
+import dataclasses
 from typing import Any
 
 import numpy as np
-from numpy.typing import DTypeLike
 
 from slm_lightning.data.prioritized import PrioritizedReplay
-from slm_lightning.data.replay import ReplayBatch, ReplayMemory
+from slm_lightning.data.replay import ReplayBatch, ReplayLayout, ReplayMemory
 
 
 class FrameReplay(ReplayMemory):
@@ -40,11 +40,9 @@ class FrameReplay(ReplayMemory):
     rollout passes it): an n-step window left open over masked steps would outlive its frames.
 
     Args:
-        capacity, num_envs, action_shape, action_dtype, n_steps, gamma, combined, seed: as in
-            :class:`ReplayMemory`.
-        obs_shape: ``(stack, *frame_shape)``, the last ``stack`` frames, oldest first, as
-            ale-py's ``AtariVectorEnv`` and gymnasium's ``FrameStackObservation`` give them.
-        obs_dtype: observation dtype; float frames are stored as float32, others kept.
+        layout: as in :class:`ReplayMemory`, with ``obs_shape`` ``(stack, *frame_shape)``:
+            the last ``stack`` frames, oldest first, as ale-py's ``AtariVectorEnv`` and
+            gymnasium's ``FrameStackObservation`` give them.
         frame_capacity: frames kept; None: ``capacity + capacity // 16`` plus a few steps'
             worth, enough for all ``capacity`` transitions with episodes of 16 steps or more.
         **kwargs: for the next class in the method resolution order (``alpha`` and ``eps`` of
@@ -54,33 +52,21 @@ class FrameReplay(ReplayMemory):
     obs_name = "obs_serials"
 
     def __init__(
-        self,
-        capacity: int,
-        num_envs: int,
-        obs_shape: tuple[int, ...],
-        obs_dtype: DTypeLike,
-        action_shape: tuple[int, ...],
-        action_dtype: DTypeLike,
-        n_steps: int = 1,
-        gamma: float = 0.99,
-        combined: bool = False,
-        seed: int = 0,
-        frame_capacity: int | None = None,
-        **kwargs: Any,
+        self, layout: ReplayLayout, frame_capacity: int | None = None, **kwargs: Any
     ) -> None:
-        obs_shape = tuple(obs_shape)
+        obs_shape = layout.obs_shape
         if len(obs_shape) < 1 or obs_shape[0] < 1:
             raise ValueError(
                 f"memory.obs_shape must be (stack, *frame_shape) with stack >= 1, got {obs_shape}"
             )
         self.stack = obs_shape[0]
-        super().__init__(
-            capacity, num_envs, (self.stack,), np.int64, action_shape, action_dtype,
-            n_steps=n_steps, gamma=gamma, combined=combined, seed=seed, **kwargs,
-        )  # fmt: skip
-        obs_dtype = np.dtype(obs_dtype)
-        self.obs_dtype = np.dtype(np.float32) if obs_dtype.kind == "f" else obs_dtype
+        # The storage arrays of ReplayMemory hold the serials of each observation's frames.
+        serials = dataclasses.replace(layout, obs_shape=(self.stack,), obs_dtype=np.int64)
+        super().__init__(serials, **kwargs)
+        self.layout = layout
+        self.obs_dtype = layout.obs_dtype
         self.obs_shape = obs_shape
+        capacity, num_envs, n_steps = layout.capacity, layout.num_envs, layout.n_steps
         # Frames one add can write: a whole obs stack and a whole next_obs stack per sub-env.
         self.add_frames = 2 * self.stack * num_envs
         # Every frame a new transition refers to was written within ``reach`` frames: its
@@ -279,8 +265,7 @@ class PrioritizedFrameReplay(FrameReplay, PrioritizedReplay):
     :meth:`update_priorities` skips them, so they are never drawn again.
 
     Args:
-        capacity, num_envs, obs_shape, obs_dtype, action_shape, action_dtype, n_steps, gamma,
-            combined, seed, frame_capacity: as in :class:`FrameReplay`.
+        layout, frame_capacity: as in :class:`FrameReplay`.
         alpha, eps: as in :class:`PrioritizedReplay` (``FrameReplay`` passes them on along
             the method resolution order).
     """

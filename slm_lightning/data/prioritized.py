@@ -3,9 +3,8 @@
 from typing import Any
 
 import numpy as np
-from numpy.typing import DTypeLike
 
-from slm_lightning.data.replay import ReplayBatch, ReplayMemory
+from slm_lightning.data.replay import ReplayBatch, ReplayLayout, ReplayMemory
 
 
 class SumTree:
@@ -121,30 +120,15 @@ class PrioritizedReplay(ReplayMemory):
     as in the reference implementations.
 
     Args:
-        capacity, num_envs, obs_shape, obs_dtype, action_shape, action_dtype, n_steps, gamma,
-            seed: as in :class:`ReplayMemory`.
+        layout: as in :class:`ReplayMemory`; ``layout.combined`` must stay False: new
+            transitions already get the maximal priority, and forcing them into a batch
+            would bias the importance-sampling correction.
         alpha: how much prioritisation is used (0: uniform, 1: fully proportional).
         eps: added to ``|delta|`` so that no transition's probability drops to zero.
-        combined: must stay False; new transitions already get the maximal priority, and
-            forcing them into a batch would bias the importance-sampling correction.
     """
 
-    def __init__(
-        self,
-        capacity: int,
-        num_envs: int,
-        obs_shape: tuple[int, ...],
-        obs_dtype: DTypeLike,
-        action_shape: tuple[int, ...],
-        action_dtype: DTypeLike,
-        n_steps: int = 1,
-        gamma: float = 0.99,
-        combined: bool = False,
-        seed: int = 0,
-        alpha: float = 0.6,
-        eps: float = 1e-6,
-    ) -> None:
-        if combined:
+    def __init__(self, layout: ReplayLayout, alpha: float = 0.6, eps: float = 1e-6) -> None:
+        if layout.combined:
             raise ValueError(
                 "memory.combined must be False for PrioritizedReplay, got True (new "
                 "transitions already get the maximal priority)"
@@ -153,12 +137,9 @@ class PrioritizedReplay(ReplayMemory):
             raise ValueError(f"memory.alpha must be >= 0, got {alpha}")
         if eps <= 0:
             raise ValueError(f"memory.eps must be > 0, got {eps}")
-        super().__init__(
-            capacity, num_envs, obs_shape, obs_dtype, action_shape, action_dtype,
-            n_steps=n_steps, gamma=gamma, combined=False, seed=seed,
-        )  # fmt: skip
+        super().__init__(layout)
         self.alpha, self.eps = alpha, eps
-        self.tree = SumTree(capacity)
+        self.tree = SumTree(layout.capacity)
         self.max_priority = 1.0  # of p_i = (|delta| + eps)^alpha, i.e. after the exponent
 
     def _write(

@@ -2,13 +2,14 @@
 (:class:`ReplayLayout`) and its typed samples (:class:`ReplayBatch`)."""
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
 from gymnasium import spaces
-from numpy.typing import DTypeLike
 from torch import Tensor
+
+from slm_lightning.errors import ConfigError
 
 # The arrays of a batch: numpy from the memory, tensors once the rollout hands it to Lightning.
 Array = np.ndarray | Tensor
@@ -47,20 +48,28 @@ class ReplayBatch(NamedTuple):
 
 @dataclass(frozen=True)
 class ReplayLayout:
-    """What a replay memory stores and how it samples: the constructor arguments every
-    replay class shares (see :class:`ReplayMemory`).
+    """What a replay memory stores and how it samples: the one constructor argument every
+    replay class shares (see :class:`ReplayMemory`). Dtypes are normalised to ``np.dtype``,
+    float observations to float32; shapes to tuples.
+
+    Bad values raise a :class:`~slm_lightning.errors.ConfigError` naming the config key
+    that sets the field (the algorithms check these keys first; this catches a memory built
+    directly).
 
     Args:
-        capacity: transitions kept.
-        num_envs: envs per ``add`` call.
+        capacity: transitions kept; the oldest are overwritten first.
+        num_envs: envs per ``add`` call (leading dimension of its arrays).
         obs_shape: one observation's shape.
-        obs_dtype: stored observation dtype (float32 for float observations).
+        obs_dtype: stored observation dtype: float observations are stored as float32, any
+            other dtype (uint8 frames) is kept.
         action_shape: one action's shape.
         action_dtype: stored action dtype.
-        n_steps: steps aggregated into one transition.
-        gamma: discount of the n-step sums.
-        combined: combined experience replay.
-        seed: seed of the memory's sampling generator.
+        n_steps: steps aggregated into one transition (1: plain one-step transitions).
+        gamma: discount of the n-step reward sum and of ``discounts``.
+        combined: combined experience replay (Zhang & Sutton 2017, "A Deeper Look at
+            Experience Replay"): every batch contains the transitions written by the last
+            ``add``, which removes the delay before new data is first learnt from.
+        seed: seed of the memory's own sampling generator.
     """
 
     capacity: int
@@ -74,6 +83,31 @@ class ReplayLayout:
     combined: bool = False
     seed: int = 0
 
+    # The key under ``model.init_args`` that sets each field, for messages.
+    config_keys: ClassVar[dict[str, str]] = {
+        "capacity": "memory_size",
+        "num_envs": "env.num_envs",
+        "n_steps": "n_steps",
+        "gamma": "gamma",
+    }
+
+    def __post_init__(self) -> None:
+        for field in ("capacity", "num_envs", "n_steps"):
+            value = getattr(self, field)
+            if value < 1:
+                key = self.config_keys[field]
+                raise ConfigError(f"model.init_args.{key} must be >= 1, got {value}")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ConfigError(f"model.init_args.gamma must be in [0, 1], got {self.gamma}")
+        obs_dtype = np.dtype(self.obs_dtype)
+        if np.issubdtype(obs_dtype, np.floating):
+            obs_dtype = np.dtype(np.float32)
+        # Frozen: normalise through object.__setattr__, as the dataclasses docs advise.
+        object.__setattr__(self, "obs_dtype", obs_dtype)
+        object.__setattr__(self, "action_dtype", np.dtype(self.action_dtype))
+        object.__setattr__(self, "obs_shape", tuple(self.obs_shape))
+        object.__setattr__(self, "action_shape", tuple(self.action_shape))
+
 
 def replay_layout(
     observation_space: spaces.Box,
@@ -85,8 +119,8 @@ def replay_layout(
     n_steps: int = 1,
     combined: bool = False,
 ) -> ReplayLayout:
-    """The layout of a memory for one env's spaces: float observations stored as float32,
-    others (uint8 frames) kept; Discrete actions as int64 scalars, Box actions as float32.
+    """The layout of a memory for one env's spaces: observations as the space gives them
+    (floats as float32); Discrete actions as int64 scalars, Box actions as float32.
 
     Args:
         observation_space: the env's (single) observation space.
@@ -94,16 +128,13 @@ def replay_layout(
             ``add`` (SAC stores the actor's ``[-1, 1]`` actions).
         capacity, num_envs, seed, gamma, n_steps, combined: as in :class:`ReplayLayout`.
     """
-    obs_dtype = np.dtype(observation_space.dtype)
-    if np.issubdtype(obs_dtype, np.floating):
-        obs_dtype = np.dtype(np.float32)
     discrete = isinstance(action_space, spaces.Discrete)
     return ReplayLayout(
         capacity=capacity,
         num_envs=num_envs,
-        obs_shape=tuple(observation_space.shape),
-        obs_dtype=obs_dtype,
-        action_shape=() if discrete else tuple(action_space.shape),
+        obs_shape=observation_space.shape,
+        obs_dtype=observation_space.dtype,
+        action_shape=() if discrete else action_space.shape,
         action_dtype=np.dtype(np.int64 if discrete else np.float32),
         n_steps=n_steps,
         gamma=gamma,
@@ -127,17 +158,8 @@ class ReplayMemory:
     autoreset and n-step windows the next slot is rarely the next observation.
 
     Args:
-        capacity: transitions kept; the oldest are overwritten first.
-        num_envs: envs per :meth:`add` call (leading dimension of its arrays).
-        obs_shape, obs_dtype: single observation shape and dtype; float observations are
-            stored as float32, any other dtype (uint8 frames) is kept.
-        action_shape, action_dtype: single action shape and dtype.
-        n_steps: steps aggregated into one transition (1: plain one-step transitions).
-        gamma: discount of the n-step reward sum and of ``discounts``.
-        combined: combined experience replay (Zhang & Sutton 2017, "A Deeper Look at
-            Experience Replay"): every batch contains the transitions written by the last
-            :meth:`add`, which removes the delay before new data is first learnt from.
-        seed: seed of the memory's own sampling generator.
+        layout: capacity, shapes and dtypes, n-step and sampling settings (its fields are
+            also this memory's attributes ``capacity``, ``num_envs``, ``n_steps`` …).
     """
 
     # Name of the arrays that hold observations: ``obs``, ``next_obs`` and ``pending_obs``
@@ -145,32 +167,13 @@ class ReplayMemory:
     # the observations' frames there instead, and names them so.
     obs_name = "obs"
 
-    def __init__(
-        self,
-        capacity: int,
-        num_envs: int,
-        obs_shape: tuple[int, ...],
-        obs_dtype: DTypeLike,
-        action_shape: tuple[int, ...],
-        action_dtype: DTypeLike,
-        n_steps: int = 1,
-        gamma: float = 0.99,
-        combined: bool = False,
-        seed: int = 0,
-    ) -> None:
-        if capacity < 1:
-            raise ValueError(f"memory.capacity must be >= 1, got {capacity}")
-        if num_envs < 1:
-            raise ValueError(f"memory.num_envs must be >= 1, got {num_envs}")
-        if n_steps < 1:
-            raise ValueError(f"memory.n_steps must be >= 1, got {n_steps}")
-        if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"memory.gamma must be in [0, 1], got {gamma}")
+    def __init__(self, layout: ReplayLayout) -> None:
+        self.layout = layout
+        capacity, num_envs, n_steps = layout.capacity, layout.num_envs, layout.n_steps
         self.capacity, self.num_envs, self.n_steps = capacity, num_envs, n_steps
-        self.gamma, self.combined = gamma, combined
-        obs_dtype = np.dtype(obs_dtype)
-        if np.issubdtype(obs_dtype, np.floating):
-            obs_dtype = np.dtype(np.float32)
+        self.gamma, self.combined = layout.gamma, layout.combined
+        obs_shape, obs_dtype = layout.obs_shape, layout.obs_dtype
+        action_shape, action_dtype = layout.action_shape, layout.action_dtype
         self.obs_dtype = obs_dtype  # of the observations that add takes and sample returns
         stored_obs = np.zeros((capacity, *obs_shape), dtype=obs_dtype)
         setattr(self, self.obs_name, stored_obs)
@@ -182,7 +185,7 @@ class ReplayMemory:
         self.cursor = 0  # next slot to write
         self.size = 0
         self.last_indices = np.zeros(0, dtype=np.int64)  # slots written by the last add
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(layout.seed)
         # Pending windows, oldest first: rewards accumulate sum_i gamma^i r_i in float64,
         # steps counts the steps each window has aggregated so far.
         pend = (num_envs, n_steps)

@@ -1,7 +1,5 @@
 """Which replay memory class stores an env's transitions, chosen from its observation space."""
 
-import dataclasses
-
 import numpy as np
 
 from slm_lightning.data.frame_replay import FrameReplay, PrioritizedFrameReplay
@@ -35,7 +33,6 @@ def make_replay(
         alpha: the priority exponent of prioritized replay.
     """
     frames = stacks_frames(layout)
-    kwargs = dataclasses.asdict(layout)
     if prioritized:
-        return (PrioritizedFrameReplay if frames else PrioritizedReplay)(**kwargs, alpha=alpha)
-    return (FrameReplay if frames else ReplayMemory)(**kwargs)
+        return (PrioritizedFrameReplay if frames else PrioritizedReplay)(layout, alpha=alpha)
+    return (FrameReplay if frames else ReplayMemory)(layout)
