@@ -18,8 +18,13 @@ class TrainMetrics:
     """
 
     def __init__(self) -> None:
-        self._sums: dict[str, Tensor | float] = {}
-        self._counts: dict[str, int] = {}
+        # Per-update values, summed per set of keys an update reports: one stacked tensor
+        # and one add per update, however many keys (a few kernel launches on a GPU,
+        # where the small policies of classic control are launch-bound).
+        self._sums: dict[tuple[str, ...], Tensor] = {}
+        self._counts: dict[tuple[str, ...], int] = {}
+        self._float_sums: dict[str, float] = {}
+        self._float_counts: dict[str, int] = {}
         self._latest: dict[str, Tensor | float] = {}
         self._settings: dict[str, float] = {}
 
@@ -29,16 +34,23 @@ class TrainMetrics:
         Args:
             values: metric key (``train/loss``) to value.
         """
+        keys = tuple(key for key, value in values.items() if isinstance(value, Tensor))
         for key, value in values.items():
             if isinstance(value, Tensor):
-                value = value.detach()
-            self._latest[key] = value
-            if key in self._sums:
-                self._sums[key] = self._sums[key] + value
-                self._counts[key] += 1
+                self._latest[key] = value.detach()
             else:
-                self._sums[key] = value
-                self._counts[key] = 1
+                self._latest[key] = value
+                self._float_sums[key] = self._float_sums.get(key, 0.0) + float(value)
+                self._float_counts[key] = self._float_counts.get(key, 0) + 1
+        if not keys:
+            return
+        stacked = torch.stack([values[key].detach().float().reshape(()) for key in keys])
+        if keys in self._sums:
+            self._sums[keys] += stacked
+            self._counts[keys] += 1
+        else:
+            self._sums[keys] = stacked
+            self._counts[keys] = 1
 
     def set(self, values: Mapping[str, float]) -> None:
         """Record settings in force (a row logs the latest of each).
@@ -62,14 +74,20 @@ class TrainMetrics:
         Settings are kept: a row logs the one in force even if it was set rows ago.
         """
         row = {key: float(value) for key, value in self._settings.items()}
-        tensors = [key for key, value in self._sums.items() if isinstance(value, Tensor)]
-        if tensors:
-            sums = torch.stack([self._sums[key].float().reshape(()) for key in tensors])
-            counts = torch.tensor([self._counts[key] for key in tensors], device=sums.device)
-            row.update(zip(tensors, (sums / counts).tolist(), strict=True))  # one .item()
-        for key, value in self._sums.items():
-            if not isinstance(value, Tensor):
-                row[key] = float(value) / self._counts[key]
+        totals: dict[str, float] = dict(self._float_sums)
+        counts: dict[str, int] = dict(self._float_counts)
+        if self._sums:
+            # One host transfer for the whole row.
+            flat = torch.cat(list(self._sums.values())).tolist()
+            offset = 0
+            for keys, count in self._counts.items():
+                for key, value in zip(keys, flat[offset : offset + len(keys)], strict=True):
+                    totals[key] = totals.get(key, 0.0) + value
+                    counts[key] = counts.get(key, 0) + count
+                offset += len(keys)
+        row.update({key: totals[key] / counts[key] for key in totals})
         self._sums.clear()
         self._counts.clear()
+        self._float_sums.clear()
+        self._float_counts.clear()
         return row

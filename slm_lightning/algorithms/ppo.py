@@ -15,9 +15,10 @@ The data path, in order:
 5. loss: :meth:`PPO.training_step` (:func:`clipped_surrogate_loss`, :func:`value_loss`,
    entropy bonus); ``target_kl`` stops the rollout's minibatches through
    ``OnPolicyRollout.stop_minibatches``;
-6. optimizer: Lightning steps ``PolicyGradient.configure_optimizers``' Adam after
-   ``PolicyGradient.configure_gradient_clipping`` (``optim.py:clip_grad_norm``), at the
-   learning rates ``PolicyGradient.on_train_epoch_start`` set for this rollout.
+6. optimizer: Lightning steps ``optim.py:PolicyAdam.configure_optimizers``' Adam after
+   ``PolicyAdam.configure_gradient_clipping`` (``optim.py:clip_grad_norm``), at the
+   learning rates ``PolicyAdam.on_train_epoch_start`` set for this rollout
+   (``PolicyGradient.learning_rates``: actor, then critic).
 """
 
 import torch
