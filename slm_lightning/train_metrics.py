@@ -17,12 +17,16 @@ class TrainMetrics:
     which reads them all with one host transfer.
     """
 
+    # Updates a key's values wait for before they are summed.
+    FOLD = 256
+
     def __init__(self) -> None:
-        # Per-update values, summed per set of keys an update reports: one stacked tensor
-        # and one add per update, however many keys (a few kernel launches on a GPU,
-        # where the small policies of classic control are launch-bound).
-        self._sums: dict[tuple[str, ...], Tensor] = {}
-        self._counts: dict[tuple[str, ...], int] = {}
+        # Per-update tensors wait in a list (an append per value: the cheapest record, a
+        # microsecond against several for a tensor op) and are summed every FOLD updates and
+        # at each row, so a long row keeps at most FOLD tensors per key.
+        self._pending: dict[str, list[Tensor]] = {}
+        self._sums: dict[str, Tensor] = {}
+        self._counts: dict[str, int] = {}
         self._float_sums: dict[str, float] = {}
         self._float_counts: dict[str, int] = {}
         self._latest: dict[str, Tensor | float] = {}
@@ -34,23 +38,26 @@ class TrainMetrics:
         Args:
             values: metric key (``train/loss``) to value.
         """
-        keys = tuple(key for key, value in values.items() if isinstance(value, Tensor))
         for key, value in values.items():
             if isinstance(value, Tensor):
-                self._latest[key] = value.detach()
+                value = value.detach()
+                self._latest[key] = value
+                pending = self._pending.setdefault(key, [])
+                pending.append(value)
+                if len(pending) >= self.FOLD:
+                    self._fold(key)
             else:
                 self._latest[key] = value
                 self._float_sums[key] = self._float_sums.get(key, 0.0) + float(value)
                 self._float_counts[key] = self._float_counts.get(key, 0) + 1
-        if not keys:
-            return
-        stacked = torch.stack([values[key].detach().float().reshape(()) for key in keys])
-        if keys in self._sums:
-            self._sums[keys] += stacked
-            self._counts[keys] += 1
-        else:
-            self._sums[keys] = stacked
-            self._counts[keys] = 1
+
+    def _fold(self, key: str) -> None:
+        """Sum ``key``'s waiting values into its running sum (one op on their device)."""
+        pending = self._pending[key]
+        total = torch.stack(pending).float().sum()
+        self._sums[key] = self._sums[key] + total if key in self._sums else total
+        self._counts[key] = self._counts.get(key, 0) + len(pending)
+        pending.clear()
 
     def set(self, values: Mapping[str, float]) -> None:
         """Record settings in force (a row logs the latest of each).
@@ -74,18 +81,17 @@ class TrainMetrics:
         Settings are kept: a row logs the one in force even if it was set rows ago.
         """
         row = {key: float(value) for key, value in self._settings.items()}
-        totals: dict[str, float] = dict(self._float_sums)
-        counts: dict[str, int] = dict(self._float_counts)
+        for key, pending in self._pending.items():
+            if pending:
+                self._fold(key)
         if self._sums:
-            # One host transfer for the whole row.
-            flat = torch.cat(list(self._sums.values())).tolist()
-            offset = 0
-            for keys, count in self._counts.items():
-                for key, value in zip(keys, flat[offset : offset + len(keys)], strict=True):
-                    totals[key] = totals.get(key, 0.0) + value
-                    counts[key] = counts.get(key, 0) + count
-                offset += len(keys)
-        row.update({key: totals[key] / counts[key] for key in totals})
+            keys = list(self._sums)
+            sums = torch.stack([self._sums[key] for key in keys]).tolist()  # one .item()
+            row.update(
+                {key: total / self._counts[key] for key, total in zip(keys, sums, strict=True)}
+            )
+        for key, total in self._float_sums.items():
+            row[key] = total / self._float_counts[key]
         self._sums.clear()
         self._counts.clear()
         self._float_sums.clear()

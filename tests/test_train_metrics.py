@@ -29,3 +29,13 @@ def test_a_row_logs_the_mean_over_updates_and_the_latest_setting() -> None:
     metrics.add({"train/loss": torch.tensor(4.0, requires_grad=True) * 1})
     assert metrics.pop_row() == pytest.approx({"train/lr": 5e-4, "train/loss": 4.0})
     assert metrics.pop_row() == pytest.approx({"train/lr": 5e-4})
+
+
+def test_many_updates_are_folded_into_one_sum_per_key() -> None:
+    """600 updates (more than two folds of 256) with losses 0..599 and an alpha of shape
+    (1,): the row holds their means, 299.5 and 2.0, and nothing waits after it."""
+    metrics = TrainMetrics()
+    for i in range(600):
+        metrics.add({"train/loss": torch.tensor(float(i)), "train/alpha": torch.full((1,), 2.0)})
+    assert metrics.pop_row() == pytest.approx({"train/loss": 299.5, "train/alpha": 2.0})
+    assert all(not pending for pending in metrics._pending.values())
