@@ -29,14 +29,15 @@ def test_session_metrics_of_a_four_row_session() -> None:
                       = (20/1 + 10/2 + 30/4) / (1 + 1/2 + 1/4) = 32.5 / 1.75 = 130/7.
     stability: drops min(20,0) + min(-10,0) + min(20,0) = -10 over s_1..s_3 = 0+20+10 = 30
                       -> 1 - 10/30 = 2/3.
-    target 25: first R >= 25 is row 2 (R = 30) at 200 frames and 2 s; fps = 400 / 4 = 100."""
+    target 30: first R >= 30 is row 2 (R = 30, equal counts) at 200 frames and 2 s;
+    fps = 400 / 4 = 100."""
     m = session_metrics(
         FRAMES,
         np.array([0, 1, 2, 4]),
         RETURNS,
         10.0,
         seconds=np.array([1.0, 2.0, 3.0, 4.0]),
-        target=25.0,
+        target=30.0,
     )
     assert m.rows == 4
     assert m.final_frames == 400
@@ -95,11 +96,11 @@ def test_a_session_that_never_logged_a_return() -> None:
 def test_iqm_cuts_a_whole_quarter_at_each_end_as_scipy_trim_mean() -> None:
     """n=5: int(1.25) = 1 cut each end -> mean(2, 3, 4) = 3 (a fractional trim would weigh 2
     and 4 by 1/4: (0.25*2 + 3 + 0.25*4) / 1.5 = 3 too, so also n=5 skewed: [1, 2, 3, 10, 100]
-    -> mean(2, 3, 10) = 5, fractional (0.5 + 3 + 2.5) / 1.5 = 4). n=6: cut 1 -> mean(1..4) = 2.5.
+    -> mean(2, 3, 10) = 5, fractional (0.5 + 3 + 2.5) / 1.5 = 4). n=6: int(1.5) = 1 cut -> mean(1, 2, 3, 10) = 4 (not 2 cut, mean(2, 3)).
     n=8 with ties: cut 2 -> five 5s and one 100 trimmed -> 5. n=4: cut 1 -> mean(2, 3) = 2.5."""
     assert iqm(np.array([4.0, 100.0, 2.0, 1.0, 3.0])) == pytest.approx(3.0)
     assert iqm(np.array([1.0, 2.0, 3.0, 10.0, 100.0])) == pytest.approx(5.0)
-    assert iqm(np.array([0.0, 1.0, 2.0, 3.0, 4.0, 50.0])) == pytest.approx(2.5)
+    assert iqm(np.array([0.0, 1.0, 2.0, 3.0, 10.0, 50.0])) == pytest.approx(4.0)
     assert iqm(np.array([5.0] * 7 + [100.0])) == pytest.approx(5.0)
     assert iqm(np.array([1.0, 2.0, 3.0, 4.0])) == pytest.approx(2.5)
     assert iqm(np.array([7.0])) == 7.0
@@ -205,3 +206,12 @@ def test_trial_of_one_session() -> None:
     assert (t.iqm_ci_low, t.iqm_ci_high) == (40.0, 40.0)
     assert math.isnan(t.final_return_ma_std) and math.isnan(t.consistency)
     assert t.solved == 1 and t.frames_to_target_median == 200.0
+
+
+def test_a_session_that_reached_the_target_and_fell_back_counts_as_solved() -> None:
+    """R = [30, 20], target 25: reached at the first row (100 frames), as early stopping would
+    have ended the run there, though its final return 20 is below the target: solved 1/1."""
+    m = session_metrics(np.array([100, 200]), np.array([1, 2]), np.array([30.0, 20.0]), 0.0,
+                        target=25.0)  # fmt: skip
+    t = trial_metrics([m])
+    assert t.solved == 1 and t.frames_to_target_median == 100.0
