@@ -16,6 +16,49 @@ from slm_lightning.optim import PolicyAdam
 from slm_lightning.schedules import Schedule, scheduled
 
 
+def onpolicy_rollout(
+    algorithm: RLAlgorithm,
+    time_horizon: int,
+    estimator: ReturnsEstimator,
+    training_epochs: int = 1,
+    num_minibatches: int = 1,
+    state_size: int = 0,
+    sequence_length: int | None = None,
+) -> tuple[OnPolicyMemory, OnPolicyRollout]:
+    """The memory an on-policy algorithm owns and the rollout that writes into it, for the
+    algorithm's env, spaces, seed and world size.
+
+    Args:
+        algorithm: the algorithm (it keeps the memory as ``self.memory``).
+        time_horizon: vector steps per rollout.
+        estimator: how returns and advantages are computed.
+        training_epochs: passes over each rollout.
+        num_minibatches: minibatches per pass.
+        state_size: width of a recurrent policy's flat hidden state; 0 for none.
+        sequence_length: steps per training sequence of a recurrent policy; None: feed-forward.
+    """
+    memory = OnPolicyMemory.for_spaces(
+        time_horizon,
+        algorithm.env_spec.num_envs,
+        algorithm.observation_space,
+        algorithm.action_space,
+        estimator,
+        state_size=state_size,
+    )
+    rollout = OnPolicyRollout(
+        algorithm,
+        algorithm.env_spec,
+        memory,
+        algorithm.env_seed(),
+        training_epochs,
+        num_minibatches,
+        world_size=algorithm.trainer.world_size,
+        gamma=algorithm.gamma,
+        sequence_length=sequence_length,
+    )
+    return memory, rollout
+
+
 class PolicyGradient(PolicyAdam, RLAlgorithm):
     """Base of the policy-gradient algorithms: they own ``self.policy`` (an
     :class:`~slm_lightning.nets.ActorCritic` or :class:`~slm_lightning.nets.RecurrentActorCritic`,
@@ -79,25 +122,16 @@ class PolicyGradient(PolicyAdam, RLAlgorithm):
 
     @override
     def build_rollout(self) -> OnPolicyRollout:
-        self.memory = OnPolicyMemory.for_spaces(
-            self.time_horizon,
-            self.env_spec.num_envs,
-            self.observation_space,
-            self.action_space,
-            self.estimator,
-            state_size=self.policy.state_size,
-        )
-        return OnPolicyRollout(
+        self.memory, rollout = onpolicy_rollout(
             self,
-            self.env_spec,
-            self.memory,
-            self.env_seed(),
+            self.time_horizon,
+            self.estimator,
             self.training_epochs,
             self.num_minibatches,
-            world_size=self.trainer.world_size,
-            gamma=self.gamma,
+            state_size=self.policy.state_size,
             sequence_length=self.sequence_length,
         )
+        return rollout
 
     # --- the policy step: one interface for feed-forward and recurrent policies ----------------
 

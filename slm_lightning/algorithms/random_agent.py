@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from slm_lightning.algorithms.base import RLAlgorithm
+from slm_lightning.algorithms.policy_gradient import onpolicy_rollout
 from slm_lightning.config_types import PositiveCount
 from slm_lightning.data.onpolicy_memory import OnPolicyBatch, OnPolicyMemory
 from slm_lightning.data.onpolicy_rollout import OnPolicyRollout
@@ -68,23 +69,11 @@ class RandomAgent(RLAlgorithm):
 
     @override
     def build_rollout(self) -> OnPolicyRollout:
-        self.memory = OnPolicyMemory.for_spaces(
-            self.time_horizon,
-            self.env_spec.num_envs,
-            self.observation_space,
-            self.action_space,
-            MonteCarloReturns(self.gamma),  # the episodes' returns; nothing trains on them
+        # The episodes' returns; nothing trains on them.
+        self.memory, rollout = onpolicy_rollout(
+            self, self.time_horizon, MonteCarloReturns(self.gamma)
         )
-        return OnPolicyRollout(
-            self,
-            self.env_spec,
-            self.memory,
-            self.env_seed(),
-            training_epochs=1,
-            num_minibatches=1,
-            world_size=self.trainer.world_size,
-            gamma=self.gamma,
-        )
+        return rollout
 
     def act(
         self, obs: Tensor, state: None, episode_starts: None

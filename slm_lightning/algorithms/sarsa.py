@@ -9,6 +9,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from slm_lightning.algorithms.base import RLAlgorithm
+from slm_lightning.algorithms.policy_gradient import onpolicy_rollout
 from slm_lightning.config_types import NonNegativeFloat, PositiveCount
 from slm_lightning.data.onpolicy_memory import OnPolicyBatch, OnPolicyMemory
 from slm_lightning.data.onpolicy_rollout import OnPolicyRollout
@@ -94,23 +95,10 @@ class SARSA(PolicyAdam, RLAlgorithm):
 
     @override
     def build_rollout(self) -> OnPolicyRollout:
-        self.memory = OnPolicyMemory.for_spaces(
-            self.time_horizon,
-            self.env_spec.num_envs,
-            self.observation_space,
-            self.action_space,
-            self.estimator,
+        self.memory, rollout = onpolicy_rollout(
+            self, self.time_horizon, self.estimator, self.training_epochs, self.num_minibatches
         )
-        return OnPolicyRollout(
-            self,
-            self.env_spec,
-            self.memory,
-            self.env_seed(),
-            self.training_epochs,
-            self.num_minibatches,
-            world_size=self.trainer.world_size,
-            gamma=self.gamma,
-        )
+        return rollout
 
     def exploring_actions(self, q: Tensor) -> Tensor:
         """Epsilon-greedy or Boltzmann actions from the Q-values ``q`` ``(B, n)``."""
