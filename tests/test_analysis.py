@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from slm_lightning.analysis import (
+from slm_lightning.lab.analysis import (
     bootstrap_ci,
     consistency,
     iqm,

@@ -12,21 +12,27 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from loguru import logger
 from typing_extensions import override
 
+from slm_lightning.callbacks.checkpoint import SIGINTException
 from slm_lightning.callbacks.run_summary import run_dir, write_summary
 from slm_lightning.config_types import PositiveCount
 from slm_lightning.errors import ConfigError
 
 # Metric keys, shared by every algorithm (algorithms add their own under train/):
-#   rollout/frames, rollout/fps, rollout/episodes, rollout/updates,
+#   rollout/frames, rollout/fps, rollout/episodes, rollout/updates, rollout/seconds (training
+#   wall time, summed over resumed sessions),
 #   episode/return, episode/length, episode/return_ma, episode/best_return_ma,
 #   train/loss, train/entropy, train/lr, ... (from the algorithm's train_metrics: means over
 #   the updates since the previous row, and the settings in force)
 # Published to the other callbacks in trainer.callback_metrics only (not logged), every epoch:
 #   rollout/episodes, rollout/window_episodes (episodes in the moving average), rollout/window
 #   (its size), episode/return_ma, episode/best_return_ma, episode/target_return.
+
+# Exceptions that stop a session on request (SIGTERM, Ctrl-C) rather than by a fault.
+STOP_EXCEPTIONS = (SIGTERMException, SIGINTException, KeyboardInterrupt)
 
 # The state key of checkpoints written before state keys named the window.
 LEGACY_STATE_KEY = "MetricsTracker"
@@ -148,7 +154,7 @@ class MetricsTracker(Callback):
         self.update(pl_module)
         if pl_module.frames > self._last_log_frames:
             self.log_row(trainer, pl_module)
-        self._summary = self.summarize(pl_module)  # the clock stops here, before teardown
+        self._summary = self.summarize(pl_module, "finished")  # the clock stops here
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -173,7 +179,8 @@ class MetricsTracker(Callback):
             folder = Path(trainer.default_root_dir)
             if trainer.loggers and hasattr(trainer.loggers[0], "log_dir"):
                 folder = Path(trainer.loggers[0].log_dir or folder)
-        write_summary(folder, self.summarize(pl_module), self.history, self.window)
+        status = "stopped" if isinstance(exception, STOP_EXCEPTIONS) else "crashed"
+        write_summary(folder, self.summarize(pl_module, status), self.history, self.window)
 
     def update(self, pl_module: L.LightningModule, gather: bool = True) -> None:
         """Take the episodes finished since the last call from the rollout.
@@ -241,6 +248,7 @@ class MetricsTracker(Callback):
             "rollout/fps": fps,
             "rollout/episodes": self.episodes,
             "rollout/updates": trainer.global_step,
+            "rollout/seconds": self.seconds(),
         }
         if self.recent:
             metrics["episode/return"] = self.recent[-1]
@@ -256,11 +264,13 @@ class MetricsTracker(Callback):
             shown = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items())
             logger.info(f"[{type(pl_module).__name__}] {shown}")
 
-    def summarize(self, pl_module: L.LightningModule) -> dict[str, Any]:
+    def summarize(self, pl_module: L.LightningModule, status: str) -> dict[str, Any]:
         """The figures of ``summary.json`` as they stand now (all but the git SHA).
 
         Args:
             pl_module: the algorithm.
+            status: how the session ended: ``finished`` (its frame budget or early stop),
+                ``stopped`` (SIGTERM or Ctrl-C, at a checkpoint) or ``crashed``.
         """
         seconds = self.seconds()
         frames = pl_module.frames
@@ -281,6 +291,7 @@ class MetricsTracker(Callback):
             "target_return": self.target_return,
             "frames_to_target": self.frames_to_target,
             "seconds_to_target": finite(self.seconds_to_target),
+            "status": status,
         }
 
     @override
