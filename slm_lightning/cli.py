@@ -7,9 +7,9 @@ not a Trainer method is a function in :data:`EXTRA_SUBCOMMANDS`. Bad input of an
 as one line from :func:`~slm_lightning.errors.explain`.
 """
 
+import importlib
 import sys
 from argparse import ArgumentError
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +74,13 @@ SCHEMA = ParserSchema(
     },
 )
 
-# The lab's subcommands that are not Trainer methods: ``slm-lab NAME ARGS…`` calls
-# ``EXTRA_SUBCOMMANDS[NAME](ARGS)``. Each lives in its own module; it raises ConfigError on bad
-# input like the Trainer subcommands do.
-EXTRA_SUBCOMMANDS: dict[str, Callable[[list[str]], None]] = {}
+# The lab's subcommands that are not Trainer methods: ``slm-lab NAME ARGS…`` calls the function
+# named by ``EXTRA_SUBCOMMANDS[NAME]`` (``module:function``, imported only when called: a fit
+# does not import the lab, and the lab imports this module's CLI). Each raises ConfigError on
+# bad input like the Trainer subcommands do.
+EXTRA_SUBCOMMANDS: dict[str, str] = {
+    "trial": "slm_lightning.lab.trial:trial_main",
+}
 
 
 class SLMLabCLI(LightningCLI):
@@ -245,7 +248,8 @@ def main(args: list[str] | None = None) -> None:
     with interrupt_exit_status():
         try:
             if command is not None:
-                command(argv[1:])
+                module, function = command.split(":")
+                getattr(importlib.import_module(module), function)(argv[1:])
             else:
                 SLMLabCLI(
                     RLAlgorithm,

@@ -1,6 +1,7 @@
 """A user's own env, registered when this module is imported: ``tests.envs_fixture:Corridor-v0``
 is gymnasium's ``module:EnvId`` form, which imports the module before looking the id up."""
 
+import os
 from typing import Any
 
 import gymnasium as gym
@@ -45,3 +46,44 @@ class Corridor(gym.Env):
 
 if CORRIDOR_ID not in gym.registry:
     gym.register(CORRIDOR_ID, entry_point="tests.envs_fixture:Corridor", max_episode_steps=32)
+
+
+FAULTY_ID = "FaultyCorridor-v0"
+
+
+class FaultyCorridor(Corridor):
+    """A Corridor whose sensor fails: while ``crash_file`` exists, the copy first reset with
+    seed ``crash_seed`` raises after ``fail_after`` steps (a session that crashes mid-run, and
+    runs again once the file is gone).
+
+    Args:
+        crash_seed: the reset seed of the copy that fails.
+        crash_file: the failure happens only while this file exists.
+        fail_after: steps of that copy before it fails.
+    """
+
+    def __init__(
+        self, crash_seed: int = -1, crash_file: str = "", fail_after: int = 300, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        self.crash_seed, self.crash_file, self.fail_after = crash_seed, crash_file, fail_after
+        self.first_seed: int | None = None
+        self.steps = 0
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict]:
+        if self.first_seed is None:
+            self.first_seed = seed
+        return super().reset(seed=seed, options=options)
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
+        self.steps += 1
+        failing = self.first_seed == self.crash_seed and os.path.exists(self.crash_file)
+        if failing and self.steps > self.fail_after:
+            raise RuntimeError(f"corridor sensor failed at step {self.steps}")
+        return super().step(action)
+
+
+if FAULTY_ID not in gym.registry:
+    gym.register(FAULTY_ID, entry_point="tests.envs_fixture:FaultyCorridor", max_episode_steps=32)

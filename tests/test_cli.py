@@ -3,6 +3,8 @@
 import importlib
 import inspect
 import re
+import sys
+import types
 from pathlib import Path
 
 import gymnasium as gym
@@ -322,7 +324,9 @@ def test_extra_subcommands_are_dispatched_before_lightning(monkeypatch, capsys) 
         if "--sessions=0" in args:
             raise ConfigError("sessions must be >= 1, got 0")
 
-    monkeypatch.setitem(cli_module.EXTRA_SUBCOMMANDS, "trial", trial)
+    # The table names module:function; the module is imported only when the command runs.
+    monkeypatch.setitem(sys.modules, "lab_commands", types.SimpleNamespace(trial=trial))
+    monkeypatch.setitem(cli_module.EXTRA_SUBCOMMANDS, "trial", "lab_commands:trial")
     main(["trial", "--config", "configs/x.yaml"])
     assert calls == [["--config", "configs/x.yaml"]]
     with pytest.raises(SystemExit) as exc:

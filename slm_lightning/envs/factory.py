@@ -39,6 +39,14 @@ def route_mujoco_warnings(registry_spec: gym.envs.registration.EnvSpec) -> None:
         mujoco.set_mju_user_warning(lambda message: logger.debug(f"MuJoCo: {message}"))
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on: its affinity set where the OS has one (a trial
+    pins each session to its share of the cores), else every core."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def resolve_vectorization(
     spec: EnvSpec, registry_spec: gym.envs.registration.EnvSpec, warn: bool = False
 ) -> str:
@@ -74,7 +82,7 @@ def resolve_vectorization(
     # Worker processes pay only when one step is expensive and there are cores to spread the
     # blocks over. Blocks cost ~5-15 us of CPU per frame over sync where async (one process
     # per sub-env) costs ~250 (BipedalWalker, LunarLander, Hopper), so auto never picks async.
-    if cheap or (os.cpu_count() or 1) < 2 or spec.num_envs < 4:
+    if cheap or usable_cores() < 2 or spec.num_envs < 4:
         return "sync"
     return "blocks"
 
@@ -115,7 +123,7 @@ def block_workers(spec: EnvSpec) -> int:
     more than ``num_envs`` (evaluation runs fewer envs than training)."""
     if spec.num_workers is not None:
         return min(spec.num_workers, spec.num_envs)
-    return max(1, min(os.cpu_count() or 1, spec.num_envs // 2))
+    return max(1, min(usable_cores(), spec.num_envs // 2))
 
 
 def make_vector_env(spec: EnvSpec, seed: int | None = None, gamma: float = 0.99) -> VectorEnv:
