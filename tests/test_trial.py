@@ -194,6 +194,7 @@ def test_sigterm_stops_every_session_at_a_checkpoint(trial_config, tmp_path) -> 
         (["--sessions", "0"], "--sessions must be >= 1, got 0"),
         (["--workers", "0"], "--workers must be >= 1, got 0"),
         (["--model.init_args.gama=0.9"], "model.init_args.gama"),
+        (["--sesions", "2"], "trial: unknown option --sesions; did you mean --sessions?"),
     ],
 )
 def test_bad_input_is_one_line_before_any_folder(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import json
 import logging
 import math
@@ -43,6 +44,8 @@ OWNED_OPTIONS = {
     "--trainer.default_root_dir": "--dir",
     "--ckpt_path": "--dir (a trial resumes its sessions from their last.ckpt)",
 }
+# The trial's own options (build_parser); every other option is passed on to fit.
+TRIAL_OPTIONS = ["--config", "--sessions", "--seeds", "--workers", "--dir", "--progress-every"]
 STATE_FILE = "trial_command.json"  # what the trial in a folder runs, to resume it alike
 
 
@@ -124,14 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_overrides(overrides: list[str]) -> None:
-    """Refuse the fit options a trial sets itself, and positional leftovers.
+def check_overrides(overrides: list[str], trial_options: list[str]) -> None:
+    """Refuse the fit options a trial sets itself, and a misspelt trial option (which would
+    otherwise reach fit as an unknown key).
 
     Args:
         overrides: the arguments passed on to every session.
+        trial_options: the trial's own option strings.
     """
     for arg in overrides:
         option = arg.split("=", 1)[0]
+        close = difflib.get_close_matches(option, trial_options, n=1, cutoff=0.8)
+        if option.startswith("--") and "." not in option and close:
+            raise ConfigError(f"trial: unknown option {option}; did you mean {close[0]}?")
         if option in OWNED_OPTIONS:
             raise ConfigError(
                 f"trial: {option} is set by the trial for each session; use {OWNED_OPTIONS[option]}"
@@ -556,7 +564,7 @@ def trial_main(argv: list[str]) -> None:
         options, overrides = build_parser().parse_known_args(argv)
     except argparse.ArgumentError as err:
         raise ConfigError(f"trial: {err}") from None
-    check_overrides(overrides)
+    check_overrides(overrides, TRIAL_OPTIONS)
     if options.workers is not None and options.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {options.workers}")
     facts = describe_config(options.config, overrides)
