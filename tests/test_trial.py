@@ -6,8 +6,7 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
+import threading
 import time
 from pathlib import Path
 
@@ -157,32 +156,36 @@ def test_trial_reports_a_crash_and_a_rerun_resumes_it(trial_config, tmp_path, ca
     assert (trial / "trial.png").is_file()
 
 
-def test_sigterm_stops_every_session_at_a_checkpoint(trial_config, tmp_path) -> None:
-    CONFIG_LONG = {**CONFIG}
-    CONFIG_LONG["model"] = {
-        **CONFIG["model"],
-        "init_args": {**CONFIG["model"]["init_args"], "max_frames": 10_000_000},
-    }
-    trial_config.write_text(yaml.safe_dump(CONFIG_LONG))
-    command = [sys.executable, "-m", "slm_lightning.cli", "trial", "--config", str(trial_config)]
-    command += ["--sessions", "2", "--workers", "2", "--dir", "exp", "--progress-every", "1"]
-    trial = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def test_sigterm_stops_every_session_at_a_checkpoint(trial_config, tmp_path, capsys) -> None:
+    long = {**CONFIG, "model": {**CONFIG["model"]}}
+    long["model"]["init_args"] = {**CONFIG["model"]["init_args"], "max_frames": 10_000_000}
+    trial_config.write_text(yaml.safe_dump(long))
     checkpoints = [Path("exp", f"session-{s}", "checkpoints", "last.ckpt") for s in (0, 1)]
-    deadline = time.monotonic() + 90
-    while not all(c.is_file() for c in checkpoints) and time.monotonic() < deadline:
-        assert trial.poll() is None, trial.stdout.read()
-        time.sleep(0.2)
-    trial.send_signal(signal.SIGTERM)
-    out, _ = trial.communicate(timeout=60)
-    assert trial.returncode == 128 + signal.SIGTERM, out
-    assert "frames=" in out and "return_ma=" in out  # the progress lines
+
+    def terminate_when_training() -> None:  # as a scheduler preempting the trial would
+        deadline = time.monotonic() + 90
+        while not all(c.is_file() for c in checkpoints) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.5)  # a progress line first
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    killer = threading.Thread(target=terminate_when_training)
+    killer.start()
+    with pytest.raises(SystemExit) as exc:
+        main(["trial", "--config", str(trial_config), "--sessions", "2", "--workers", "2",
+              "--dir", "exp", "--progress-every", "1"])  # fmt: skip
+    killer.join()
+    err = capsys.readouterr().err
+    assert exc.value.code == 128 + signal.SIGTERM, err
+    assert re.search(r"session-1: frames=\d+/10000000 fps=\d+ return_ma=", err)  # progress
     for seed in (0, 1):
         summary = json.loads(Path("exp", f"session-{seed}", "summary.json").read_text())
         assert summary["status"] == "stopped", summary
         assert session_pid(Path("exp", f"session-{seed}")) is None  # no session left behind
     report = json.loads(Path("exp", "trial.json").read_text())
     assert [s["status"] for s in report["sessions"]] == ["stopped", "stopped"]
-    assert "rerun the same command with --dir exp to resume it" in out
+    assert [s["exit_code"] for s in report["sessions"]] == [143, 143]
+    assert "rerun the same command with --dir exp to resume it" in err
 
 
 @pytest.mark.parametrize(
