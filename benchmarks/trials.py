@@ -8,9 +8,9 @@ Usage:
 Every trial is ``slm-lab trial --config configs/<name>.yaml --sessions 4 --workers 4`` in
 its own process. Trials run in ``--lanes`` lanes at once (one after another within a lane),
 each lane pinned to 4 cores of its own (4 cores per lane: one per session), so a machine with
-16 cores runs 4 trials at a time. The configs are dealt to the lanes longest first by their
-expected single-core time. At ``--deadline`` seconds every running trial gets SIGTERM (its
-sessions stop at a checkpoint and its trial.json still says what they reached) and the
+16 cores runs 4 trials at a time. The configs are dealt to the lanes in the order given
+(``--only`` sets it), each onto the lane expected to be free first. At ``--deadline``
+seconds every running trial gets SIGTERM (its sessions stop at a checkpoint and its trial.json still says what they reached) and the
 trials not started are listed as not run. The script prints one Markdown table from the
 trials' ``trial.json`` files and writes ``compare.md`` / ``compare.png`` for CartPole-v1 and
 LunarLander-v3 with ``slm-lab compare``.
@@ -100,10 +100,11 @@ COMPARE = {
 
 
 def deal(configs: list[tuple[str, float]], lanes: int) -> list[list[str]]:
-    """Configs into lanes, longest first onto the least-loaded lane."""
+    """Configs into lanes in the order given (priority: what a deadline cuts comes last), each
+    onto the lane expected to be free first."""
     loads = [0.0] * lanes
     out: list[list[str]] = [[] for _ in range(lanes)]
-    for name, seconds in sorted(configs, key=lambda c: -c[1]):
+    for name, seconds in configs:
         lane = loads.index(min(loads))
         out[lane].append(name)
         loads[lane] += seconds + 6  # a session process starts in a few seconds
@@ -131,7 +132,8 @@ def main() -> None:
     cores = sorted(os.sched_getaffinity(0))
     per_lane = args.sessions
     lanes = args.lanes or max(1, len(cores) // per_lane)
-    chosen = [c for c in CONFIGS if args.only is None or c[0] in args.only]
+    expected = dict(CONFIGS)
+    chosen = [(n, expected[n]) for n in args.only] if args.only else CONFIGS
     plan = deal(chosen, lanes)
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"{len(cores)} cores, {lanes} lanes: {plan}", flush=True)
