@@ -10,8 +10,8 @@ its own process. Trials run in ``--lanes`` lanes at once (one after another with
 each lane pinned to 4 cores of its own (4 cores per lane: one per session), so a machine with
 16 cores runs 4 trials at a time. The configs are dealt to the lanes in the order given
 (``--only`` sets it), each onto the lane expected to be free first. At ``--deadline``
-seconds every running trial gets SIGTERM (its sessions stop at a checkpoint and its trial.json still says what they reached) and the
-trials not started are listed as not run. The script prints one Markdown table from the
+seconds every running trial gets SIGTERM (its sessions stop at a checkpoint and its
+trial.json still says what they reached) and the trials not started are listed as not run. The script prints one Markdown table from the
 trials' ``trial.json`` files and writes ``compare.md`` / ``compare.png`` for CartPole-v1 and
 LunarLander-v3 with ``slm-lab compare``.
 """
