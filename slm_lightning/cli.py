@@ -41,6 +41,7 @@ from slm_lightning.errors import (
     explain,
     import_class,
 )
+from slm_lightning.lab.compare import compare_main
 from slm_lightning.loggers import continue_metrics_files, flat_config, run_loggers
 from slm_lightning.machine import check_machine
 from slm_lightning.process import configure_process, interrupt_exit_status
@@ -77,7 +78,9 @@ SCHEMA = ParserSchema(
 # The lab's subcommands that are not Trainer methods: ``slm-lab NAME ARGS…`` calls
 # ``EXTRA_SUBCOMMANDS[NAME](ARGS)``. Each lives in its own module; it raises ConfigError on bad
 # input like the Trainer subcommands do.
-EXTRA_SUBCOMMANDS: dict[str, Callable[[list[str]], None]] = {}
+EXTRA_SUBCOMMANDS: dict[str, Callable[[list[str]], None]] = {
+    "compare": compare_main,
+}
 
 
 class SLMLabCLI(LightningCLI):
