@@ -26,7 +26,9 @@ def write_session(folder: Path, return_ma, *, seconds=(1, 2, 4), frames_to_targe
     (folder / "summary.json").write_text(json.dumps(summary))
 
 
-def write_trial(folder: Path, algorithm: str, env: str, sessions: list[dict]) -> Path:
+def write_trial(
+    folder: Path, algorithm: str, env: str, sessions: list[dict], overrides: tuple = ()
+) -> Path:
     """A trial folder: ``session-<i>/`` run folders and ``trial.json`` naming them."""
     for index, session in enumerate(sessions):
         write_session(folder / f"session-{index}", **session)
@@ -37,7 +39,7 @@ def write_trial(folder: Path, algorithm: str, env: str, sessions: list[dict]) ->
         "env": env,
         "target_return": 100.0,
         "random_return": 10.0,
-        "overrides": [],
+        "overrides": list(overrides),
         "seeds": list(range(len(sessions))),
         "sessions": [{"seed": i, "folder": f"session-{i}"} for i in range(len(sessions))],
     }
@@ -64,12 +66,18 @@ def ppo(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def dqn(tmp_path: Path) -> Path:
-    # Final return MA 100 and 50: each ties one PPO session.
+    # Final return MA 100 and 50: each ties one PPO session. The third session never finished
+    # an episode: it counts in N, and has no return.
     return write_trial(
         tmp_path / "dqn",
         "DQN",
         "CartPole-v1",
-        [{"return_ma": (60, 90, 100), "frames_to_target": 2500}, {"return_ma": (10, 30, 50)}],
+        [
+            {"return_ma": (60, 90, 100), "frames_to_target": 2500},
+            {"return_ma": (10, 30, 50)},
+            {"return_ma": (None, None, None)},
+        ],
+        overrides=("--model.init_args.lr=0.001",),
     )
 
 
@@ -126,9 +134,10 @@ def test_compare_two_trials_table_and_plot(ppo: Path, dqn: Path, tmp_path: Path,
     assert float(first["strength"]) == pytest.approx(53.75, abs=0.05)
     assert first["P(improve)"] == "–"
 
-    # Two sessions: IQM = mean, and the bootstrap interval is [min, max] (see test_lab_plots).
+    # Two returns: IQM = mean, and the bootstrap interval is [min, max] (see test_lab_plots).
+    assert (second["config"], second["sessions"]) == ("dqn_cartpole lr=0.001", "3")
     assert numbers(second["final return IQM [95% CI]"]) == [75.0, 50.0, 100.0]
-    assert second["solved"] == "1/2"
+    assert second["solved"] == "1/3"
     assert second["median frames to target"] == "2500"
     assert second["P(improve)"] == f"{(2 + 0.5 * 2) / 8:.2f}"
 
