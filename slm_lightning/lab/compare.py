@@ -122,7 +122,7 @@ def _random_return_of_run(folder: Path) -> float:
     return random_return(_env_spec(folder))
 
 
-def _finite_or_nan(value: Any) -> float:
+def _float_or_nan(value: Any) -> float:
     return math.nan if value is None else float(value)
 
 
@@ -142,7 +142,7 @@ def _load_trial(folder: Path) -> tuple[dict[str, Any], list[RunRecord]]:
         "config": _config_name(info) or folder.name,
         "env": info.get("env"),
         "target": info.get("target_return"),
-        "random_return": _finite_or_nan(info.get("random_return")),
+        "random_return": _float_or_nan(info.get("random_return")),
     }, records
 
 
