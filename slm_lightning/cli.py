@@ -80,6 +80,7 @@ SCHEMA = ParserSchema(
 # bad input like the Trainer subcommands do.
 EXTRA_SUBCOMMANDS: dict[str, str] = {
     "trial": "slm_lightning.lab.trial:trial_main",
+    "compare": "slm_lightning.lab.compare:compare_main",
 }
 
 

@@ -1,5 +1,5 @@
 """What a run leaves in its folder: ``run.json`` at the start (RunSummary), and at the end
-``summary.json``, ``returns.png`` and the ``summary:`` line (written by MetricsTracker, which
+``summary.json``, ``returns.png``, ``metrics.png`` and the ``summary:`` line (written by MetricsTracker, which
 holds the episodes, through :func:`write_summary`)."""
 
 import json
@@ -12,6 +12,9 @@ import numpy as np
 from lightning.pytorch.callbacks import Callback
 from loguru import logger
 from typing_extensions import override
+
+from slm_lightning.lab.plots import plot_metrics
+from slm_lightning.lab.runs import read_run
 
 
 def git_sha() -> str:
@@ -73,7 +76,8 @@ SUMMARY_LINE_KEYS = (
 def write_summary(
     folder: Path, summary: dict[str, Any], history: dict[str, list], window: int
 ) -> None:
-    """Write ``summary.json`` (``summary`` and the git SHA) and ``returns.png``, and log
+    """Write ``summary.json`` (``summary`` and the git SHA), ``returns.png`` and, where
+    ``metrics.csv`` has rows, ``metrics.png`` (every logged metric against frames), and log
     ``summary: frames=… seconds=… fps=… return_ma=… best_return_ma=… frames_to_target=…
     seconds_to_target=…``.
 
@@ -88,6 +92,9 @@ def write_summary(
     (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     title = f"{summary['algorithm']} {summary['env']}"
     plot_returns(folder / "returns.png", history["frames"], history["returns"], window, title)
+    record = read_run(folder)
+    if record.frames.size:
+        plot_metrics(folder / "metrics.png", record, title)
     logger.info("summary: " + " ".join(f"{k}={summary[k]}" for k in SUMMARY_LINE_KEYS))
 
 
