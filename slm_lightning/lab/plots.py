@@ -196,7 +196,7 @@ def metrics_figure(record: RunRecord, title: str) -> Figure:
     keys = metric_columns(record)
     cols = max(1, min(4, len(keys)))
     rows = max(1, math.ceil(len(keys) / cols))
-    height = 2.2 * rows + 0.6
+    height = 2.2 * rows + 0.9
     fig = Figure(figsize=(3.2 * cols, height))
     # Fixed margins: constrained layout measures every tick label of every panel and took
     # 1.3 s of a 20-panel figure's 2.5 s here, at the end of every fit.
@@ -209,7 +209,7 @@ def metrics_figure(record: RunRecord, title: str) -> Figure:
             "left": 0.08 if cols > 1 else 0.2,
             "right": 0.98,
             "bottom": 0.45 / height,
-            "top": 1 - 0.5 / height,
+            "top": 1 - 0.8 / height,  # room for the title above the first row's titles
             "wspace": 0.35,
             "hspace": 0.45,
         },

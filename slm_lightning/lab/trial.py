@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -544,7 +545,8 @@ def analyse_trial(
         "line": line,
     }
     (folder / "trial.json").write_text(json.dumps(report, indent=2) + "\n")
-    title = f"{facts.algorithm} {facts.env} ({facts.name})\n{line.removeprefix('trial: ')}"
+    figures = textwrap.fill(line.removeprefix("trial: "), width=110)
+    title = f"{facts.algorithm} {facts.env} ({facts.name})\n{figures}"
     plot_trial(folder / "trial.png", records, target=facts.target, title=title)
     return line
 
