@@ -13,12 +13,14 @@ from tests.cli_helpers import FitRun, fit_in
 
 @pytest.fixture(autouse=True)
 def isolated_run(tmp_path, monkeypatch):
-    """Run each test from its own temporary directory (``runs/`` lands there) with W&B offline
-    and ``sys.argv`` as ``slm-lab`` sees it."""
+    """Run each test from its own temporary directory (``runs/`` lands there) with W&B offline,
+    the lab's cache (measured random baselines) there too, and ``sys.argv`` as ``slm-lab``
+    sees it."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["slm-lab"])  # the CLI sees only its args, not pytest's
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("SLM_LAB_CACHE", str(tmp_path / "cache"))
     torch.set_num_threads(1)
     return tmp_path
 
