@@ -5,10 +5,10 @@ Usage:
     uv run python benchmarks/trials.py [--out DIR] [--lanes N] [--deadline SECONDS]
         [--only CONFIG ...] [--sessions 4]
 
-Every trial is ``slm-lab trial --config configs/<name>.yaml --sessions 4 --workers 4`` in
-its own process. Trials run in ``--lanes`` lanes at once (one after another within a lane),
-each lane pinned to 4 cores of its own (4 cores per lane: one per session), so a machine with
-16 cores runs 4 trials at a time. The configs are dealt to the lanes in the order given
+Every trial is ``slm-lab trial --config configs/<name>.yaml --sessions 4`` in its own
+process. Trials run in ``--lanes`` lanes at once (one after another within a lane), each lane
+pinned to its own cores, at most one session per core: a machine with 16 cores runs 4 trials
+of 4 sessions at a time, one with 2 cores one trial, 2 sessions at a time. The configs are dealt to the lanes in the order given
 (``--only`` sets it), each onto the lane expected to be free first. At ``--deadline``
 seconds every running trial gets SIGTERM (its sessions stop at a checkpoint and its
 trial.json still says what they reached) and the trials not started are listed as not run. The script prints one Markdown table from the
@@ -130,13 +130,14 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=None)
     args = parser.parse_args()
     cores = sorted(os.sched_getaffinity(0))
-    per_lane = args.sessions
-    lanes = args.lanes or max(1, len(cores) // per_lane)
+    lanes = args.lanes or max(1, len(cores) // args.sessions)
+    per_lane = max(1, len(cores) // lanes)  # cores of one lane; a session runs on one
+    workers = min(args.sessions, per_lane)
     expected = dict(CONFIGS)
     chosen = [(n, expected[n]) for n in args.only] if args.only else CONFIGS
     plan = deal(chosen, lanes)
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"{len(cores)} cores, {lanes} lanes: {plan}", flush=True)
+    print(f"{len(cores)} cores, {lanes} lanes of {workers} sessions at once: {plan}", flush=True)
 
     start = time.monotonic()
     running: dict[int, tuple[str, subprocess.Popen]] = {}
@@ -152,7 +153,7 @@ def main() -> None:
                 name = plan[lane].pop(0)
                 command = [sys.executable, "-m", "slm_lightning.cli", "trial"]
                 command += ["--config", str(ROOT / "configs" / f"{name}.yaml")]
-                command += ["--sessions", str(args.sessions), "--workers", str(args.sessions)]
+                command += ["--sessions", str(args.sessions), "--workers", str(workers)]
                 command += ["--dir", str(args.out / name), "--progress-every", "60"]
                 log = (args.out / f"{name}.log").open("w")
                 proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
