@@ -17,7 +17,8 @@ import yaml
 from slm_lightning.cli import main
 from slm_lightning.errors import ConfigError
 from slm_lightning.lab.runs import read_run
-from slm_lightning.lab.trial import core_slots, last_error_line, resolve_seeds
+from slm_lightning.lab.sessions import core_slots, last_error_line
+from slm_lightning.lab.trial import resolve_seeds
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,31 +14,33 @@ metrics (lab/analysis.py) against the env's random baseline (lab/baseline.py), a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import difflib
 import json
 import logging
 import math
-import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import textwrap
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loguru import logger
 
+from slm_lightning.algorithms.base import RLAlgorithm
+from slm_lightning.cli import TRAINER_DEFAULTS, SLMLabCLI
+from slm_lightning.envs.factory import usable_cores
 from slm_lightning.errors import ConfigError
 from slm_lightning.lab.analysis import TrialMetrics, trial_metrics
-from slm_lightning.lab.runs import FRAMES, RETURN_MA, analyse_run, read_metrics, read_run
-from slm_lightning.run_folder import RUN_STAMP_VAR
+from slm_lightning.lab.baseline import random_return
+from slm_lightning.lab.plots import plot_trial
+from slm_lightning.lab.runs import analyse_run, read_run
+from slm_lightning.lab.sessions import Session, SessionPool
 
 # Fit options the trial sets for every session itself.
 OWNED_OPTIONS = {
@@ -71,27 +73,6 @@ class ConfigFacts:
     seed: int | None
     target: float | None
     max_frames: int
-
-
-@dataclass
-class Session:
-    """One session of a trial and, once it ran, how it ended.
-
-    Args:
-        seed: its ``seed_everything``.
-        folder: its run folder ``DIR/session-<seed>``.
-        status: ``pending``, ``running``, ``finished``, ``stopped`` or ``crashed``.
-        exit_code: the fit process's exit status (None until it ends or if kept from before).
-        error: the last error line of a crashed session's log.
-    """
-
-    seed: int
-    folder: Path
-    status: str = "pending"
-    exit_code: int | None = None
-    error: str | None = None
-    process: subprocess.Popen | None = field(default=None, repr=False)
-    signalled: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,8 +138,6 @@ def describe_config(configs: list[str], overrides: list[str]) -> ConfigFacts:
         configs: the ``--config`` files.
         overrides: the fit options passed on to every session.
     """
-    from slm_lightning.algorithms.base import RLAlgorithm
-    from slm_lightning.cli import TRAINER_DEFAULTS, SLMLabCLI
 
     scratch = tempfile.mkdtemp(prefix="slm-lab-trial-check-")
     args = [arg for c in configs for arg in ("--config", c)] + overrides
@@ -279,199 +258,6 @@ def plan_sessions(folder: Path, seeds: list[int]) -> list[Session]:
     return sessions
 
 
-def visible_gpus() -> list[str]:
-    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` entries (none on a CPU
-    machine)."""
-    import torch
-
-    count = torch.cuda.device_count()
-    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if listed:
-        return [d.strip() for d in listed.split(",") if d.strip()][:count]
-    return [str(i) for i in range(count)]
-
-
-def core_slots(workers: int) -> list[list[int]]:
-    """Split this process's cores into ``workers`` disjoint shares, one per running session
-    (every share gets the whole machine where the OS cannot pin processes)."""
-    if not hasattr(os, "sched_getaffinity"):
-        return [[] for _ in range(workers)]
-    cores = sorted(os.sched_getaffinity(0))
-    per = max(1, len(cores) // workers)
-    return [cores[(i * per) % len(cores) :][:per] for i in range(workers)]
-
-
-def last_error_line(log: Path) -> str:
-    """The line of a session's log that says why it failed: the last line naming an error,
-    else the last line."""
-    try:
-        lines = [line.strip() for line in log.read_text(errors="replace").splitlines()]
-    except OSError:
-        return "no log"
-    lines = [line for line in lines if line]
-    for line in reversed(lines):
-        if "Error" in line or "ERROR" in line or "error:" in line:
-            return line
-    return lines[-1] if lines else "no output"
-
-
-class SessionPool:
-    """Runs the sessions' fit processes, at most ``workers`` at once.
-
-    Each session is ``python -m slm_lightning.cli fit --config … <overrides>
-    --seed_everything <seed> --trainer.default_root_dir <folder> --ckpt_path last`` (a fresh
-    start where the folder has no checkpoint yet, else a resume), with its output in
-    ``<folder>/session.log``. A session is pinned to its own share of the cores
-    (``sched_setaffinity``; the env factory sizes its worker processes to it) and, on a
-    machine with GPUs, sees one GPU (``CUDA_VISIBLE_DEVICES``, round-robin). SIGTERM or Ctrl-C
-    to the trial is passed to every running session, which stops at a checkpoint; no new
-    session starts; a second Ctrl-C kills them.
-
-    Args:
-        sessions: the trial's sessions (finished ones are not run).
-        command: the fit command line before the per-session options.
-        workers: sessions at once.
-        progress_every: seconds between progress lines (0: none).
-        max_frames: a session's frame budget (shown in the progress).
-    """
-
-    def __init__(
-        self,
-        sessions: list[Session],
-        command: list[str],
-        workers: int,
-        progress_every: float,
-        max_frames: int,
-    ) -> None:
-        self.sessions = sessions
-        self.command = command
-        self.workers = workers
-        self.progress_every = progress_every
-        self.max_frames = max_frames
-        self.stop_signal: int | None = None
-        self.kills = 0
-        self.slots = core_slots(workers)
-        self.gpus = visible_gpus()
-        self.started = 0
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.stop_signal is not None and signum == signal.SIGINT:
-            self.kills += 1  # a second Ctrl-C: stop now
-        self.stop_signal = signum
-
-    def run(self) -> None:
-        """Run every pending session to its end, or until the trial is stopped."""
-        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-        free = list(range(self.workers))
-        running: dict[int, Session] = {}  # slot -> session
-        next_progress = time.monotonic() + self.progress_every
-        try:
-            pending = [s for s in self.sessions if s.status != "finished"]
-            while pending or running:
-                if self.stop_signal is not None:
-                    self._stop(running.values())
-                    pending = []
-                while pending and free and self.stop_signal is None:
-                    slot = free.pop(0)
-                    running[slot] = self._start(pending.pop(0), slot)
-                for slot, session in list(running.items()):
-                    if session.process is not None and session.process.poll() is not None:
-                        self._finish(session)
-                        del running[slot]
-                        free.append(slot)
-                if self.progress_every > 0 and time.monotonic() >= next_progress:
-                    for session in running.values():
-                        self._show_progress(session)
-                    next_progress = time.monotonic() + self.progress_every
-                time.sleep(0.2)
-        finally:
-            for session in running.values():  # the trial itself failed: leave no orphan
-                if session.process is not None and session.process.poll() is None:
-                    session.process.kill()
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-
-    def _start(self, session: Session, slot: int) -> Session:
-        session.folder.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if k != RUN_STAMP_VAR}
-        if self.gpus:
-            env["CUDA_VISIBLE_DEVICES"] = self.gpus[self.started % len(self.gpus)]
-        self.started += 1
-        args = [
-            *self.command,
-            f"--seed_everything={session.seed}",
-            f"--trainer.default_root_dir={session.folder}",
-            "--ckpt_path=last",
-        ]
-        log = (session.folder / "session.log").open("a")
-        log.write(f"$ {' '.join(args)}\n")
-        log.flush()
-        session.process = subprocess.Popen(
-            args,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            # Its own process group: a terminal's Ctrl-C reaches the trial alone, which passes
-            # it on once to every session (a session signalled twice would stop at once).
-            start_new_session=True,
-        )
-        log.close()  # the child holds its own descriptor
-        if self.slots[slot]:
-            # Pinned from here, before the child imports torch or forks env workers (which
-            # inherit it): its threads and workers stay on this share of the cores.
-            with contextlib.suppress(OSError):  # already gone: _finish reports how it ended
-                os.sched_setaffinity(session.process.pid, self.slots[slot])
-        session.status = "running"
-        cores = f" on cores {self.slots[slot]}" if self.slots[slot] else ""
-        gpu = f" GPU {env['CUDA_VISIBLE_DEVICES']}" if self.gpus else ""
-        logger.info(
-            f"session-{session.seed}: started{cores}{gpu} (log: {session.folder}/session.log)"
-        )
-        return session
-
-    def _stop(self, running: Any) -> None:
-        for session in running:
-            process = session.process
-            if process is None or process.poll() is not None:
-                continue
-            if self.kills:
-                process.kill()
-            elif not session.signalled:
-                process.send_signal(self.stop_signal or signal.SIGTERM)
-                session.signalled = True
-
-    def _finish(self, session: Session) -> None:
-        assert session.process is not None
-        session.exit_code = session.process.returncode
-        summary_path = session.folder / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-        if session.exit_code == 0:
-            session.status = "finished"
-        elif self.stop_signal is not None and summary.get("status") != "crashed":
-            session.status = "stopped"
-        else:
-            session.status = "crashed"
-            session.error = last_error_line(session.folder / "session.log")
-        line = f"session-{session.seed}: {session.status} (exit {session.exit_code})"
-        if session.error:
-            line += f": {session.error}"
-        (logger.error if session.status == "crashed" else logger.info)(line)
-
-    def _show_progress(self, session: Session) -> None:
-        columns = read_metrics(session.folder / "metrics.csv")
-        if FRAMES not in columns:
-            logger.info(f"session-{session.seed}: starting")
-            return
-        frames = int(columns[FRAMES][-1])
-        fps = columns.get("rollout/fps", [math.nan])[-1]
-        ma = columns.get(RETURN_MA, [math.nan])[-1]
-        logger.info(
-            f"session-{session.seed}: frames={frames}/{self.max_frames} fps={fps:.0f} "
-            f"return_ma={ma:.4g}"
-        )
-
-
 def _finite(value: Any) -> Any:
     """JSON has no NaN: undefined figures are written as null."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -511,8 +297,6 @@ def analyse_trial(
         facts: the config's facts.
         command: the trial's configs, overrides and seeds.
     """
-    from slm_lightning.lab.baseline import random_return
-    from slm_lightning.lab.plots import plot_trial
 
     baseline = random_return(facts.env_spec)
     records = [read_run(s.folder) for s in sessions]
@@ -584,7 +368,6 @@ def trial_main(argv: list[str]) -> None:
     kept = [s.seed for s in sessions if s.status == "finished"]
     if kept:
         logger.info(f"trial {folder}: sessions {kept} finished before; kept")
-    from slm_lightning.envs.factory import usable_cores
 
     workers = options.workers or max(1, min(len(seeds), usable_cores()))
     logger.info(
