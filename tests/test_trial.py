@@ -94,6 +94,7 @@ def test_trial_reports_a_crash_and_a_rerun_resumes_it(trial_config, tmp_path, ca
         "0",
         # Session 0's sub-envs are seeded 0 and 1: the one seeded 1 fails at frame ~600.
         f"--model.init_args.env.kwargs={{crash_seed: 1, crash_file: {crash_file}}}",
+        "--torch_threads=64",  # more than a session's share of the cores
     ]
     with pytest.raises(SystemExit) as exc:
         main(args)
@@ -121,6 +122,10 @@ def test_trial_reports_a_crash_and_a_rerun_resumes_it(trial_config, tmp_path, ca
     assert (trial / "session-2" / "summary.json").stat().st_mtime_ns == finished_mtime
     log = (trial / "session-0" / "session.log").read_text()
     assert log.count("$ ") == 2 and "resuming from" in log
+    share = len(core_slots(2)[0])  # each of the 2 sessions at once gets half the cores
+    if share:
+        command = log.splitlines()[0]
+        assert command.endswith(f"--ckpt_path=last --torch_threads={share}"), command
     summaries = {
         seed: json.loads((trial / f"session-{seed}" / "summary.json").read_text())
         for seed in (0, 2)

@@ -99,6 +99,8 @@ class SessionPool:
         workers: sessions at once.
         progress_every: seconds between progress lines (0: none).
         max_frames: a session's frame budget (shown in the progress).
+        torch_threads: the config's ``torch_threads``; a session gets at most as many as its
+            share of the cores.
     """
 
     def __init__(
@@ -108,12 +110,14 @@ class SessionPool:
         workers: int,
         progress_every: float,
         max_frames: int,
+        torch_threads: int = 1,
     ) -> None:
         self.sessions = sessions
         self.command = command
         self.workers = workers
         self.progress_every = progress_every
         self.max_frames = max_frames
+        self.torch_threads = torch_threads
         self.stop_signal: int | None = None
         self.kills = 0
         self.slots = core_slots(workers)
@@ -169,6 +173,10 @@ class SessionPool:
             f"--trainer.default_root_dir={session.folder}",
             "--ckpt_path=last",
         ]
+        share = self.slots[slot]
+        if share and self.torch_threads > len(share):
+            # More intra-op threads than the session's cores would take its neighbours' time.
+            args.append(f"--torch_threads={len(share)}")
         log = (session.folder / "session.log").open("a")
         log.write(f"$ {' '.join(args)}\n")
         log.flush()

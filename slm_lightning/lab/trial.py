@@ -64,6 +64,7 @@ class ConfigFacts:
         seed: the config's ``seed_everything`` with the overrides applied.
         target: the return MA that counts as solved, or None.
         max_frames: the frame budget of one session.
+        torch_threads: the config's ``torch_threads``.
     """
 
     name: str
@@ -73,6 +74,7 @@ class ConfigFacts:
     seed: int | None
     target: float | None
     max_frames: int
+    torch_threads: int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +178,7 @@ def describe_config(configs: list[str], overrides: list[str]) -> ConfigFacts:
         seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
         target=None if target is None else float(target),
         max_frames=int(model.max_frames),
+        torch_threads=int(cli.config.torch_threads),
     )
 
 
@@ -376,7 +379,9 @@ def trial_main(argv: list[str]) -> None:
     )
     fit = [sys.executable, "-m", "slm_lightning.cli", "fit"]
     fit += [arg for c in options.config for arg in ("--config", c)] + overrides
-    pool = SessionPool(sessions, fit, workers, options.progress_every, facts.max_frames)
+    pool = SessionPool(
+        sessions, fit, workers, options.progress_every, facts.max_frames, facts.torch_threads
+    )
     pool.run()
     line = analyse_trial(folder, sessions, facts, command)
     logger.info(line)
