@@ -25,6 +25,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
+from slm_lightning.lab.runs import read_run
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # (config, expected seconds of one session on one core here), longest first within a family.
@@ -111,6 +115,22 @@ def deal(configs: list[tuple[str, float]], lanes: int) -> list[list[str]]:
     return out
 
 
+def at_upstream_frames(name: str, folder: Path, report: dict) -> str:
+    """Our sessions' mean return MA at upstream's frame budget, where ours ran longer (read off
+    the metrics rows, linearly interpolated), marked below or above upstream's score."""
+    if name not in UPSTREAM:
+        return ""
+    score, frames = UPSTREAM[name]
+    records = [read_run(folder / s["folder"]) for s in report["sessions"]]
+    if any(r.frames.size == 0 or r.frames[-1] <= frames for r in records):
+        ours = report["trial"]["final_return_ma_mean"]  # ours ran no longer: its final MA
+        if ours is None:
+            return ""
+    else:
+        ours = float(np.mean([np.interp(frames, r.frames, r.return_ma) for r in records]))
+    return f"{ours:.1f} ({'below' if ours < score else 'above'})"
+
+
 def fmt(value: object, digits: int = 1) -> str:
     if value is None:
         return "–"
@@ -128,6 +148,9 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=3600.0)
     parser.add_argument("--sessions", type=int, default=4)
     parser.add_argument("--only", nargs="+", default=None)
+    parser.add_argument(
+        "--report", action="store_true", help="run nothing: the table of the trials in --out"
+    )
     args = parser.parse_args()
     cores = sorted(os.sched_getaffinity(0))
     lanes = args.lanes or max(1, len(cores) // args.sessions)
@@ -135,7 +158,7 @@ def main() -> None:
     workers = min(args.sessions, per_lane)
     expected = dict(CONFIGS)
     chosen = [(n, expected[n]) for n in args.only] if args.only else CONFIGS
-    plan = deal(chosen, lanes)
+    plan = [] if args.report else deal(chosen, lanes)
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"{len(cores)} cores, {lanes} lanes of {workers} sessions at once: {plan}", flush=True)
 
@@ -143,7 +166,7 @@ def main() -> None:
     running: dict[int, tuple[str, subprocess.Popen]] = {}
     done: dict[str, float] = {}
     stopped = False
-    while any(plan) or running:
+    while (any(plan) and not stopped) or running:
         for lane in range(lanes):
             if lane in running and running[lane][1].poll() is not None:
                 name, _ = running.pop(lane)
@@ -170,13 +193,13 @@ def main() -> None:
 
     print(
         "\n| config | env | sessions | final return MA mean ± std | IQM [95% CI] | solved "
-        "| median frames to target | median fps | upstream SLM Lab |"
+        "| median frames to target | median fps | upstream SLM Lab | ours at upstream's frames |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, _ in chosen:
         path = args.out / name / "trial.json"
         if not path.is_file():
-            print(f"| {name} | | not run | | | | | | {upstream(name)} |")
+            print(f"| {name} | | not run | | | | | | {upstream(name)} | |")
             continue
         report = json.loads(path.read_text())
         t = report["trial"]
@@ -190,7 +213,7 @@ def main() -> None:
             f"| {fmt(t['final_return_ma_iqm'])} [{fmt(t['iqm_ci_low'])}, {fmt(t['iqm_ci_high'])}] "
             f"| {t['solved']}/{t['sessions']} | {fmt(t['frames_to_target_median'], 0)} "
             f"| {fmt(sorted(fps)[len(fps) // 2] if fps else None, 0)} "
-            f"| {upstream(name)} |"
+            f"| {upstream(name)} | {at_upstream_frames(name, args.out / name, report)} |"
         )
     if not_run:
         print(f"\nnot run (deadline): {not_run}")

@@ -26,7 +26,8 @@ NOT_METRICS = ("step", FRAMES)
 
 # Groups take the colours of this palette in the order given, so a comparison drawn twice
 # (or with one group left out at the end) keeps each group's colour.
-PALETTE = colormaps["tab10"].colors
+# tab10's ten colours, then tab20's lighter shades: up to 20 groups in distinct colours.
+PALETTE = colormaps["tab10"].colors + colormaps["tab20"].colors[1::2]
 
 SESSION_ALPHA = 0.25
 BAND_ALPHA = 0.2
@@ -261,7 +262,7 @@ def compare_figure(
         title: the figure's title.
         seed: seeds the bands' bootstrap.
     """
-    fig = Figure(figsize=(8, 5), layout="constrained")
+    fig = Figure(figsize=(10, 5), layout="constrained")
     ax = fig.subplots()
     for index, (label, records) in enumerate(groups):
         curves = [_finite_curve(r.frames.astype(np.float64), r.return_ma) for r in records]
@@ -273,7 +274,8 @@ def compare_figure(
     ax.set_ylabel("return MA")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="lower right")
+        # Beside the axes, where it hides no curve however many groups there are.
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     ax.set_title(title)
     return fig
 
