@@ -16,6 +16,7 @@ from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
 from slm_lightning.envs.blocks import BlockVectorEnv, WorkerError
 from slm_lightning.envs.factory import EnvSpec, make_vector_env
+from slm_lightning.envs.workers import usable_cores
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 BOOM = 9  # CountingEnv raises on this action
@@ -216,7 +217,7 @@ def test_call_get_attr_set_attr_reach_every_sub_env() -> None:
 
 def test_close_terminates_workers() -> None:
     env = BlockVectorEnv([CountingEnv] * 3)
-    assert env.num_workers == min(os.cpu_count() or 1, 3)
+    assert env.num_workers == min(usable_cores(), 3)
     processes = list(env.processes)
     env.reset()
     env.close()

@@ -1,5 +1,7 @@
 """Env factory: legacy ids, bad ids, vectorization choice, seeding, normalisation state."""
 
+import os
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -105,18 +107,33 @@ def test_vectorization_auto():
 def test_vectorization_auto_blocks_only_for_costly_envs_with_cores(monkeypatch):
     costly = EnvSpec(name="BipedalWalker-v3", num_envs=16)
     cheap = EnvSpec(name="Pendulum-v1", num_envs=16)
-    monkeypatch.setattr(factory.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(factory, "usable_cores", lambda: 2)
     assert resolve_vectorization(costly, costly.registry_spec()) == "blocks"
     assert block_workers(costly) == 2
     assert resolve_vectorization(cheap, cheap.registry_spec()) == "sync"
     few = EnvSpec(name="BipedalWalker-v3", num_envs=3)
     assert resolve_vectorization(few, few.registry_spec()) == "sync"
-    monkeypatch.setattr(factory.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(factory, "usable_cores", lambda: 16)
     assert block_workers(costly) == 8  # at least two sub-envs per worker
     assert block_workers(EnvSpec(name="BipedalWalker-v3", num_envs=16, num_workers=3)) == 3
     assert block_workers(EnvSpec(name="BipedalWalker-v3", num_envs=2, num_workers=3)) == 2
-    monkeypatch.setattr(factory.os, "cpu_count", lambda: 1)
+    monkeypatch.setattr(factory, "usable_cores", lambda: 1)
     assert resolve_vectorization(costly, costly.registry_spec()) == "sync"
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
+def test_auto_vectorization_follows_the_cores_this_process_may_use():
+    """A trial pins each session to its share of the cores: a session on one core steps its
+    envs in-process, even on a machine with many."""
+    costly = EnvSpec(name="BipedalWalker-v3", num_envs=16)
+    cores = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(cores)})
+        assert factory.usable_cores() == 1
+        assert resolve_vectorization(costly, costly.registry_spec()) == "sync"
+    finally:
+        os.sched_setaffinity(0, cores)
+    assert factory.usable_cores() == len(cores)
 
 
 @pytest.mark.parametrize("mode", ["sync", "async", "blocks", "vector_entry_point"])

@@ -11,7 +11,6 @@ step sends each worker a one-word command and gets back only the non-empty ``inf
 
 import contextlib
 import multiprocessing
-import os
 import traceback
 from collections.abc import Callable, Sequence
 from copy import deepcopy
@@ -33,7 +32,7 @@ from gymnasium.vector.utils import (
     write_to_shared_memory,
 )
 
-from slm_lightning.envs.workers import leave_signals_to_parent
+from slm_lightning.envs.workers import leave_signals_to_parent, usable_cores
 
 # One sub-env's info dicts, tagged with its index in the whole vector env.
 IndexedInfos = list[tuple[int, dict[str, Any]]]
@@ -80,7 +79,7 @@ class BlockVectorEnv(VectorEnv):
         if num_workers is not None and num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         self.num_envs = len(env_fns)
-        self.num_workers = min(num_workers or os.cpu_count() or 1, self.num_envs)
+        self.num_workers = min(num_workers or usable_cores(), self.num_envs)
         self.copy = copy
         bounds = np.linspace(0, self.num_envs, self.num_workers + 1).round().astype(int)
         self.blocks = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]

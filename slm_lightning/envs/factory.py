@@ -1,7 +1,6 @@
 """Build the gymnasium vector env an algorithm rolls out, from a typed :class:`EnvSpec`."""
 
 import inspect
-import os
 from copy import deepcopy
 from dataclasses import replace
 from functools import partial
@@ -19,7 +18,7 @@ from slm_lightning.envs.atari import LIFE_LOSS, is_atari, make_atari_env
 from slm_lightning.envs.blocks import BlockVectorEnv
 from slm_lightning.envs.names import migrate_env_id
 from slm_lightning.envs.spec import ENV_KEY, EnvSpec
-from slm_lightning.envs.workers import async_worker
+from slm_lightning.envs.workers import async_worker, usable_cores
 from slm_lightning.errors import ConfigError
 
 # Envs whose step costs microseconds: subprocess workers only add IPC overhead for them.
@@ -37,14 +36,6 @@ def route_mujoco_warnings(registry_spec: gym.envs.registration.EnvSpec) -> None:
 
     if mujoco.get_mju_user_warning() is None:
         mujoco.set_mju_user_warning(lambda message: logger.debug(f"MuJoCo: {message}"))
-
-
-def usable_cores() -> int:
-    """The CPU cores this process may run on: its affinity set where the OS has one (a trial
-    pins each session to its share of the cores), else every core."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def resolve_vectorization(

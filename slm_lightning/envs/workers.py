@@ -11,6 +11,7 @@ traceback. The parent closes its workers through their pipes on every exit path;
 workers themselves ignore SIGINT and die on SIGTERM.
 """
 
+import os
 import signal
 from typing import Any
 
@@ -31,3 +32,11 @@ def async_worker(*args: Any) -> None:
     """
     leave_signals_to_parent()
     _async_worker(*args)
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on: its affinity set where the OS has one (a trial
+    pins each session to its share of the cores), else every core."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1

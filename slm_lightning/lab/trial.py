@@ -34,7 +34,7 @@ from loguru import logger
 
 from slm_lightning.algorithms.base import RLAlgorithm
 from slm_lightning.cli import TRAINER_DEFAULTS, SLMLabCLI
-from slm_lightning.envs.factory import usable_cores
+from slm_lightning.envs.workers import usable_cores
 from slm_lightning.errors import ConfigError
 from slm_lightning.lab.analysis import TrialMetrics, trial_metrics
 from slm_lightning.lab.baseline import random_return
