@@ -21,6 +21,8 @@ def isolated_run(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("SLM_LAB_CACHE", str(tmp_path / "cache"))
+    # metrics.png costs ~0.3 s a fit; the tests that check it turn it back on.
+    monkeypatch.setenv("SLM_LAB_METRICS_PNG", "0")
     torch.set_num_threads(1)
     return tmp_path
 

@@ -135,7 +135,7 @@ def test_metrics_figure_has_one_panel_per_logged_metric(tmp_path: Path):
     assert metric_columns(run) == keys
     fig = metrics_figure(run, "PPO CartPole-v1")
     shown = [ax for ax in fig.axes if ax.get_visible()]
-    assert [ax.get_title() for ax in shown] == keys
+    assert [[t.get_text() for t in ax.texts] for ax in shown] == [[k] for k in keys]
     assert len(fig.axes) == 8  # 5 metrics: a grid of 2 rows x 4, three panels hidden
     for ax, key in zip(shown, keys, strict=True):
         (line,) = ax.lines
@@ -166,8 +166,11 @@ def test_compare_figure_one_band_per_group_in_palette_and_legend_order(tmp_path:
     assert path.read_bytes()[:8] == PNG
 
 
-@pytest.mark.parametrize("with_rows", [True, False])
-def test_write_summary_writes_metrics_png_when_the_run_logged_rows(tmp_path: Path, with_rows):
+@pytest.mark.parametrize(("with_rows", "switch"), [(True, "1"), (False, "1"), (True, "0")])
+def test_write_summary_writes_metrics_png_when_the_run_logged_rows(
+    tmp_path: Path, monkeypatch, with_rows, switch
+):
+    monkeypatch.setenv("SLM_LAB_METRICS_PNG", switch)  # 0 leaves it out
     if with_rows:
         (tmp_path / "metrics.csv").write_text(
             "episode/return_ma,rollout/frames,step,train/loss\n,100,100,1.0\n12.5,200,200,0.5\n"
@@ -176,6 +179,6 @@ def test_write_summary_writes_metrics_png_when_the_run_logged_rows(tmp_path: Pat
     write_summary(tmp_path, summary, {"frames": [150], "returns": [12.5]}, window=100)
     assert (tmp_path / "returns.png").is_file()
     metrics_png = tmp_path / "metrics.png"
-    assert metrics_png.is_file() == with_rows
-    if with_rows:
+    assert metrics_png.is_file() == (with_rows and switch == "1")
+    if metrics_png.is_file():
         assert metrics_png.read_bytes()[:8] == PNG

@@ -52,6 +52,7 @@ CONFIG = {
 def trial_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The config file; sessions import ``tests.envs_fixture`` from the repository root."""
     monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.setenv("SLM_LAB_METRICS_PNG", "1")  # every session folder as a user gets it
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "corridor.yaml"
     path.write_text(yaml.safe_dump(CONFIG))
@@ -138,7 +139,7 @@ def test_trial_reports_a_crash_and_a_rerun_resumes_it(trial_config, tmp_path, ca
     # Every session is a normal run folder with its own seed.
     for seed in (0, 2):
         folder = trial / f"session-{seed}"
-        for name in ("config.yaml", "metrics.csv", "summary.json", "returns.png"):
+        for name in ("config.yaml", "metrics.csv", "summary.json", "returns.png", "metrics.png"):
             assert (folder / name).is_file(), (seed, name)
         assert yaml.safe_load((folder / "config.yaml").read_text())["seed_everything"] == seed
 

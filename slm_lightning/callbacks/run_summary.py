@@ -3,6 +3,7 @@
 holds the episodes, through :func:`write_summary`)."""
 
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,9 @@ def run_dir(trainer: L.Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
+# SLM_LAB_METRICS_PNG=0 leaves metrics.png out of the run folder.
+METRICS_PNG_VAR = "SLM_LAB_METRICS_PNG"
+
 # The keys of the summary: line, in order.
 SUMMARY_LINE_KEYS = (
     "frames",
@@ -77,7 +81,8 @@ def write_summary(
     folder: Path, summary: dict[str, Any], history: dict[str, list], window: int
 ) -> None:
     """Write ``summary.json`` (``summary`` and the git SHA), ``returns.png`` and, where
-    ``metrics.csv`` has rows, ``metrics.png`` (every logged metric against frames), and log
+    ``metrics.csv`` has rows, ``metrics.png`` (every logged metric against frames; not with
+    ``SLM_LAB_METRICS_PNG=0``), and log
     ``summary: frames=… seconds=… fps=… return_ma=… best_return_ma=… frames_to_target=…
     seconds_to_target=…``.
 
@@ -92,9 +97,12 @@ def write_summary(
     (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     title = f"{summary['algorithm']} {summary['env']}"
     plot_returns(folder / "returns.png", history["frames"], history["returns"], window, title)
-    record = read_run(folder)
-    if record.frames.size:
-        plot_metrics(folder / "metrics.png", record, title)
+    # One small panel per metric costs ~0.3 s of matplotlib (mostly tick layout) per run:
+    # nothing to a training run, but a suite or a search of many tiny runs may skip it.
+    if os.environ.get(METRICS_PNG_VAR, "1") != "0":
+        record = read_run(folder)
+        if record.frames.size:
+            plot_metrics(folder / "metrics.png", record, title)
     logger.info("summary: " + " ".join(f"{k}={summary[k]}" for k in SUMMARY_LINE_KEYS))
 
 

@@ -221,7 +221,8 @@ def metrics_figure(record: RunRecord, title: str) -> Figure:
         # the rows that have them.
         x, y = _finite_curve(frames, record.columns[key])
         ax.plot(x, y, linewidth=1, marker="." if x.size < 3 else None)
-        ax.set_title(key, fontsize=9)
+        # A text, not set_title: placing titles measures every tick label (0.5 s of 0.9 s here).
+        ax.text(0.5, 1.03, key, transform=ax.transAxes, ha="center", va="bottom", fontsize=9)
         ax.tick_params(labelsize=7)
         ax.locator_params(nbins=4)
         ax.grid(alpha=0.3)
