@@ -65,6 +65,7 @@ class ConfigFacts:
         target: the return MA that counts as solved, or None.
         max_frames: the frame budget of one session.
         torch_threads: the config's ``torch_threads``.
+        values: every key of the parsed config, dotted (``model.init_args.lr``), with its value.
     """
 
     name: str
@@ -75,6 +76,7 @@ class ConfigFacts:
     target: float | None
     max_frames: int
     torch_threads: int
+    values: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,6 +181,7 @@ def describe_config(configs: list[str], overrides: list[str]) -> ConfigFacts:
         target=None if target is None else float(target),
         max_frames=int(model.max_frames),
         torch_threads=int(cli.config.torch_threads),
+        values={key: cli.config[key] for key in cli.config.keys()},
     )
 
 
