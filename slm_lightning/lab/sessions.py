@@ -16,6 +16,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 from loguru import logger
@@ -34,6 +35,11 @@ class Session:
         status: ``pending``, ``running``, ``finished``, ``stopped`` or ``crashed``.
         exit_code: the fit process's exit status (None until it ends or if kept from before).
         error: the last error line of a crashed session's log.
+        command: the fit command line before the per-session options (set by the trial).
+        max_frames: its frame budget (shown in the progress lines).
+        torch_threads: the config's ``torch_threads``; the session gets at most as many as
+            its share of the cores.
+        label: its name in log lines (``session-0``, ``trial-3/session-0``).
     """
 
     seed: int
@@ -41,8 +47,15 @@ class Session:
     status: str = "pending"
     exit_code: int | None = None
     error: str | None = None
+    command: list[str] = field(default_factory=list)
+    max_frames: int = 0
+    torch_threads: int = 1
+    label: str = ""
     process: subprocess.Popen | None = field(default=None, repr=False)
     signalled: bool = False
+
+    def __post_init__(self) -> None:
+        self.label = self.label or f"session-{self.seed}"
 
 
 def visible_gpus() -> list[str]:
@@ -82,99 +95,92 @@ def last_error_line(log: Path) -> str:
 
 
 class SessionPool:
-    """Runs the sessions' fit processes, at most ``workers`` at once.
+    """Runs sessions' fit processes, at most ``workers`` at once, for one trial or for the
+    many trials of a search.
 
-    Each session is ``python -m slm_lightning.cli fit --config … <overrides>
-    --seed_everything <seed> --trainer.default_root_dir <folder> --ckpt_path last`` (a fresh
-    start where the folder has no checkpoint yet, else a resume), with its output in
-    ``<folder>/session.log``. A session is pinned to its own share of the cores
-    (``sched_setaffinity``; the env factory sizes its worker processes to it) and, on a
-    machine with GPUs, sees one GPU (``CUDA_VISIBLE_DEVICES``, round-robin). SIGTERM or Ctrl-C
-    to the trial is passed to every running session, which stops at a checkpoint; no new
-    session starts; a second Ctrl-C kills them.
+    Each session is ``<its command> --seed_everything <seed> --trainer.default_root_dir
+    <folder> --ckpt_path last`` (a fresh start where the folder has no checkpoint yet, else a
+    resume), with its output in ``<folder>/session.log``. A session is pinned to its own share
+    of the cores (``sched_setaffinity``; the env factory sizes its worker processes to it) and,
+    on a machine with GPUs, sees one GPU (``CUDA_VISIBLE_DEVICES``, round-robin). Inside
+    :meth:`signals`, SIGTERM or Ctrl-C sets :attr:`stop_signal` (the caller stops its sessions
+    with :meth:`stop`; they stop at a checkpoint); a second Ctrl-C kills them.
 
     Args:
-        sessions: the trial's sessions (finished ones are not run).
-        command: the fit command line before the per-session options.
         workers: sessions at once.
         progress_every: seconds between progress lines (0: none).
-        max_frames: a session's frame budget (shown in the progress).
-        torch_threads: the config's ``torch_threads``; a session gets at most as many as its
-            share of the cores.
     """
 
-    def __init__(
-        self,
-        sessions: list[Session],
-        command: list[str],
-        workers: int,
-        progress_every: float,
-        max_frames: int,
-        torch_threads: int = 1,
-    ) -> None:
-        self.sessions = sessions
-        self.command = command
+    def __init__(self, workers: int, progress_every: float = 0.0) -> None:
         self.workers = workers
         self.progress_every = progress_every
-        self.max_frames = max_frames
-        self.torch_threads = torch_threads
         self.stop_signal: int | None = None
         self.kills = 0
         self.slots = core_slots(workers)
         self.gpus = visible_gpus()
         self.started = 0
+        self.free = list(range(workers))
+        self.running: dict[int, Session] = {}  # slot -> session
+        self.next_progress = time.monotonic() + progress_every
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.stop_signal is not None and signum == signal.SIGINT:
             self.kills += 1  # a second Ctrl-C: stop now
+            self.stop(list(self.running.values()))
         self.stop_signal = signum
 
-    def run(self) -> None:
-        """Run every pending session to its end, or until the trial is stopped."""
+    @contextlib.contextmanager
+    def signals(self) -> Iterator[None]:
+        """Catch SIGTERM and Ctrl-C while sessions run; on leaving, kill any session still
+        running (the caller failed) so that none is left orphaned."""
         previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-        free = list(range(self.workers))
-        running: dict[int, Session] = {}  # slot -> session
-        next_progress = time.monotonic() + self.progress_every
         try:
-            pending = [s for s in self.sessions if s.status != "finished"]
-            while pending or running:
-                if self.stop_signal is not None:
-                    self._stop(running.values())
-                    pending = []
-                while pending and free and self.stop_signal is None:
-                    slot = free.pop(0)
-                    running[slot] = self._start(pending.pop(0), slot)
-                for slot, session in list(running.items()):
-                    if session.process is not None and session.process.poll() is not None:
-                        self._finish(session)
-                        del running[slot]
-                        free.append(slot)
-                if self.progress_every > 0 and time.monotonic() >= next_progress:
-                    for session in running.values():
-                        self._show_progress(session)
-                    next_progress = time.monotonic() + self.progress_every
-                time.sleep(0.2)
+            yield
         finally:
-            for session in running.values():  # the trial itself failed: leave no orphan
+            for session in self.running.values():
                 if session.process is not None and session.process.poll() is None:
                     session.process.kill()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
-    def _start(self, session: Session, slot: int) -> Session:
+    def run(self, sessions: list[Session]) -> None:
+        """Run every session that has not finished to its end, or until stopped.
+
+        Args:
+            sessions: one trial's sessions.
+        """
+        with self.signals():
+            pending = [s for s in sessions if s.status != "finished"]
+            while pending or self.running:
+                if self.stop_signal is not None:
+                    self.stop(list(self.running.values()))
+                    pending = []
+                while pending and self.free and self.stop_signal is None:
+                    self.start(pending.pop(0))
+                self.poll()
+                time.sleep(0.2)
+
+    def start(self, session: Session) -> None:
+        """Start a session's process on a free share of the cores.
+
+        Args:
+            session: the session (``command`` set).
+        """
+        slot = self.free.pop(0)
+        self.running[slot] = session
         session.folder.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if k != RUN_STAMP_VAR}
         if self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = self.gpus[self.started % len(self.gpus)]
         self.started += 1
         args = [
-            *self.command,
+            *session.command,
             f"--seed_everything={session.seed}",
             f"--trainer.default_root_dir={session.folder}",
             "--ckpt_path=last",
         ]
         share = self.slots[slot]
-        if share and self.torch_threads > len(share):
+        if share and session.torch_threads > len(share):
             # More intra-op threads than the session's cores would take its neighbours' time.
             args.append(f"--torch_threads={len(share)}")
         log = (session.folder / "session.log").open("a")
@@ -191,21 +197,42 @@ class SessionPool:
             start_new_session=True,
         )
         log.close()  # the child holds its own descriptor
-        if self.slots[slot]:
+        session.signalled = False
+        if share:
             # Pinned from here, before the child imports torch or forks env workers (which
             # inherit it): its threads and workers stay on this share of the cores.
             with contextlib.suppress(OSError):  # already gone: _finish reports how it ended
-                os.sched_setaffinity(session.process.pid, self.slots[slot])
+                os.sched_setaffinity(session.process.pid, share)
         session.status = "running"
-        cores = f" on cores {self.slots[slot]}" if self.slots[slot] else ""
+        cores = f" on cores {share}" if share else ""
         gpu = f" GPU {env['CUDA_VISIBLE_DEVICES']}" if self.gpus else ""
-        logger.info(
-            f"session-{session.seed}: started{cores}{gpu} (log: {session.folder}/session.log)"
-        )
-        return session
+        logger.info(f"{session.label}: started{cores}{gpu} (log: {session.folder}/session.log)")
 
-    def _stop(self, running: Any) -> None:
-        for session in running:
+    def poll(self) -> list[Session]:
+        """The sessions that ended since the last call (their shares of the cores are free
+        again); shows the progress lines when they are due."""
+        ended = []
+        for slot, session in list(self.running.items()):
+            if session.process is not None and session.process.poll() is not None:
+                self._finish(session)
+                del self.running[slot]
+                self.free.append(slot)
+                ended.append(session)
+        if self.progress_every > 0 and time.monotonic() >= self.next_progress:
+            for session in self.running.values():
+                self._show_progress(session)
+            self.next_progress = time.monotonic() + self.progress_every
+        return ended
+
+    def stop(self, sessions: list[Session]) -> None:
+        """Ask running sessions to stop at a checkpoint (SIGTERM, or the Ctrl-C that stopped
+        the caller); once only, so that a session is not signalled twice, unless a second
+        Ctrl-C asked to kill them.
+
+        Args:
+            sessions: the sessions to stop (ended ones are skipped).
+        """
+        for session in sessions:
             process = session.process
             if process is None or process.poll() is not None:
                 continue
@@ -222,12 +249,12 @@ class SessionPool:
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
         if session.exit_code == 0:
             session.status = "finished"
-        elif self.stop_signal is not None and summary.get("status") != "crashed":
+        elif session.signalled and summary.get("status") != "crashed":
             session.status = "stopped"
         else:
             session.status = "crashed"
             session.error = last_error_line(session.folder / "session.log")
-        line = f"session-{session.seed}: {session.status} (exit {session.exit_code})"
+        line = f"{session.label}: {session.status} (exit {session.exit_code})"
         if session.error:
             line += f": {session.error}"
         (logger.error if session.status == "crashed" else logger.info)(line)
@@ -235,12 +262,12 @@ class SessionPool:
     def _show_progress(self, session: Session) -> None:
         columns = read_metrics(session.folder / "metrics.csv")
         if FRAMES not in columns:
-            logger.info(f"session-{session.seed}: starting")
+            logger.info(f"{session.label}: starting")
             return
         frames = int(columns[FRAMES][-1])
         fps = columns.get("rollout/fps", [math.nan])[-1]
         ma = columns.get(RETURN_MA, [math.nan])[-1]
         logger.info(
-            f"session-{session.seed}: frames={frames}/{self.max_frames} fps={fps:.0f} "
+            f"{session.label}: frames={frames}/{session.max_frames} fps={fps:.0f} "
             f"return_ma={ma:.4g}"
         )

@@ -382,10 +382,12 @@ def trial_main(argv: list[str]) -> None:
     )
     fit = [sys.executable, "-m", "slm_lightning.cli", "fit"]
     fit += [arg for c in options.config for arg in ("--config", c)] + overrides
-    pool = SessionPool(
-        sessions, fit, workers, options.progress_every, facts.max_frames, facts.torch_threads
-    )
-    pool.run()
+    for session in sessions:
+        session.command = fit
+        session.max_frames = facts.max_frames
+        session.torch_threads = facts.torch_threads
+    pool = SessionPool(workers, options.progress_every)
+    pool.run(sessions)
     line = analyse_trial(folder, sessions, facts, command)
     logger.info(line)
     crashed = [s for s in sessions if s.status == "crashed"]
