@@ -113,25 +113,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_overrides(overrides: list[str], trial_options: list[str]) -> None:
+def check_overrides(overrides: list[str], trial_options: list[str], prog: str = "trial") -> None:
     """Refuse the fit options a trial sets itself, and a misspelt trial option (which would
     otherwise reach fit as an unknown key).
 
     Args:
         overrides: the arguments passed on to every session.
-        trial_options: the trial's own option strings.
+        trial_options: the command's own option strings.
+        prog: the command, for the messages (``trial``, ``search``).
     """
     for arg in overrides:
         option = arg.split("=", 1)[0]
         close = difflib.get_close_matches(option, trial_options, n=1, cutoff=0.8)
         if option.startswith("--") and "." not in option and close:
-            raise ConfigError(f"trial: unknown option {option}; did you mean {close[0]}?")
+            raise ConfigError(f"{prog}: unknown option {option}; did you mean {close[0]}?")
         if option in OWNED_OPTIONS:
             raise ConfigError(
-                f"trial: {option} is set by the trial for each session; use {OWNED_OPTIONS[option]}"
+                f"{prog}: {option} is set by the trial for each session; "
+                f"use {OWNED_OPTIONS[option]}"
             )
         if option == "fit":
-            raise ConfigError("trial: runs fit itself; pass fit's options without `fit`")
+            raise ConfigError(f"{prog}: runs fit itself; pass fit's options without `fit`")
 
 
 def describe_config(configs: list[str], overrides: list[str]) -> ConfigFacts:
@@ -293,9 +295,9 @@ def trial_line(metrics: TrialMetrics) -> str:
 
 def analyse_trial(
     folder: Path, sessions: list[Session], facts: ConfigFacts, command: dict[str, Any]
-) -> str:
-    """Analyse the sessions' run folders; write ``trial.json`` and ``trial.png``; return the
-    trial line.
+) -> dict[str, Any]:
+    """Analyse the sessions' run folders; write ``trial.json`` and ``trial.png``; return
+    what ``trial.json`` holds (its ``line`` is the trial line; undefined figures are None).
 
     Args:
         folder: the trial folder.
@@ -338,7 +340,7 @@ def analyse_trial(
     figures = textwrap.fill(line.removeprefix("trial: "), width=110)
     title = f"{facts.algorithm} {facts.env} ({facts.name})\n{figures}"
     plot_trial(folder / "trial.png", records, target=facts.target, title=title)
-    return line
+    return report
 
 
 def trial_main(argv: list[str]) -> None:
@@ -388,7 +390,7 @@ def trial_main(argv: list[str]) -> None:
         session.torch_threads = facts.torch_threads
     pool = SessionPool(workers, options.progress_every)
     pool.run(sessions)
-    line = analyse_trial(folder, sessions, facts, command)
+    line = analyse_trial(folder, sessions, facts, command)["line"]
     logger.info(line)
     crashed = [s for s in sessions if s.status == "crashed"]
     for session in crashed:
