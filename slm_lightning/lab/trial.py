@@ -183,7 +183,8 @@ def describe_config(configs: list[str], overrides: list[str]) -> ConfigFacts:
         target=None if target is None else float(target),
         max_frames=int(model.max_frames),
         torch_threads=int(cli.config.torch_threads),
-        values={key: cli.config[key] for key in cli.config.keys()},
+        # Namespace.keys() walks nested sections as dotted keys; iterating it does not.
+        values={key: cli.config[key] for key in cli.config.keys()},  # noqa: SIM118
     )
 
 
