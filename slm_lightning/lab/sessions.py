@@ -8,11 +8,13 @@ the session's seed, run folder and ``--ckpt_path last`` (a fresh start, or a res
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -78,6 +80,21 @@ def core_slots(workers: int) -> list[list[int]]:
     cores = sorted(os.sched_getaffinity(0))
     per = max(1, len(cores) // workers)
     return [cores[(i * per) % len(cores) :][:per] for i in range(workers)]
+
+
+def _stop_with_parent(parent: int) -> Any:
+    """A ``preexec_fn`` that has Linux send the session SIGTERM when the trial's process dies
+    (even by SIGKILL), so that it stops at a checkpoint instead of running on orphaned."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def arm() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the line above
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
 
 
 def last_error_line(log: Path) -> str:
@@ -195,6 +212,7 @@ class SessionPool:
             # Its own process group: a terminal's Ctrl-C reaches the trial alone, which passes
             # it on once to every session (a session signalled twice would stop at once).
             start_new_session=True,
+            preexec_fn=_stop_with_parent(os.getpid()),
         )
         log.close()  # the child holds its own descriptor
         session.signalled = False
