@@ -2,6 +2,7 @@
 is gymnasium's ``module:EnvId`` form, which imports the module before looking the id up."""
 
 import os
+import time
 from typing import Any
 
 import gymnasium as gym
@@ -18,13 +19,18 @@ class Corridor(gym.Env):
     Args:
         length: cells from the start to the goal.
         render_mode: accepted for gymnasium's API; nothing is rendered.
+        step_seconds: wall time each step takes (a slow simulator, for tests that act while a
+            run is under way).
     """
 
     observation_space = spaces.Box(0.0, 1.0, (1,), np.float32)
     action_space = spaces.Discrete(2)
 
-    def __init__(self, length: int = 4, render_mode: str | None = None) -> None:
+    def __init__(
+        self, length: int = 4, render_mode: str | None = None, step_seconds: float = 0.0
+    ) -> None:
         self.length = length
+        self.step_seconds = step_seconds
         self.render_mode = render_mode
         self.position = 0
 
@@ -39,6 +45,8 @@ class Corridor(gym.Env):
         return self._obs(), {}
 
     def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
+        if self.step_seconds:
+            time.sleep(self.step_seconds)
         self.position = max(0, self.position + (1 if int(action) == 1 else -1))
         done = self.position >= self.length
         return self._obs(), float(done), done, False, {}

@@ -273,6 +273,26 @@ def admitted(trials: list[FrozenTrial], number: int, budget: int) -> bool:
     return len(before) < budget
 
 
+def tell(study: optuna.Study, trial: optuna.Trial | int, *args: Any, **kwargs: Any) -> None:
+    """``study.tell``, minus GridSampler's complaint after the grid's last point: it calls
+    ``Study.stop``, which raises outside ``optimize`` once the trial is already stored
+    (optuna/optuna#5141); ``Searcher`` stops asking by ``GridSampler.is_exhausted``.
+
+    Args:
+        study: the study.
+        trial: the trial or its number.
+        args: ``values``.
+        kwargs: ``state`` …
+    """
+    try:
+        study.tell(trial, *args, **kwargs)
+    except RuntimeError as err:
+        if not isinstance(study.sampler, optuna.samplers.GridSampler) or "Study.stop" not in str(
+            err
+        ):
+            raise
+
+
 # --- trials whose process died --------------------------------------------------------------
 
 
@@ -378,7 +398,7 @@ def reap_dead_trials(study: optuna.Study) -> None:
         if not all(is_dead(record) for record in trial.user_attrs.get("sessions", [])):
             continue  # its sessions are still stopping at a checkpoint: next time
         try:
-            study.tell(trial.number, state=TrialState.FAIL)
+            tell(study, trial.number, state=TrialState.FAIL)
         except (ValueError, RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
             continue  # another process failed it first
         logger.warning(f"trial-{trial.number}: its search process (pid {owner['pid']}) died")
@@ -534,7 +554,10 @@ class Searcher:
         if time.monotonic() - self.reaped > REAP_SECONDS:
             reap_dead_trials(self.study)
             self.reaped = time.monotonic()
-        if not may_ask(self.study.get_trials(deepcopy=False), self.setup.budget):
+        grid = self.study.sampler
+        if not may_ask(self.study.get_trials(deepcopy=False), self.setup.budget) or (
+            isinstance(grid, optuna.samplers.GridSampler) and grid.is_exhausted(self.study)
+        ):
             self.exhausted = True
             return False
         with warnings.catch_warnings():
@@ -543,7 +566,7 @@ class Searcher:
             trial = self.study.ask(self.setup.space.distributions)
         if not admitted(self.study.get_trials(deepcopy=False), trial.number, self.setup.budget):
             trial.set_user_attr("over_budget", True)
-            self.study.tell(trial, state=TrialState.FAIL)
+            tell(self.study, trial, state=TrialState.FAIL)
             self.exhausted = True
             return False
         trial.set_user_attr("owner", process_record(os.getpid()))
@@ -637,22 +660,22 @@ class Searcher:
         name = f"trial-{trial.number}"
         if crashed:
             trial.set_user_attr("error", f"session-{crashed[0].seed}: {crashed[0].error}")
-            self.study.tell(trial, state=TrialState.FAIL)
+            tell(self.study, trial, state=TrialState.FAIL)
             logger.error(f"{name}: failed: session-{crashed[0].seed} crashed: {crashed[0].error}")
         elif running.pruned:
-            self.study.tell(trial, state=TrialState.PRUNED)
+            tell(self.study, trial, state=TrialState.PRUNED)
             logger.info(f"{name}: pruned; {report['line']}")
         elif self.pool.stop_signal is not None and any(
             s.status != "finished" for s in running.sessions
         ):
-            self.study.tell(trial, state=TrialState.FAIL)
+            tell(self.study, trial, state=TrialState.FAIL)
             requeue(self.study, self.study.get_trials(deepcopy=False)[trial.number], died=False)
         elif value is None or not math.isfinite(value):
             trial.set_user_attr("error", f"no {setup.objective}: no episode ended")
-            self.study.tell(trial, state=TrialState.FAIL)
+            tell(self.study, trial, state=TrialState.FAIL)
             logger.error(f"{name}: failed: no {setup.objective} (no episode ended)")
         else:
-            self.study.tell(trial, value)
+            tell(self.study, trial, value)
             logger.info(f"{name}: {setup.objective}={value:.4g}; {report['line']}")
         write_study_csv(self.study, setup.folder / "study.csv", setup.seeds)
 
