@@ -20,8 +20,8 @@ from slm_lightning.cli import main
 from tests.cli_helpers import instantiate
 
 ROOT = Path(__file__).parents[1]
-TASKS = sorted((ROOT / ".dstack").glob("*.yml"))
-SLM_LAB = re.compile(r"\buv run slm-lab (.*)$", re.DOTALL)
+TASKS = sorted((ROOT / ".dstack").glob("train*.yml"))
+SLM_LAB = re.compile(r"\buv run (?:--extra \S+ )*slm-lab (.*)$", re.DOTALL)
 
 
 def load(task: Path) -> dict:
@@ -52,6 +52,34 @@ def slm_lab_args(spec: dict, env: dict[str, str]) -> list[str]:
 def test_tasks_exist() -> None:
     # dstack only accepts configuration files named *.dstack.yml.
     assert [task.name for task in TASKS] == ["train-cpu.dstack.yml", "train.dstack.yml"]
+    assert (ROOT / ".dstack" / "search.dstack.yml").is_file()
+
+
+def test_search_task_runs_workers_on_one_study(tmp_path) -> None:
+    from slm_lightning.lab.search import build_parser
+    from slm_lightning.lab.space import check_space_keys, load_space
+    from slm_lightning.lab.trial import describe_config
+
+    spec = load(ROOT / ".dstack" / "search.dstack.yml")
+    assert spec["type"] == "task" and spec["nodes"] >= 2
+    # The storage has no default: dstack asks for it, and every node gets the same one.
+    assert "STORAGE" in spec["env"]
+    assert any(shlex.split(cmd)[:3] == ["uv", "sync", "--frozen"] for cmd in spec["commands"])
+    assert any("--extra postgres" in cmd for cmd in spec["commands"])  # the database driver
+    url = "postgresql://user:secret@db.example:5432/optuna"
+    env = {**default_env(spec), "STORAGE": url, "DSTACK_NODE_RANK": "3"}
+    args = slm_lab_args(spec, env)
+    assert args[0] == "search"
+    options, overrides = build_parser().parse_known_args(args[1:])
+    assert options.storage == url and options.study == env["STUDY"] and overrides == []
+    assert options.trials == int(env["TRIALS"]) and options.sessions == int(env["SESSIONS"])
+    # Each node writes its trials' folders on the volume, in a folder of its own.
+    volume = spec["volumes"][0]["path"]
+    assert str(options.dir).startswith(volume + "/") and str(options.dir).endswith("node-3")
+    assert "interruption" in spec["retry"]["on_events"]
+    # The default config and space exist and agree (the space's keys are the config's).
+    config = str(ROOT / options.config[0])
+    check_space_keys(load_space(ROOT / options.space), describe_config([config], []).values, config)
 
 
 @pytest.mark.parametrize("task", TASKS, ids=lambda p: p.stem)

@@ -7,8 +7,10 @@ import csv
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -267,6 +269,38 @@ def test_a_killed_search_resumes_its_trial_from_the_checkpoints(search_files, tm
         ("0", "FAIL", ""),
         ("1", "COMPLETE", "0"),
     ]
+
+
+def test_sigterm_stops_the_sessions_and_queues_the_running_trial_again(
+    search_files, tmp_path, capsys
+) -> None:
+    config, space = search_files
+    checkpoint = Path("exp", "trial-0", "session-0", "checkpoints", "last.ckpt")
+
+    def terminate_when_training() -> None:  # as a scheduler preempting the search would
+        deadline = time.monotonic() + 60
+        while not checkpoint.is_file() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    killer = threading.Thread(target=terminate_when_training)
+    killer.start()
+    with pytest.raises(SystemExit) as exc:
+        main(["search", "--config", str(config), "--space", str(space), "--trials", "1",
+              "--sessions", "1", "--workers", "1", "--dir", "exp", "--progress-every", "0",
+              "--model.init_args.max_frames=100000",
+              "--model.init_args.env.kwargs={length: 8, step_seconds: 0.002}"])  # fmt: skip
+    killer.join()
+    err = capsys.readouterr().err
+    assert exc.value.code == 128 + signal.SIGTERM, err[-2000:]
+    summary = json.loads(Path("exp", "trial-0", "session-0", "summary.json").read_text())
+    assert summary["status"] == "stopped" and summary["frames"] < 100000
+    study = journal_study(tmp_path / "exp" / "study.journal", "corridor")
+    first, queued = study.trials
+    assert first.state == TrialState.FAIL and queued.state == TrialState.WAITING
+    assert queued.params == first.params and queued.user_attrs["deaths"] == 0
+    assert "rerun the same command with --dir exp to continue it" in err
+    assert "search: trials=1 complete=0 pruned=0 failed=0 queued=1" in err
 
 
 @pytest.mark.parametrize(

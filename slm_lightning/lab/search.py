@@ -891,8 +891,10 @@ def search_line(study: optuna.Study, best: FrozenTrial | None, space: SearchSpac
         f"search: trials={len(trials)} complete={count[TrialState.COMPLETE]} "
         f"pruned={count[TrialState.PRUNED]} failed={count[TrialState.FAIL]}"
     )
-    if count[TrialState.RUNNING] or count[TrialState.WAITING]:
-        line += f" running={count[TrialState.RUNNING] + count[TrialState.WAITING]}"
+    if count[TrialState.RUNNING]:
+        line += f" running={count[TrialState.RUNNING]}"
+    if count[TrialState.WAITING]:
+        line += f" queued={count[TrialState.WAITING]}"
     if best is None:
         return line + " best=None"
     params = ", ".join(f"{k.rsplit('.', 1)[-1]}: {v}" for k, v in space.values(best.params).items())
