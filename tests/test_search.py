@@ -425,7 +425,12 @@ def test_best_config_applies_overrides_and_values_over_the_files(tmp_path) -> No
     ]
     tree = best_config(
         [str(base), str(extra)],
-        ["--model.init_args.max_frames", "500", "--metrics.window=10"],
+        [
+            "--model.init_args.max_frames",
+            "500",
+            "--metrics.window=10",
+            "--model.init_args.tau=1e-3",
+        ],
         {"model.init_args.lr": 0.003, "model.init_args.actor.hidden_sizes": [64, 64]},
     )
     assert tree == {
@@ -434,6 +439,7 @@ def test_best_config_applies_overrides_and_values_over_the_files(tmp_path) -> No
                 "lr": 0.003,
                 "gamma": 0.95,
                 "max_frames": 500,
+                "tau": 0.001,  # a float, not the text "1e-3" plain YAML 1.1 would read
                 "actor": {"hidden_sizes": [64, 64]},
             }
         },

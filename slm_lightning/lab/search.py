@@ -47,7 +47,7 @@ from slm_lightning.envs.workers import usable_cores
 from slm_lightning.errors import ConfigError, explain
 from slm_lightning.lab.runs import FRAMES, RETURN_MA, read_metrics
 from slm_lightning.lab.sessions import Session, SessionPool
-from slm_lightning.lab.space import SearchSpace, check_space_keys, load_space
+from slm_lightning.lab.space import SearchSpace, check_space_keys, load_space, parse_value
 from slm_lightning.lab.trial import (
     STATE_FILE,
     ConfigFacts,
@@ -777,7 +777,7 @@ def best_config(configs: list[str], overrides: list[str], values: dict[str, Any]
     for config in configs:
         _merge(tree, yaml.safe_load(Path(config).read_text()) or {})
     for key, text in override_pairs(overrides):
-        _set_dotted(tree, key, yaml.safe_load(text))
+        _set_dotted(tree, key, parse_value(text))
     for key, value in values.items():
         _set_dotted(tree, key, value)
     return tree

@@ -51,6 +51,15 @@ _SpaceLoader.add_implicit_resolver(
 )
 
 
+def parse_value(text: str) -> Any:
+    """A command-line value as the CLI reads it (YAML, with ``1e-4`` a number).
+
+    Args:
+        text: the text after ``--key=``.
+    """
+    return yaml.load(text, Loader=_SpaceLoader)  # a SafeLoader subclass
+
+
 def _text(value: Any) -> str:
     """A value as a fit option writes it: a string as is; anything else as JSON, which the
     CLI's YAML parser reads back to the same value (floats by ``repr``, so never rounded)."""
