@@ -239,16 +239,9 @@ def test_a_killed_search_resumes_its_trial_from_the_checkpoints(search_files, tm
         time.sleep(0.1)
     search.kill()  # as a lost machine or the OOM killer would
     search.wait()
-    # The session learns that its parent died (the kernel sends it SIGTERM) and stops at a
-    # checkpoint rather than running on orphaned.
-    deadline = time.monotonic() + 30
-    while not (session / "summary.json").is_file() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    stopped = json.loads((session / "summary.json").read_text())
-    assert stopped["status"] == "stopped" and 0 < stopped["frames"] < 1536
-
-    # The same command: the dead trial is failed and queued again once; the retry takes over
-    # its folder and the session resumes from its checkpoint.
+    # The same command at once: the session learns that its parent died (the kernel sends it
+    # SIGTERM) and stops at a checkpoint; then the dead trial is failed and queued again
+    # once, and the retry takes over its folder and resumes the session from its checkpoint.
     result = subprocess.run(args, capture_output=True, text=True, timeout=100)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "trial-0: its search process" in result.stderr
@@ -262,7 +255,7 @@ def test_a_killed_search_resumes_its_trial_from_the_checkpoints(search_files, tm
     assert log.count("$ ") == 2 and "resuming from" in log
     resumed = json.loads((session / "summary.json").read_text())
     assert resumed["status"] == "finished" and resumed["frames"] >= 1536
-    assert resumed["start_frames"] >= stopped["frames"] - 256  # from its last checkpoint
+    assert 0 < resumed["start_frames"] < 1536  # from the checkpoint it stopped at
     assert "search: trials=1 complete=1 pruned=0 failed=0" in result.stderr
     rows = read_csv(tmp_path / "exp" / "study.csv")
     assert [(r["number"], r["state"], r["retry_of"]) for r in rows] == [
@@ -460,11 +453,12 @@ def test_a_trial_whose_process_died_is_failed_and_queued_once_its_sessions_are_g
     trial.set_user_attr("owner", process_record(owner.pid))
     trial.set_user_attr("sessions", [process_record(session.pid)])
     owner.wait()
-    reap_dead_trials(study)  # its session is still stopping at a checkpoint: wait for it
+    # Its session is still stopping at a checkpoint: wait for it.
+    assert reap_dead_trials(study) == [0]
     assert [t.state for t in study.trials] == [TrialState.RUNNING]
     session.kill()
     session.wait()
-    reap_dead_trials(study)
+    assert reap_dead_trials(study) == []
     first, retry = study.trials
     assert first.state == TrialState.FAIL and retry.state == TrialState.WAITING
     assert retry.params == first.params and retry.user_attrs["retry_of"] == 0

@@ -380,10 +380,13 @@ def requeue(study: optuna.Study, trial: FrozenTrial, died: bool) -> None:
     logger.info(f"trial-{trial.number}: queued again ({'its process died' if died else 'stopped'})")
 
 
-def reap_dead_trials(study: optuna.Study) -> None:
+def reap_dead_trials(study: optuna.Study) -> list[int]:
     """Fail and queue again the running trials whose process died on this machine, once their
     sessions are gone too (a retry resumes from their checkpoints); on a database storage,
     also those whose heartbeat stopped (Optuna's ``fail_stale_trials``).
+
+    Returns the trials whose process died but whose sessions are still stopping (the next
+    call reaps them).
 
     Args:
         study: the study.
@@ -391,18 +394,21 @@ def reap_dead_trials(study: optuna.Study) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+    stopping = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = trial.user_attrs.get("owner")
         if not owner or not is_dead(owner):
             continue
         if not all(is_dead(record) for record in trial.user_attrs.get("sessions", [])):
-            continue  # its sessions are still stopping at a checkpoint: next time
+            stopping.append(trial.number)  # its sessions are stopping at a checkpoint
+            continue
         try:
             tell(study, trial.number, state=TrialState.FAIL)
         except (ValueError, RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
             continue  # another process failed it first
         logger.warning(f"trial-{trial.number}: its search process (pid {owner['pid']}) died")
         requeue(study, trial, died=True)
+    return stopping
 
 
 # --- one trial's progress ---------------------------------------------------------------------
@@ -1114,7 +1120,12 @@ def search_main(argv: list[str]) -> None:
         f"{workers} sessions at once, sampler {options.sampler}, pruner {options.pruner}, "
         f"objective {options.objective}"
     )
-    reap_dead_trials(study)
+    deadline = time.monotonic() + 120
+    while (stopping := reap_dead_trials(study)) and time.monotonic() < deadline:
+        # A search killed a moment ago: its sessions stop at a checkpoint within seconds (they
+        # got SIGTERM when it died); its trials resume from there once they have.
+        logger.info(f"waiting for the sessions of trials {stopping} to stop")
+        time.sleep(2.0)
     pool = SessionPool(workers, options.progress_every)
     Searcher(study, setup, pool).run()
     line = write_results(study, setup)
