@@ -990,7 +990,7 @@ def claim_search_dir(name: str) -> Path:
 
 
 def probe_space(configs: list[str], overrides: list[str], space: SearchSpace) -> None:
-    """Parse the config with each end of every range (and every option of a short choice), so
+    """Parse the config with both ends of every range and every option of every choice, so
     that a value the algorithm rejects is one line now, not a failed trial later.
 
     Args:
@@ -998,13 +998,18 @@ def probe_space(configs: list[str], overrides: list[str], space: SearchSpace) ->
         overrides: the search's fit options.
         space: the search space.
     """
-    for end in (0, -1):
+    choices = [
+        len(d.choices)
+        for d in space.distributions.values()
+        if isinstance(d, optuna.distributions.CategoricalDistribution)
+    ]
+    for i in range(max([2, *choices])):  # probe i: option i of each choice, alternate ends
         params = {}
         for key, dist in space.distributions.items():
             if isinstance(dist, optuna.distributions.CategoricalDistribution):
-                params[key] = dist.choices[end]
+                params[key] = dist.choices[i % len(dist.choices)]
             else:
-                params[key] = dist.low if end == 0 else dist.high
+                params[key] = dist.low if i % 2 == 0 else dist.high
         probe = space.overrides(params)
         try:
             describe_config(configs, overrides + probe)
