@@ -480,3 +480,29 @@ def test_a_process_is_dead_once_it_exited_or_its_pid_was_reused() -> None:
     assert is_dead(process_record(os.getpid())) is False
     assert is_dead({**process_record(os.getpid()), "start": -1}) is True  # another process now
     assert is_dead({**process_record(os.getpid()), "host": "elsewhere"}) is None
+
+
+def test_pruners_and_samplers_count_in_frames() -> None:
+    from slm_lightning.lab.search import make_pruner, make_sampler
+    from slm_lightning.lab.space import parse_space
+
+    median = make_pruner("median", 300_000, startup=5, warmup=60_000)
+    assert isinstance(median, optuna.pruners.MedianPruner)
+    assert median._n_startup_trials == 5 and median._n_warmup_steps == 60_000
+    # Successive halving's first rung at a 27th of the budget (rungs 1/27, 1/9, 1/3), or at
+    # the warm-up if later.
+    halving = make_pruner("halving", 270_000, startup=5, warmup=0)
+    assert isinstance(halving, optuna.pruners.SuccessiveHalvingPruner)
+    assert halving._min_resource == 10_000
+    assert make_pruner("halving", 270_000, startup=5, warmup=54_000)._min_resource == 54_000
+    hyperband = make_pruner("hyperband", 270_000, startup=5, warmup=0)
+    assert isinstance(hyperband, optuna.pruners.HyperbandPruner)
+    assert (hyperband._min_resource, hyperband._max_resource) == (10_000, 270_000)
+    assert isinstance(make_pruner("none", 1000, 5, 0), optuna.pruners.NopPruner)
+    space = parse_space({"a": {"choice": [1, 2]}, "b": {"int": [0, 4], "step": 2}}, "s.yaml")
+    grid = make_sampler("grid", space, seed=0, startup=5)
+    assert isinstance(grid, optuna.samplers.GridSampler)
+    assert sorted(grid._search_space["b"]) == [0, 2, 4]
+    tpe = make_sampler("tpe", space, seed=3, startup=7)
+    assert isinstance(tpe, optuna.samplers.TPESampler) and tpe._n_startup_trials == 7
+    assert isinstance(make_sampler("cmaes", space, 0, 5), optuna.samplers.CmaEsSampler)

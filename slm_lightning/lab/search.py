@@ -724,7 +724,7 @@ def write_study_csv(study: optuna.Study, path: Path, seeds: list[int]) -> None:
             + finals[: len(seeds)]
             + [t.user_attrs.get(k) for k in ("frames", "seconds", "retry_of", "folder", "error")]
         )
-    tmp = path.with_suffix(".csv.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # processes may share DIR
     with tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
@@ -815,7 +815,7 @@ def write_best_yaml(study: optuna.Study, setup: SearchSetup, path: Path) -> Froz
         "with new --seeds to see what it is worth.",
     ]
     text = "\n".join(header) + "\n" + yaml.safe_dump(tree, sort_keys=False)
-    tmp = path.with_suffix(".yaml.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.yaml")
     tmp.write_text(text)
     ran = describe_config(setup.configs, setup.overrides + setup.space.overrides(best.params))
     written = describe_config([str(tmp)], [])
