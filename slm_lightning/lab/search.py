@@ -854,6 +854,8 @@ def plot_search(study: optuna.Study, path: Path) -> bool:
     images = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # PED-ANOVA on a handful of trials: "importances will be equal", as drawn.
+        warnings.simplefilter("ignore", UserWarning)
         panels = [lambda: ovm.plot_optimization_history(study)]
         if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= 2:
             # PED-ANOVA needs no scikit-learn (fANOVA, Optuna's default, does).
