@@ -25,7 +25,13 @@ from loguru import logger
 from typing_extensions import override
 
 from slm_lightning.algorithms.base import RLAlgorithm
-from slm_lightning.callbacks import FrameCheckpoint, FrameProgressBar, MetricsTracker, RunSummary
+from slm_lightning.callbacks import (
+    FrameCheckpoint,
+    FrameProgressBar,
+    MetricsTracker,
+    PeriodicEval,
+    RunSummary,
+)
 from slm_lightning.checkpoints import (
     add_warm_start_argument,
     check_checkpoint_options,
@@ -70,6 +76,7 @@ SCHEMA = ParserSchema(
         "trainer": Trainer,
         "metrics": MetricsTracker,
         "checkpoint": FrameCheckpoint,
+        "eval": PeriodicEval,
         "progress": FrameProgressBar,
     },
 )
@@ -88,10 +95,11 @@ EXTRA_SUBCOMMANDS: dict[str, str] = {
 class SLMLabCLI(LightningCLI):
     """``slm-lab fit --config configs/ppo_cartpole.yaml [--model.init_args.gamma=0.98 …]``.
 
-    Adds ``metrics`` (MetricsTracker) and ``checkpoint`` (FrameCheckpoint) sections to every
-    config, and gives each fit its own folder ``runs/<config name>/<timestamp>/`` (unless
-    ``--trainer.default_root_dir`` is set) holding the resolved config, ``metrics.csv``,
-    checkpoints, ``summary.json`` and ``returns.png``. A new run's folder is created
+    Adds ``metrics`` (MetricsTracker), ``checkpoint`` (FrameCheckpoint) and ``eval``
+    (PeriodicEval, evaluation during fit) sections to every config, and gives each fit its
+    own folder ``runs/<config name>/<timestamp>/`` (unless ``--trainer.default_root_dir`` is
+    set) holding the resolved config, ``metrics.csv``, checkpoints, ``summary.json`` and
+    ``returns.png``. A new run's folder is created
     exclusively (see :func:`~slm_lightning.run_folder.claim_run_dir`) and removed again if the
     command fails before writing into it.
     """
@@ -109,6 +117,8 @@ class SLMLabCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(MetricsTracker, "metrics")
         parser.add_lightning_class_args(FrameCheckpoint, "checkpoint")
+        # After metrics: at an epoch end the evaluation row follows the metrics row.
+        parser.add_lightning_class_args(PeriodicEval, "eval")
         # Not a callback key: it joins the trainer only when the progress bar is enabled.
         parser.add_class_arguments(FrameProgressBar, "progress")
         parser.add_argument(

@@ -53,14 +53,17 @@ class RLAlgorithm(L.LightningModule, ABC):
 
     ``slm-lab validate`` / ``test`` play ``eval_episodes`` whole episodes with the
     trained policy (normalisers frozen at their checkpointed statistics) and report the
-    mean, std, min and max raw return.
+    mean, std, min and max raw return; :class:`~slm_lightning.callbacks.PeriodicEval` plays
+    them during fit.
 
     Args:
         env: the environment spec.
         max_frames: training budget in environment frames (all envs, all ranks).
         gamma: discount factor.
-        eval_episodes: episodes played by ``validate`` / ``test``.
-        eval_greedy: evaluate the greedy policy (argmax / Gaussian mean) instead of sampling.
+        eval_episodes: episodes played by ``validate`` / ``test`` (and by each evaluation
+            during fit, unless ``eval.episodes`` says otherwise).
+        eval_greedy: evaluate the greedy policy (argmax / Gaussian mean) instead of sampling
+            (also during fit, unless ``eval.greedy`` says otherwise).
     """
 
     action_spaces: tuple[type[spaces.Space], ...] = (spaces.Discrete, spaces.Box)
@@ -174,12 +177,21 @@ class RLAlgorithm(L.LightningModule, ABC):
             return normalizer_state(self.rollout.env)
         return self._checkpoint_normalizers
 
+    def evaluation_seed(self) -> int:
+        """Seed of the evaluation envs and of their sampled actions: apart from training's, so
+        evaluation episodes are not training's first ones, and the same for every evaluation
+        of a run (during fit and by ``validate`` / ``test``), so they differ by the policy
+        alone."""
+        return self.env_seed() + 1_000_003
+
     def _evaluation(self) -> EvaluationEpisodes:
-        normalizers = self.training_normalizers()
-        # A seed apart from training's, so evaluation episodes are not training's first ones.
-        seed = self.env_seed() + 1_000_003
         return EvaluationEpisodes(
-            self, self.env_spec, seed, self.eval_episodes, self.eval_greedy, normalizers
+            self,
+            self.env_spec,
+            self.evaluation_seed(),
+            self.eval_episodes,
+            self.eval_greedy,
+            self.training_normalizers(),
         )
 
     @override

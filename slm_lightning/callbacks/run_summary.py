@@ -15,7 +15,7 @@ from loguru import logger
 from typing_extensions import override
 
 from slm_lightning.lab.plots import plot_metrics
-from slm_lightning.lab.runs import read_run
+from slm_lightning.lab.runs import EVAL_RETURN, read_run
 
 
 def git_sha() -> str:
@@ -30,9 +30,17 @@ def git_sha() -> str:
 
 
 def plot_returns(
-    path: Path, frames: list[int], returns: list[float], window: int, title: str
+    path: Path,
+    frames: list[int],
+    returns: list[float],
+    window: int,
+    title: str,
+    evaluations: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> None:
-    """Episode returns (dots) and their moving average (line) against frames."""
+    """Episode returns (dots) and their moving average (line) against frames, and the mean
+    return of the evaluations during fit (``evaluations``: their frames and returns) where
+    there were any.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,6 +54,9 @@ def plot_returns(
         ma = (cumsum[1:] - cumsum[np.arange(1, len(ret) + 1) - counts]) / counts
         ax.scatter(frames, ret, s=4, alpha=0.3, label="episode return")
         ax.plot(frames, ma, color="C1", label=f"mean of last {window}")
+    if evaluations is not None and len(evaluations[0]):
+        ax.plot(*evaluations, color="C2", marker="o", markersize=3, label="eval")
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower right")
     ax.set_xlabel("frames")
     ax.set_ylabel("return")
@@ -96,13 +107,19 @@ def write_summary(
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     title = f"{summary['algorithm']} {summary['env']}"
-    plot_returns(folder / "returns.png", history["frames"], history["returns"], window, title)
+    record = read_run(folder)
+    evaluated = record.columns.get(EVAL_RETURN)
+    evaluations = None
+    if evaluated is not None:
+        defined = np.isfinite(evaluated)  # the evaluation rows, between the training rows
+        evaluations = record.frames[defined], evaluated[defined]
+    plot_returns(
+        folder / "returns.png", history["frames"], history["returns"], window, title, evaluations
+    )
     # One small panel per metric costs ~0.3 s of matplotlib (mostly tick layout) per run:
     # nothing to a training run, but a suite or a search of many tiny runs may skip it.
-    if os.environ.get(METRICS_PNG_VAR, "1") != "0":
-        record = read_run(folder)
-        if record.frames.size:
-            plot_metrics(folder / "metrics.png", record, title)
+    if os.environ.get(METRICS_PNG_VAR, "1") != "0" and record.frames.size:
+        plot_metrics(folder / "metrics.png", record, title)
     logger.info("summary: " + " ".join(f"{k}={summary[k]}" for k in SUMMARY_LINE_KEYS))
 
 

@@ -24,6 +24,9 @@ FRAMES = "rollout/frames"
 UPDATES = "rollout/updates"
 SECONDS = "rollout/seconds"
 RETURN_MA = "episode/return_ma"
+# The metrics of an evaluation during fit (callbacks/evaluation.py), logged in rows of their own.
+EVAL_PREFIX = "eval/"
+EVAL_RETURN = "eval/return_mean"
 
 
 @dataclass
@@ -63,7 +66,7 @@ def _number(text: str) -> float:
         return math.nan
 
 
-def read_metrics(path: Path) -> dict[str, np.ndarray]:
+def read_metrics(path: Path, training_only: bool = False) -> dict[str, np.ndarray]:
     """The rows of a ``metrics.csv`` that carry the frame clock, as float columns.
 
     Lightning's CSV logger writes one line per ``log_metrics`` call with the union of the keys
@@ -72,11 +75,22 @@ def read_metrics(path: Path) -> dict[str, np.ndarray]:
 
     Args:
         path: the file; a missing or empty file gives no rows.
+        training_only: also leave out the evaluation rows logged during fit (``PeriodicEval``:
+            the frame clock and ``eval/`` metrics only), so that the last row, or the first
+            past a frame, is one with the training metrics.
     """
     if not path.is_file():
         return {}
+
+    def wanted(row: dict[str, str]) -> bool:
+        if not row.get(FRAMES):
+            return False
+        return not training_only or not any(
+            row.get(key) for key in row if key is not None and key.startswith(EVAL_PREFIX)
+        )
+
     with path.open(newline="") as f:
-        rows = [row for row in csv.DictReader(f) if row.get(FRAMES)]
+        rows = [row for row in csv.DictReader(f) if wanted(row)]
     if not rows:
         return {}
     keys = [k for k in rows[0] if k is not None]

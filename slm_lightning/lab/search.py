@@ -632,7 +632,9 @@ class Searcher:
 
     def _report(self, running: RunningTrial) -> bool:
         """Report the grid steps the sessions reached since the last report; True if any."""
-        columns = [read_metrics(s.folder / "metrics.csv") for s in running.sessions]
+        columns = [
+            read_metrics(s.folder / "metrics.csv", training_only=True) for s in running.sessions
+        ]
         steps = grid_values(columns, self.setup.grid, self.setup.facts.max_frames)
         new = [(step, value) for step, value in steps if step > running.reported]
         for step, value in new:

@@ -278,7 +278,7 @@ class SessionPool:
         (logger.error if session.status == "crashed" else logger.info)(line)
 
     def _show_progress(self, session: Session) -> None:
-        columns = read_metrics(session.folder / "metrics.csv")
+        columns = read_metrics(session.folder / "metrics.csv", training_only=True)
         if FRAMES not in columns:
             logger.info(f"{session.label}: starting")
             return
