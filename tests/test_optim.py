@@ -280,3 +280,25 @@ def test_resume_with_the_same_optimizer_continues(adamw_run, isolated_run) -> No
     assert ckpt["rollout"]["frames"] == 512
     (group, *_) = ckpt["optimizer_states"][0]["param_groups"]
     assert group["decoupled_weight_decay"] is True and group["weight_decay"] == 0.02
+
+
+def test_a_checkpoint_from_before_the_optimizer_choice_resumes_as_adam(isolated_run, capsys):
+    """A checkpoint whose hyperparameters name no optimizer was trained with Adam: the default
+    resumes it; AdamW is refused."""
+    first = isolated_run / "first"
+    main(["fit", *PPO_FIT, f"--trainer.default_root_dir={first}",
+          "--model.init_args.max_frames=256"])  # fmt: skip
+    ckpt = torch.load(first / "checkpoints" / "last.ckpt", weights_only=False)
+    del ckpt["hyper_parameters"]["optimizer"]
+    old = isolated_run / "old.ckpt"
+    torch.save(ckpt, old)
+    with pytest.raises(SystemExit):
+        main(["fit", *PPO_FIT, f"--trainer.default_root_dir={isolated_run / 'other'}",
+              "--model.init_args.max_frames=512", f"--ckpt_path={old}",
+              "--model.init_args.optimizer.name=AdamW"])  # fmt: skip
+    (line,) = ERROR_LINE.findall(capsys.readouterr().err)
+    assert line.startswith(f"ckpt_path: {old} was trained with Adam; this config has ")
+    main(["fit", *PPO_FIT, f"--trainer.default_root_dir={isolated_run / 'resumed'}",
+          "--model.init_args.max_frames=512", f"--ckpt_path={old}"])  # fmt: skip
+    resumed = torch.load(isolated_run / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert resumed["rollout"]["frames"] == 512
