@@ -49,6 +49,7 @@ from slm_lightning.errors import (
 )
 from slm_lightning.loggers import continue_metrics_files, flat_config, run_loggers
 from slm_lightning.machine import check_machine
+from slm_lightning.optim import check_resumed_optimizers
 from slm_lightning.process import configure_process, interrupt_exit_status
 from slm_lightning.run_folder import RunConfig, claim_run_dir, release_run_dirs
 from slm_lightning.schedules import check_schedules
@@ -235,7 +236,9 @@ class SLMLabCLI(LightningCLI):
     def _check_checkpoints(self) -> None:
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path"):
-            load_for_resume(self.trainer, self.model, config.ckpt_path)
+            checkpoint = load_for_resume(self.trainer, self.model, config.ckpt_path)
+            if self.subcommand == "fit":  # validate and test restore no optimizer
+                check_resumed_optimizers(self.model, checkpoint, config.ckpt_path)
             # Rank 0 alone keeps metrics.csv (under DDP every rank runs this hook).
             if self.subcommand == "fit" and rank_zero_only.rank == 0:
                 continue_metrics_files(self.trainer)

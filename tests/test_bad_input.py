@@ -111,7 +111,7 @@ CASES = [
         ],
         "model.init_args.env.num_env: unknown key for EnvSpec; did you mean num_envs? "
         "accepted: name, num_envs, vectorization, num_workers, max_episode_steps, "
-        "normalize_obs, normalize_reward, frame_stack, kwargs, atari",
+        "normalize_obs, normalize_reward, clip_obs, clip_reward, frame_stack, kwargs, atari",
     ),
     case(
         "typo-in-nested-net-spec",

@@ -24,6 +24,7 @@ from slm_lightning.data.offpolicy_rollout import OffPolicyRollout
 from slm_lightning.data.prioritized import PrioritizedReplay
 from slm_lightning.data.replay import ReplayBatch, ReplayLayout, ReplayMemory
 from slm_lightning.envs.factory import EnvSpec
+from slm_lightning.errors import ConfigError
 from slm_lightning.nets.mlp import MLPSpec
 from slm_lightning.nets.q_network import QNetwork, boltzmann, epsilon_greedy
 from tests.cli_helpers import fit_in
@@ -237,6 +238,45 @@ def test_prioritized_training_step_updates_sampled_priorities_and_weights_the_lo
     np.testing.assert_array_equal(memory.tree.get(untouched), before)
     assert memory.tree.total == pytest.approx(memory.tree.get(np.arange(40)).sum())
     assert memory.max_priority >= max(expected.values())
+
+
+def test_per_epsilon_sets_the_priorities_written_after_an_update():
+    """p_i = (|td_i| + per_epsilon)^per_alpha with per_epsilon 0.25 and per_alpha 0.5. Constant
+    nets: Q(s) = (1, 2), Q_target(s') = (3, 0), so the target is r + 0.9 * 3 (r if terminal):
+    |td| = |1 - 2.7|, |2 - 4.7|, |2 - 3.2|, |1 - 2| = 1.7, 2.7, 1.2, 1.0, priorities
+    sqrt(1.95, 2.95, 1.45, 1.25). Catches per_epsilon not reaching the memory (1e-6)."""
+    model = small_dqn(prioritized=True, per_alpha=0.5, per_epsilon=0.25, net=MLPSpec([]))
+    for net, bias in ((model.policy, [1.0, 2.0]), (model.target, [3.0, 0.0])):
+        with torch.no_grad():
+            net.head.weight.zero_()
+            net.head.bias.copy_(torch.tensor(bias))
+    model.memory = model.build_memory()
+    assert model.memory.eps == 0.25
+    for _ in range(2):  # two envs: slots 0-3
+        model.memory.add(np.zeros((2, 4), np.float32), np.zeros(2, np.int64), np.zeros(2),
+                         np.zeros((2, 4), np.float32), np.zeros(2, bool), np.zeros(2, bool),
+                         np.ones(2, bool))  # fmt: skip
+    batch = ReplayBatch(
+        obs=torch.randn(4, 4),
+        actions=torch.tensor([0, 1, 1, 0]),
+        rewards=torch.tensor([0.0, 2.0, 0.5, 2.0]),
+        next_obs=torch.randn(4, 4),
+        discounts=torch.full((4,), 0.9),
+        terminated=torch.tensor([0.0, 0.0, 0.0, 1.0]),
+        indices=torch.tensor([0, 1, 2, 3]),
+        weights=torch.ones(4),
+    )
+    model.training_step(batch, 0)
+    expected = [1.3964240, 1.7175564, 1.2041595, 1.1180340]
+    np.testing.assert_allclose(model.memory.tree.get(np.arange(4)), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("value", [0.0, -1e-3])
+def test_per_epsilon_must_be_positive(value):
+    with pytest.raises(
+        ConfigError, match=rf"^model.init_args.per_epsilon must be > 0, got {value}$"
+    ):
+        small_dqn(prioritized=True, per_epsilon=value)
 
 
 def test_uniform_replay_loss_is_unweighted():

@@ -330,3 +330,109 @@ def test_episode_returns_are_raw_under_reward_normalization(vectorization):
         assert min(lengths) > 0
     finally:
         env.close()
+
+
+# --- clip_obs / clip_reward ----------------------------------------------------------------------
+
+HUGE_ID = "SlmTestHugeValues-v0"
+
+
+class HugeValuesEnv(gym.Env):
+    """Observation ``[x, -x, 0.5]`` and reward ``+-x`` (sign alternating by step), where ``x`` is
+    0 for the first 20 steps of an episode and 1e6 after: values far outside any clip range,
+    and, once normalised, a jump of several standard deviations."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (3,), np.float64)
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self._obs(), {}
+
+    def _x(self) -> float:
+        return 0.0 if self.t < 20 else 1e6
+
+    def _obs(self) -> np.ndarray:
+        return np.array([self._x(), -self._x(), 0.5])
+
+    def step(self, action):
+        self.t += 1
+        reward = self._x() if self.t % 2 else -self._x()
+        return self._obs(), reward, self.t >= 30, False, {}
+
+
+@pytest.fixture
+def huge_env_id():
+    gym.register(HUGE_ID, entry_point=HugeValuesEnv)
+    yield HUGE_ID
+    gym.registry.pop(HUGE_ID, None)
+
+
+def huge_rollout(spec: EnvSpec, steps: int = 25) -> tuple[np.ndarray, np.ndarray]:
+    """Observations ``(steps, num_envs, 3)`` and rewards ``(steps, num_envs)`` of ``spec``."""
+    env = make_vector_env(spec, seed=0)
+    try:
+        observations, rewards = [], []
+        for _ in range(steps):
+            obs, reward, *_ = env.step(np.zeros(spec.num_envs, np.int64))
+            observations.append(obs)
+            rewards.append(reward)
+        return np.array(observations), np.array(rewards)
+    finally:
+        env.close()
+
+
+def test_clip_raw_observations_and_rewards_to_the_bounds_exactly(huge_env_id):
+    spec = EnvSpec(huge_env_id, num_envs=2, vectorization="sync", clip_obs=5.0,
+                   clip_reward=(-1.0, 2.0))  # fmt: skip
+    obs, rewards = huge_rollout(spec)
+    # Steps 20-25: x = 1e6 -> [5, -5, 0.5]; rewards +1e6 (odd steps) -> 2, -1e6 -> -1.
+    np.testing.assert_array_equal(obs[19:], np.broadcast_to([5.0, -5.0, 0.5], (6, 2, 3)))
+    np.testing.assert_array_equal(obs[:19], np.broadcast_to([0.0, -0.0, 0.5], (19, 2, 3)))
+    np.testing.assert_array_equal(rewards[19:, 0], [-1.0, 2.0, -1.0, 2.0, -1.0, 2.0])
+    assert obs.dtype == np.float64
+
+
+def test_clipping_comes_after_normalisation(huge_env_id):
+    plain = EnvSpec(huge_env_id, num_envs=2, vectorization="sync", normalize_obs=True,
+                    normalize_reward=True)  # fmt: skip
+    clipped = EnvSpec(huge_env_id, num_envs=2, vectorization="sync", normalize_obs=True,
+                      normalize_reward=True, clip_obs=3.0, clip_reward=2.0)  # fmt: skip
+    (obs, rewards), (clipped_obs, clipped_rewards) = huge_rollout(plain), huge_rollout(clipped)
+    # The jump to 1e6 is more than 3 (2) running standard deviations: clipping bites ...
+    assert np.abs(obs).max() > 3.0 and np.abs(rewards).max() > 2.0
+    # ... on the normalised values, whose statistics saw the raw ones (clipping the raw
+    # values first would leave nothing near the bounds after normalisation).
+    np.testing.assert_array_equal(clipped_obs, np.clip(obs, -3.0, 3.0))
+    np.testing.assert_array_equal(clipped_rewards, np.clip(rewards, -2.0, 2.0))
+    assert clipped_obs.max() == 3.0 and clipped_rewards.max() == 2.0
+
+
+def test_no_clipping_by_default(huge_env_id):
+    spec = EnvSpec(huge_env_id, num_envs=2, vectorization="sync")
+    assert spec.clip_obs is None and spec.clip_reward is None
+    obs, rewards = huge_rollout(spec)
+    np.testing.assert_array_equal(obs[19:, :, 0], 1e6)
+    np.testing.assert_array_equal(np.abs(rewards[19:]), 1e6)
+    env = make_vector_env(spec, seed=0)
+    wrappers = []
+    while env is not None:
+        wrappers.append(type(env).__name__)
+        env = getattr(env, "env", None)
+    assert wrappers[:2] == ["RecordEpisodeStatistics", "SyncVectorEnv"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "allowed"),
+    [
+        ("clip_obs", 0.0, "a number > 0 or a pair [lo, hi], got 0.0"),
+        ("clip_obs", -10.0, "a number > 0 or a pair [lo, hi], got -10.0"),
+        ("clip_reward", (1.0, -1.0), "a number > 0 or a pair [lo, hi] with lo < hi, got [1.0, -1.0]"),
+        ("clip_reward", (1.0, 1.0), "a number > 0 or a pair [lo, hi] with lo < hi, got [1.0, 1.0]"),
+    ],
+)  # fmt: skip
+def test_bad_clip_bounds_are_config_errors(field, value, allowed):
+    with pytest.raises(ConfigError) as err:
+        EnvSpec(**{field: value})
+    assert str(err.value) == f"model.init_args.env.{field} must be {allowed}"

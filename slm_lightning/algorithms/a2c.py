@@ -15,6 +15,7 @@ from slm_lightning.errors import ConfigError
 from slm_lightning.nets.actor_critic import ActorCritic
 from slm_lightning.nets.conv import ConvSpec
 from slm_lightning.nets.mlp import MLPSpec
+from slm_lightning.optim import OptimizerSpec
 from slm_lightning.schedules import Schedule, scheduled
 
 
@@ -34,6 +35,8 @@ class A2C(PolicyGradient):
         lr: learning rate of the actor (and of a shared body), constant or scheduled.
         critic_lr: learning rate of a separate critic; None uses ``lr``.
         max_grad_norm: clip the global gradient norm to this (None: no clipping).
+        optimizer: the optimizer (Adam, AdamW, RMSprop, SGD) and its keyword arguments;
+            None is Adam with eps 1e-5.
         normalize_advantages: normalise advantages over the rollout.
         actor: actor body.
         critic: critic body (ignored when ``shared``).
@@ -60,6 +63,7 @@ class A2C(PolicyGradient):
         lr: NonNegativeFloat | Schedule = 7e-4,
         critic_lr: NonNegativeFloat | Schedule | None = None,
         max_grad_norm: float | None = 0.5,
+        optimizer: OptimizerSpec | None = None,
         normalize_advantages: bool = False,
         actor: MLPSpec | None = None,
         critic: MLPSpec | None = None,
@@ -92,6 +96,7 @@ class A2C(PolicyGradient):
             max_grad_norm,
             eval_episodes,
             eval_greedy,
+            optimizer,
         )
         self.save_hyperparameters()
         self.check_nets(actor=actor, critic=critic, conv=conv)

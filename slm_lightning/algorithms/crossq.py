@@ -14,6 +14,7 @@ from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.errors import ConfigError
 from slm_lightning.nets.mlp import MLPSpec
 from slm_lightning.nets.sac_nets import BatchRenormSpec, TwinQ
+from slm_lightning.optim import OptimizerSpec
 
 # The paper's critics are wide: two layers of 2048 ReLU units (Bhatt et al. 2024, table 1).
 WIDE_CRITIC = MLPSpec([2048, 2048], "relu")
@@ -36,10 +37,11 @@ class CrossQ(SAC):
         gamma: discount factor.
         actor: the actor body; None is two layers of 256 ReLU units.
         critic: the body of each critic; None is two layers of 2048 ReLU units.
-        actor_lr: Adam learning rate of the actor.
-        critic_lr: Adam learning rate of the critics.
-        alpha_lr: Adam learning rate of log(alpha) (automatic tuning only).
-        adam_beta1: Adam's first-moment decay for actor and critics (the paper's 0.5).
+        actor_lr: learning rate of the actor.
+        critic_lr: learning rate of the critics.
+        alpha_lr: learning rate of log(alpha) (automatic tuning only).
+        adam_beta1: Adam's (and AdamW's) first-moment decay for actor and critics (the
+            paper's 0.5), where ``optimizer.betas`` is not given.
         batch_size: transitions per gradient step (the joint critic pass sees twice as many rows).
         memory_size: replay capacity in transitions.
         learning_starts: frames of uniformly random actions before the first update.
@@ -53,6 +55,9 @@ class CrossQ(SAC):
         checkpoint_memory: save the whole replay memory in checkpoints (off for huge memories).
         eval_episodes: episodes played by ``slm-lab validate`` / ``test``.
         eval_greedy: evaluate tanh(mean) actions instead of sampling.
+        optimizer: the optimizer (Adam, AdamW, RMSprop, SGD) of critics, actor and
+            temperature, and its keyword arguments; None is Adam with betas
+            ``(adam_beta1, 0.999)`` for actor and critics.
     """
 
     action_spaces = (spaces.Box,)
@@ -83,9 +88,17 @@ class CrossQ(SAC):
         checkpoint_memory: bool = True,
         eval_episodes: int = 10,
         eval_greedy: bool = True,
+        optimizer: OptimizerSpec | None = None,
     ) -> None:
         if not 0.0 <= adam_beta1 < 1.0:  # before any net is built
             raise ConfigError(f"model.init_args.adam_beta1 must be in [0, 1), got {adam_beta1}")
+        spec = optimizer or OptimizerSpec()
+        if adam_beta1 != 0.5 and ("betas" not in spec.accepted() or spec.betas is not None):
+            raise ConfigError(
+                "model.init_args.adam_beta1 sets the betas of Adam and AdamW only, and only "
+                f"without model.init_args.optimizer.betas; got {spec.name} with betas "
+                f"{spec.betas}"
+            )
         if batch_size < 2:  # batch statistics of one row are undefined
             raise ConfigError(f"model.init_args.batch_size must be >= 2, got {batch_size}")
         self.batch_renorm = batch_renorm or BatchRenormSpec()
@@ -110,8 +123,9 @@ class CrossQ(SAC):
             checkpoint_memory=checkpoint_memory,
             eval_episodes=eval_episodes,
             eval_greedy=eval_greedy,
+            optimizer=optimizer,
         )  # SAC's tau stays unused: there are no target critics
-        self.adam_betas = (adam_beta1, 0.999)
+        self.optimizer_defaults = {"betas": (adam_beta1, 0.999)}
 
     @override
     def build_critic(self, spec: MLPSpec) -> TwinQ:

@@ -14,8 +14,9 @@ The data path, in order:
    (``ReplayMemory.sample`` / ``PrioritizedReplay.sample``), a ``data/replay.py:ReplayBatch``;
 5. target: :meth:`DQN.training_step` with :func:`dqn_target` / :func:`double_dqn_target`;
 6. loss: Huber or MSE on the TD error, weighted by the PER weights, in ``training_step``;
-7. optimizer: Lightning's automatic optimization, ``optim.py:PolicyAdam.configure_optimizers``
-   (``optim.py:adam``), clipped in ``PolicyAdam.configure_gradient_clipping``;
+7. optimizer: Lightning's automatic optimization,
+   ``optim.py:PolicyOptimizer.configure_optimizers`` (``optim.py:OptimizerSpec.build``),
+   clipped in ``PolicyOptimizer.configure_gradient_clipping``;
 8. target-net update: :meth:`DQN.on_train_batch_end` (Polyak with ``tau``, or hard copies);
 9. priorities: ``training_step`` calls ``PrioritizedReplay.update_priorities`` on
    ``self.memory`` with the batch's TD errors.
@@ -41,7 +42,7 @@ from slm_lightning.errors import ConfigError
 from slm_lightning.nets.conv import ConvSpec
 from slm_lightning.nets.mlp import MLPSpec
 from slm_lightning.nets.q_network import QNetwork, exploration_setting, exploring_actions
-from slm_lightning.optim import PolicyAdam
+from slm_lightning.optim import OptimizerSpec, PolicyOptimizer
 from slm_lightning.schedules import Schedule, scheduled
 
 
@@ -65,7 +66,7 @@ def double_dqn_target(
     return rewards + discounts * (1.0 - terminated) * next_q_target.gather(-1, best).squeeze(-1)
 
 
-class DQN(PolicyAdam, OffPolicyAlgorithm):
+class DQN(PolicyOptimizer, OffPolicyAlgorithm):
     """Deep Q-learning from replay, for discrete actions.
 
     ``double``, ``dueling``, ``n_steps`` and ``prioritized`` combine freely: DQN is all off,
@@ -80,7 +81,7 @@ class DQN(PolicyAdam, OffPolicyAlgorithm):
         net: the Q-network's MLP body (after the conv trunk, if any).
         conv: conv trunk; None uses the Nature CNN for image observations (e.g. Atari) and
             none otherwise. With ``dueling`` each stream gets its own ``conv.hidden_size`` layer.
-        lr: Adam learning rate, constant or scheduled over frames.
+        lr: learning rate, constant or scheduled over frames.
         batch_size: transitions per gradient step.
         memory_size: replay capacity in transitions.
         learning_starts: frames collected before the first update.
@@ -91,6 +92,8 @@ class DQN(PolicyAdam, OffPolicyAlgorithm):
         prioritized: prioritized replay with importance-sampling weights.
         per_alpha: priority exponent.
         per_beta: importance-sampling exponent, annealed towards 1 over frames.
+        per_epsilon: added to ``|TD error|`` before the exponent, so that no transition's
+            priority ``(|delta| + per_epsilon)^per_alpha`` drops to zero.
         exploration: ``epsilon_greedy`` or ``boltzmann``.
         epsilon: exploration rate, constant or scheduled over frames.
         temperature: Boltzmann temperature, constant or scheduled over frames.
@@ -98,13 +101,15 @@ class DQN(PolicyAdam, OffPolicyAlgorithm):
         tau: Polyak averaging rate per update; None uses hard copies.
         loss: ``huber`` (smooth L1) or ``mse`` on the TD error.
         max_grad_norm: clip the global gradient norm to this (None: no clipping).
+        optimizer: the optimizer (Adam, AdamW, RMSprop, SGD) and its keyword arguments;
+            None is Adam with eps 1e-8.
         checkpoint_memory: save the whole replay memory in checkpoints (off for huge memories).
         eval_episodes: episodes played by ``slm-lab validate`` / ``test``.
         eval_greedy: evaluate the greedy policy instead of exploring.
     """
 
     action_spaces = (spaces.Discrete,)
-    adam_eps = 1e-8
+    optimizer_defaults = {"eps": 1e-8}
 
     def __init__(
         self,
@@ -126,6 +131,7 @@ class DQN(PolicyAdam, OffPolicyAlgorithm):
         prioritized: bool = False,
         per_alpha: float = 0.6,
         per_beta: float | Schedule = Schedule(0.4, 1.0),
+        per_epsilon: float = 1e-6,
         exploration: Literal["epsilon_greedy", "boltzmann"] = "epsilon_greedy",
         epsilon: float | Schedule = Schedule(1.0, 0.05, end_frame=50_000),
         temperature: float | Schedule = 1.0,
@@ -133,6 +139,7 @@ class DQN(PolicyAdam, OffPolicyAlgorithm):
         tau: float | None = None,
         loss: Literal["huber", "mse"] = "huber",
         max_grad_norm: float | None = 10.0,
+        optimizer: OptimizerSpec | None = None,
         checkpoint_memory: bool = True,
         eval_episodes: int = 10,
         eval_greedy: bool = True,
@@ -160,6 +167,10 @@ class DQN(PolicyAdam, OffPolicyAlgorithm):
                 "model.init_args.combined_replay must be false with prioritized: true "
                 "(prioritized replay already gives new transitions the maximal priority)"
             )
+        if per_alpha < 0:
+            raise ConfigError(f"model.init_args.per_alpha must be >= 0, got {per_alpha}")
+        if not per_epsilon > 0:
+            raise ConfigError(f"model.init_args.per_epsilon must be > 0, got {per_epsilon}")
         if tau is not None and not 0.0 < tau <= 1.0:
             raise ConfigError(f"model.init_args.tau must be in (0, 1], got {tau}")
         self.check_replay_settings()
@@ -171,6 +182,7 @@ class DQN(PolicyAdam, OffPolicyAlgorithm):
         self.prioritized = prioritized
         self.per_alpha = per_alpha
         self.per_beta = per_beta
+        self.per_epsilon = per_epsilon
         self.exploration = exploration
         self.epsilon = epsilon
         self.temperature = temperature
@@ -178,6 +190,7 @@ class DQN(PolicyAdam, OffPolicyAlgorithm):
         self.tau = tau
         self.loss = loss
         self.max_grad_norm = max_grad_norm
+        self.optimizer_spec = optimizer or OptimizerSpec()
         self.policy = QNetwork(
             self.observation_space, self.action_space, net or MLPSpec(), dueling, conv=conv
         )
@@ -191,7 +204,7 @@ class DQN(PolicyAdam, OffPolicyAlgorithm):
 
     @override
     def build_memory(self) -> ReplayMemory:
-        return make_replay(self.replay_layout(), self.prioritized, self.per_alpha)
+        return make_replay(self.replay_layout(), self.prioritized, self.per_alpha, self.per_epsilon)
 
     def explore(self, obs: Tensor) -> Tensor:
         """Epsilon-greedy or Boltzmann actions from the online net's Q-values."""

@@ -1,5 +1,6 @@
 """The policy-gradient family's base (PPO, A2C, REINFORCE): an actor-critic policy, the
-on-policy memory and rollout, one Adam with a learning rate per network, gradient clipping."""
+on-policy memory and rollout, one optimizer with a learning rate per network, gradient
+clipping."""
 
 import torch
 from torch import Tensor
@@ -12,7 +13,7 @@ from slm_lightning.data.returns import ReturnsEstimator
 from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.nets.actor_critic import ActorCritic
 from slm_lightning.nets.recurrent import RecurrentActorCritic
-from slm_lightning.optim import PolicyAdam
+from slm_lightning.optim import OptimizerSpec, PolicyOptimizer
 from slm_lightning.schedules import Schedule, scheduled
 
 
@@ -59,13 +60,14 @@ def onpolicy_rollout(
     return memory, rollout
 
 
-class PolicyGradient(PolicyAdam, RLAlgorithm):
+class PolicyGradient(PolicyOptimizer, RLAlgorithm):
     """Base of the policy-gradient algorithms: they own ``self.policy`` (an
     :class:`~slm_lightning.nets.ActorCritic` or :class:`~slm_lightning.nets.RecurrentActorCritic`,
     set by the subclass) and ``self.memory`` (an :class:`OnPolicyMemory` that computes returns
     with ``estimator``), which the :class:`OnPolicyRollout` fills every epoch.
 
-    Optimisation: one Adam, one parameter group per network (the actor with any shared body,
+    Optimisation: one optimizer (``optimizer``, Adam by default, eps 1e-5), one parameter
+    group per network (the actor with any shared body,
     then a separate critic), at ``lr`` and ``critic_lr`` scheduled over frames at the start of
     every rollout; the global gradient norm clipped to ``max_grad_norm``.
 
@@ -82,9 +84,9 @@ class PolicyGradient(PolicyAdam, RLAlgorithm):
         max_grad_norm: clip the global gradient norm to this (None: no clipping).
         eval_episodes: episodes played by ``slm-lab validate`` / ``test``.
         eval_greedy: evaluate the greedy policy instead of sampling.
+        optimizer: the optimizer and its keyword arguments; None is Adam with eps 1e-5.
     """
 
-    adam_eps: float = 1e-5
     policy: ActorCritic | RecurrentActorCritic
     # Steps per training sequence of a recurrent policy; None: feed-forward minibatches.
     sequence_length: int | None = None
@@ -103,6 +105,7 @@ class PolicyGradient(PolicyAdam, RLAlgorithm):
         max_grad_norm: float | None,
         eval_episodes: int = 10,
         eval_greedy: bool = True,
+        optimizer: OptimizerSpec | None = None,
     ) -> None:
         super().__init__(env, max_frames, gamma, eval_episodes, eval_greedy)
         self.check_positive(
@@ -118,6 +121,7 @@ class PolicyGradient(PolicyAdam, RLAlgorithm):
         self.lr = lr
         self.critic_lr = critic_lr
         self.max_grad_norm = max_grad_norm
+        self.optimizer_spec = optimizer or OptimizerSpec()
         self.memory: OnPolicyMemory | None = None
 
     @override

@@ -15,9 +15,10 @@ The data path, in order:
 5. loss: :meth:`PPO.training_step` (:func:`clipped_surrogate_loss`, :func:`value_loss`,
    entropy bonus); ``target_kl`` stops the rollout's minibatches through
    ``OnPolicyRollout.stop_minibatches``;
-6. optimizer: Lightning steps ``optim.py:PolicyAdam.configure_optimizers``' Adam after
-   ``PolicyAdam.configure_gradient_clipping`` (``optim.py:clip_grad_norm``), at the
-   learning rates ``PolicyAdam.on_train_epoch_start`` set for this rollout
+6. optimizer: Lightning steps ``optim.py:PolicyOptimizer.configure_optimizers``' optimizer
+   (``optim.py:OptimizerSpec.build``) after ``PolicyOptimizer.configure_gradient_clipping``
+   (``optim.py:clip_grad_norm``), at the learning rates
+   ``PolicyOptimizer.on_train_epoch_start`` set for this rollout
    (``PolicyGradient.learning_rates``: actor, then critic).
 """
 
@@ -35,6 +36,7 @@ from slm_lightning.nets.actor_critic import ActorCritic
 from slm_lightning.nets.conv import ConvSpec
 from slm_lightning.nets.mlp import MLPSpec
 from slm_lightning.nets.recurrent import RecurrentActorCritic, RecurrentSpec
+from slm_lightning.optim import OptimizerSpec
 from slm_lightning.schedules import Schedule, scheduled
 
 
@@ -81,9 +83,11 @@ class PPO(PolicyGradient):
         clip_value: clip range of value updates around the rollout values (None: no clipping).
         value_coef: weight of the value loss.
         entropy_coef: weight of the entropy bonus, constant or a schedule over frames.
-        lr: Adam learning rate of the actor (and of a shared body), constant or scheduled.
+        lr: learning rate of the actor (and of a shared body), constant or scheduled.
         critic_lr: learning rate of a separate critic; None uses ``lr``.
         max_grad_norm: clip the global gradient norm to this (None: no clipping).
+        optimizer: the optimizer (Adam, AdamW, RMSprop, SGD) and its keyword arguments;
+            None is Adam with eps 1e-5.
         normalize_advantages: normalise advantages per minibatch.
         target_kl: stop the rollout's remaining minibatches once approx_kl exceeds this.
         actor: actor body.
@@ -116,6 +120,7 @@ class PPO(PolicyGradient):
         lr: NonNegativeFloat | Schedule = 3e-4,
         critic_lr: NonNegativeFloat | Schedule | None = None,
         max_grad_norm: float | None = 0.5,
+        optimizer: OptimizerSpec | None = None,
         normalize_advantages: bool = True,
         target_kl: float | None = None,
         actor: MLPSpec | None = None,
@@ -141,6 +146,7 @@ class PPO(PolicyGradient):
             max_grad_norm,
             eval_episodes,
             eval_greedy,
+            optimizer,
         )
         self.save_hyperparameters()
         self.check_nets(actor=actor, critic=critic, conv=conv, recurrent=recurrent)

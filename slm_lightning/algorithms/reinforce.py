@@ -10,6 +10,7 @@ from slm_lightning.data.returns import MonteCarloReturns
 from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.nets.actor_critic import ActorCritic
 from slm_lightning.nets.mlp import MLPSpec
+from slm_lightning.optim import OptimizerSpec
 from slm_lightning.schedules import Schedule, scheduled
 
 
@@ -28,8 +29,10 @@ class Reinforce(PolicyGradient):
         num_minibatches: minibatches per pass.
         center_returns: subtract the rollout's mean return (a constant baseline).
         entropy_coef: weight of the entropy bonus, constant or scheduled over frames.
-        lr: Adam learning rate, constant or scheduled.
+        lr: learning rate, constant or scheduled.
         max_grad_norm: clip the global gradient norm to this (None: no clipping).
+        optimizer: the optimizer (Adam, AdamW, RMSprop, SGD) and its keyword arguments;
+            None is Adam with eps 1e-5.
         actor: policy body.
         log_std_init: initial log std of Gaussian policies.
         rescale_actions: map Gaussian actions from [-1, 1] onto the Box instead of clipping.
@@ -49,6 +52,7 @@ class Reinforce(PolicyGradient):
         entropy_coef: float | Schedule = 0.01,
         lr: NonNegativeFloat | Schedule = 2e-3,
         max_grad_norm: float | None = None,
+        optimizer: OptimizerSpec | None = None,
         actor: MLPSpec | None = None,
         log_std_init: float = 0.0,
         rescale_actions: bool = True,
@@ -68,6 +72,7 @@ class Reinforce(PolicyGradient):
             max_grad_norm,
             eval_episodes,
             eval_greedy,
+            optimizer,
         )
         self.save_hyperparameters()
         self.check_nets(actor=actor)

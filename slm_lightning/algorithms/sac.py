@@ -24,6 +24,7 @@ from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.errors import ConfigError
 from slm_lightning.nets.mlp import MLPSpec
 from slm_lightning.nets.sac_nets import Actor, TwinQ, make_actor
+from slm_lightning.optim import OptimizerSpec
 from slm_lightning.train_metrics import TrainMetrics
 
 # Haarnoja et al. (2018b) use two hidden layers of 256 ReLU units for actor and critics.
@@ -211,9 +212,9 @@ class SAC(OffPolicyAlgorithm):
         gamma: discount factor.
         actor: the actor body; None is two layers of 256 ReLU units.
         critic: the body of each critic; None is two layers of 256 ReLU units.
-        actor_lr: Adam learning rate of the actor.
-        critic_lr: Adam learning rate of the critics.
-        alpha_lr: Adam learning rate of log(alpha) (automatic tuning only).
+        actor_lr: learning rate of the actor.
+        critic_lr: learning rate of the critics.
+        alpha_lr: learning rate of log(alpha) (automatic tuning only).
         batch_size: transitions per gradient step.
         memory_size: replay capacity in transitions.
         learning_starts: frames of uniformly random actions before the first update.
@@ -228,6 +229,8 @@ class SAC(OffPolicyAlgorithm):
         checkpoint_memory: save the whole replay memory in checkpoints (off for huge memories).
         eval_episodes: episodes played by ``slm-lab validate`` / ``test``.
         eval_greedy: evaluate tanh(mean) / argmax actions instead of sampling.
+        optimizer: the optimizer (Adam, AdamW, RMSprop, SGD) of critics, actor and
+            temperature, and its keyword arguments; None is Adam with torch's defaults.
     """
 
     action_spaces = (spaces.Box, spaces.Discrete)
@@ -259,6 +262,7 @@ class SAC(OffPolicyAlgorithm):
         checkpoint_memory: bool = True,
         eval_episodes: int = 10,
         eval_greedy: bool = True,
+        optimizer: OptimizerSpec | None = None,
     ) -> None:
         super().__init__(
             env,
@@ -290,7 +294,9 @@ class SAC(OffPolicyAlgorithm):
         # Several optimizers stepped at different rates: Lightning's manual optimization.
         self.automatic_optimization = False
         self.actor_lr, self.critic_lr, self.alpha_lr = actor_lr, critic_lr, alpha_lr
-        self.adam_betas = (0.9, 0.999)
+        self.optimizer_spec = optimizer or OptimizerSpec()
+        # The actor's and critics' defaults for fields the config leaves None (CrossQ: betas).
+        self.optimizer_defaults: dict[str, Any] = {}
         self.tau = tau
         self.policy_delay = policy_delay
         self.actor = make_actor(
@@ -325,16 +331,16 @@ class SAC(OffPolicyAlgorithm):
 
     @override
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        """Adam for the critics, the actor and (when tuned) ``log_alpha``, in that order; the
-        learning rates are constant."""
-        betas = self.adam_betas
+        """``optimizer_spec``'s optimizer for the critics, the actor and (when tuned)
+        ``log_alpha``, in that order; the learning rates are constant. The temperature's takes
+        none of ``optimizer_defaults`` (CrossQ's betas are for the networks)."""
+        spec, defaults = self.optimizer_spec, self.optimizer_defaults
         optimizers = [
-            torch.optim.Adam(self.critic.parameters(), lr=self.critic_lr, betas=betas, fused=True),
-            torch.optim.Adam(self.actor.parameters(), lr=self.actor_lr, betas=betas, fused=True),
+            spec.build([self.critic.parameters()], self.critic_lr, defaults),
+            spec.build([self.actor.parameters()], self.actor_lr, defaults),
         ]
         if self.temperature.auto:
-            log_alpha = [self.temperature.log_alpha]
-            optimizers.append(torch.optim.Adam(log_alpha, lr=self.alpha_lr, fused=True))
+            optimizers.append(spec.build([[self.temperature.log_alpha]], self.alpha_lr))
         return optimizers
 
     def critic_loss(self, batch: ReplayBatch) -> tuple[Tensor, Tensor]:

@@ -17,11 +17,11 @@ from slm_lightning.data.returns import GAE
 from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.nets.mlp import MLPSpec
 from slm_lightning.nets.q_network import QNetwork, exploration_setting, exploring_actions
-from slm_lightning.optim import PolicyAdam
+from slm_lightning.optim import OptimizerSpec, PolicyOptimizer
 from slm_lightning.schedules import Schedule
 
 
-class SARSA(PolicyAdam, RLAlgorithm):
+class SARSA(PolicyOptimizer, RLAlgorithm):
     """SARSA: regress ``Q(s, a)`` on ``r + gamma Q(s', a')`` where ``a'`` is the action the
     exploring policy really took next.
 
@@ -35,7 +35,7 @@ class SARSA(PolicyAdam, RLAlgorithm):
         max_frames: training budget in frames (all envs, all ranks).
         gamma: discount factor.
         net: the Q-network body.
-        lr: Adam learning rate, constant or scheduled over frames.
+        lr: learning rate, constant or scheduled over frames.
         time_horizon: vector steps per rollout.
         training_epochs: passes over each rollout.
         num_minibatches: minibatches per pass.
@@ -44,12 +44,13 @@ class SARSA(PolicyAdam, RLAlgorithm):
         temperature: Boltzmann temperature, constant or scheduled over frames.
         loss: ``huber`` or ``mse`` on the TD error.
         max_grad_norm: clip the global gradient norm to this (None: no clipping).
+        optimizer: the optimizer (Adam, AdamW, RMSprop, SGD) and its keyword arguments;
+            None is Adam with eps 1e-5.
         eval_episodes: episodes played by ``slm-lab validate`` / ``test``.
         eval_greedy: evaluate the greedy policy instead of exploring.
     """
 
     action_spaces = (spaces.Discrete,)
-    adam_eps = 1e-5
 
     def __init__(
         self,
@@ -66,6 +67,7 @@ class SARSA(PolicyAdam, RLAlgorithm):
         temperature: float | Schedule = 1.0,
         loss: Literal["huber", "mse"] = "mse",
         max_grad_norm: float | None = 10.0,
+        optimizer: OptimizerSpec | None = None,
         eval_episodes: int = 10,
         eval_greedy: bool = True,
     ) -> None:
@@ -89,6 +91,7 @@ class SARSA(PolicyAdam, RLAlgorithm):
         self.temperature = temperature
         self.loss = loss
         self.max_grad_norm = max_grad_norm
+        self.optimizer_spec = optimizer or OptimizerSpec()
         self.policy = QNetwork(self.observation_space, self.action_space, net or MLPSpec())
         self.estimator = GAE(gamma, 0.0)  # lambda 0: TD(0) targets
         self.memory: OnPolicyMemory | None = None

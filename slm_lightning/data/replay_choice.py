@@ -21,7 +21,7 @@ def stacks_frames(layout: ReplayLayout) -> bool:
 
 
 def make_replay(
-    layout: ReplayLayout, prioritized: bool = False, alpha: float = 0.6
+    layout: ReplayLayout, prioritized: bool = False, alpha: float = 0.6, eps: float = 1e-6
 ) -> ReplayMemory:
     """The replay memory for ``layout``: prioritized or uniform, and for stacks of uint8 frames
     a frame memory, which stores each frame once (~7.5 instead of 56 GB for 1M Atari
@@ -31,8 +31,11 @@ def make_replay(
         layout: capacity, shapes, dtypes, n-step and sampling settings.
         prioritized: prioritized replay (Schaul et al. 2016).
         alpha: the priority exponent of prioritized replay.
+        eps: added to ``|TD error|`` in prioritized replay's priorities.
     """
     frames = stacks_frames(layout)
     if prioritized:
-        return (PrioritizedFrameReplay if frames else PrioritizedReplay)(layout, alpha=alpha)
+        return (PrioritizedFrameReplay if frames else PrioritizedReplay)(
+            layout, alpha=alpha, eps=eps
+        )
     return (FrameReplay if frames else ReplayMemory)(layout)

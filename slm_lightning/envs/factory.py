@@ -11,7 +11,13 @@ import numpy as np
 from gymnasium.envs.registration import load_env_creator
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.wrappers import FrameStackObservation
-from gymnasium.wrappers.vector import NormalizeObservation, NormalizeReward, RecordEpisodeStatistics
+from gymnasium.wrappers.vector import (
+    NormalizeObservation,
+    NormalizeReward,
+    RecordEpisodeStatistics,
+    TransformObservation,
+    TransformReward,
+)
 from loguru import logger
 
 from slm_lightning.envs.atari import LIFE_LOSS, is_atari, make_atari_env
@@ -194,13 +200,30 @@ def next_step_resets(
     return done & ~info[LIFE_LOSS] if LIFE_LOSS in info else done
 
 
+def clip(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """``values`` clipped to ``[low, high]``, in their own dtype (numpy would turn uint8
+    pixels clipped by float bounds into float64).
+
+    Args:
+        values: a batch of observations or rewards.
+        low, high: the bounds.
+    """
+    return np.clip(values, low, high).astype(values.dtype, copy=False)
+
+
 def _wrap_and_reset(env: VectorEnv, spec: EnvSpec, seed: int | None, gamma: float) -> VectorEnv:
-    """Add the normalisers ``spec`` asks for on top of an env that records raw episode
-    statistics, then reset and seed it."""
+    """Add the normalisers and clipping ``spec`` asks for on top of an env that records raw
+    episode statistics, then reset and seed it. Clipping comes after normalisation, as in
+    SB3's ``VecNormalize``; gymnasium's vector ``ClipReward`` clips sub-env by sub-env in
+    Python, so one vectorised ``np.clip`` goes through ``TransformReward`` instead."""
     if spec.normalize_obs:
         env = NormalizeObservation(env)
+    if (obs_bounds := spec.obs_bounds()) is not None:
+        env = TransformObservation(env, partial(clip, low=obs_bounds[0], high=obs_bounds[1]))
     if spec.normalize_reward:
         env = NormalizeReward(env, gamma=gamma)
+    if (reward_bounds := spec.reward_bounds()) is not None:
+        env = TransformReward(env, partial(clip, low=reward_bounds[0], high=reward_bounds[1]))
     env.reset(seed=seed)
     env.action_space.seed(seed)
     return env

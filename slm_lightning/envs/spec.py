@@ -1,5 +1,6 @@
 """The typed env settings a config holds: :class:`EnvSpec` and its Atari options."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -63,6 +64,28 @@ class AtariSpec:
                 )
 
 
+def clip_bounds(value: float | Sequence[float] | None, key: str) -> tuple[float, float] | None:
+    """A clipping range as ``(lo, hi)``: a number ``v > 0`` is ``(-v, v)``, a pair ``[lo, hi]``
+    needs ``lo < hi`` (SLM Lab's ``clip_obs`` / ``clip_reward`` take both); None stays None.
+
+    Args:
+        value: the configured range.
+        key: its config key, for the error.
+    """
+    if value is None:
+        return None
+    if isinstance(value, int | float):
+        if not value > 0:  # NaN too
+            raise ConfigError(f"{key} must be a number > 0 or a pair [lo, hi], got {value}")
+        return -float(value), float(value)
+    bounds = tuple(float(v) for v in value)
+    if len(bounds) != 2 or not bounds[0] < bounds[1]:
+        raise ConfigError(
+            f"{key} must be a number > 0 or a pair [lo, hi] with lo < hi, got {list(value)}"
+        )
+    return bounds
+
+
 Vectorization = Literal["auto", "sync", "async", "blocks", "vector_entry_point"]
 
 # The env spec's key as users type it on the command line and in configs.
@@ -86,6 +109,11 @@ class EnvSpec:
         max_episode_steps: override the registered time limit (episodes are truncated there).
         normalize_obs: running mean/std observation normalisation (statistics checkpointed).
         normalize_reward: scale rewards by the running std of the discounted return.
+        clip_obs: clip observations to ``[-clip_obs, clip_obs]`` (a number) or ``[lo, hi]``
+            (a pair), after ``normalize_obs``; without normalisation the raw observations
+            are clipped. None: no clipping.
+        clip_reward: the same for the rewards the agent trains on, after
+            ``normalize_reward`` (reported returns stay raw).
         frame_stack: stack the last N observations (gymnasium's FrameStackObservation,
             zero-padded after a reset); 1 disables it.
         kwargs: extra keyword arguments for the env constructor.
@@ -101,6 +129,8 @@ class EnvSpec:
     max_episode_steps: int | None = None
     normalize_obs: bool = False
     normalize_reward: bool = False
+    clip_obs: float | tuple[float, float] | None = None
+    clip_reward: float | tuple[float, float] | None = None
     frame_stack: int = 1
     kwargs: dict[str, Any] = field(default_factory=dict)
     atari: AtariSpec = field(default_factory=AtariSpec)
@@ -110,6 +140,16 @@ class EnvSpec:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"{ENV_KEY}.{key} must be >= 1, got {value}")
+        for key in ("clip_obs", "clip_reward"):
+            clip_bounds(getattr(self, key), f"{ENV_KEY}.{key}")
+
+    def obs_bounds(self) -> tuple[float, float] | None:
+        """``clip_obs`` as ``(lo, hi)``; None without clipping."""
+        return clip_bounds(self.clip_obs, f"{ENV_KEY}.clip_obs")
+
+    def reward_bounds(self) -> tuple[float, float] | None:
+        """``clip_reward`` as ``(lo, hi)``; None without clipping."""
+        return clip_bounds(self.clip_reward, f"{ENV_KEY}.clip_reward")
 
     @property
     def env_id(self) -> str:

@@ -8,7 +8,7 @@ from torch import nn
 
 from slm_lightning.errors import ConfigError
 
-Activation = Literal["tanh", "relu", "elu", "gelu", "silu", "leaky_relu"]
+Activation = Literal["tanh", "relu", "elu", "gelu", "silu", "leaky_relu", "selu", "sigmoid"]
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "tanh": nn.Tanh,
     "relu": nn.ReLU,
@@ -16,6 +16,8 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "gelu": nn.GELU,
     "silu": nn.SiLU,
     "leaky_relu": nn.LeakyReLU,
+    "selu": nn.SELU,
+    "sigmoid": nn.Sigmoid,
 }
 
 
