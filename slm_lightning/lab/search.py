@@ -907,7 +907,9 @@ def search_line(study: optuna.Study, best: FrozenTrial | None, space: SearchSpac
         line += f" queued={count[TrialState.WAITING]}"
     if best is None:
         return line + " best=None"
-    params = ", ".join(f"{k.rsplit('.', 1)[-1]}: {v}" for k, v in space.values(best.params).items())
+    params = ", ".join(
+        f"{k.removeprefix('model.init_args.')}: {v}" for k, v in space.values(best.params).items()
+    )
     return line + f" best={best.value:.4g} (trial {best.number}) params={{{params}}}"
 
 
