@@ -22,14 +22,15 @@ from optuna.trial import TrialState
 
 from slm_lightning.cli import main
 from slm_lightning.lab.runs import FRAMES, RETURN_MA
-from slm_lightning.lab.search import (
+from slm_lightning.lab.search import grid_values
+from slm_lightning.lab.search_results import best_config, override_pairs
+from slm_lightning.lab.study import (
     COMMAND_ATTR,
     admitted,
-    best_config,
-    grid_values,
     is_dead,
+    make_pruner,
+    make_sampler,
     may_ask,
-    override_pairs,
     process_record,
     reap_dead_trials,
     requeue,
@@ -483,7 +484,6 @@ def test_a_process_is_dead_once_it_exited_or_its_pid_was_reused() -> None:
 
 
 def test_pruners_and_samplers_count_in_frames() -> None:
-    from slm_lightning.lab.search import make_pruner, make_sampler
     from slm_lightning.lab.space import parse_space
 
     median = make_pruner("median", 300_000, startup=5, warmup=60_000)

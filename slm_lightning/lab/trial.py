@@ -210,19 +210,24 @@ def resolve_seeds(seeds: list[int] | None, sessions: int, base: int | None) -> l
     return [base + i for i in range(sessions)]
 
 
-def claim_trial_dir(name: str) -> Path:
-    """A new folder ``runs/<name>/trial-<timestamp>`` (``-1``, ``-2`` … if taken)."""
+def claim_dir(name: str, kind: str = "trial") -> Path:
+    """A new folder ``runs/<name>/<kind>-<timestamp>`` (``-1``, ``-2`` … if taken).
+
+    Args:
+        name: the config's name.
+        kind: ``trial``, ``search`` …
+    """
     parent = Path("runs") / name
     parent.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y_%m_%d_%H%M%S")
     for suffix in range(1000):
-        folder = parent / (f"trial-{stamp}-{suffix}" if suffix else f"trial-{stamp}")
+        folder = parent / (f"{kind}-{stamp}-{suffix}" if suffix else f"{kind}-{stamp}")
         try:
             folder.mkdir()
             return folder
         except FileExistsError:
             continue
-    raise ConfigError(f"--dir: no free trial folder under {parent}")
+    raise ConfigError(f"--dir: no free {kind} folder under {parent}")
 
 
 def check_same_trial(folder: Path, command: dict[str, Any]) -> None:
@@ -264,6 +269,30 @@ def plan_sessions(folder: Path, seeds: list[int]) -> list[Session]:
         if summary.is_file() and json.loads(summary.read_text()).get("status") == "finished":
             session.status = "finished"
         sessions.append(session)
+    return sessions
+
+
+def prepare_trial(
+    folder: Path, command: dict[str, Any], facts: ConfigFacts, label: str = ""
+) -> list[Session]:
+    """Record what a trial folder runs (``trial_command.json``) and plan its sessions, each
+    with its fit command line: a trial's, a search trial's or a validation's.
+
+    Args:
+        folder: the trial folder.
+        command: its configs, overrides and seeds.
+        facts: the config's facts.
+        label: prefix of the sessions' names in log lines (``trial-3/``).
+    """
+    (folder / STATE_FILE).write_text(json.dumps(command, indent=2) + "\n")
+    fit = [sys.executable, "-m", "slm_lightning.cli", "fit"]
+    fit += [arg for c in command["configs"] for arg in ("--config", c)] + command["overrides"]
+    sessions = plan_sessions(folder, command["seeds"])
+    for session in sessions:
+        session.command = fit
+        session.max_frames = facts.max_frames
+        session.torch_threads = facts.torch_threads
+        session.label = f"{label}session-{session.seed}"
     return sessions
 
 
@@ -371,9 +400,8 @@ def trial_main(argv: list[str]) -> None:
             check_same_trial(folder, command)
         folder.mkdir(parents=True, exist_ok=True)
     else:
-        folder = claim_trial_dir(facts.name)
-    (folder / STATE_FILE).write_text(json.dumps(command, indent=2) + "\n")
-    sessions = plan_sessions(folder, seeds)
+        folder = claim_dir(facts.name)
+    sessions = prepare_trial(folder, command, facts)
     kept = [s.seed for s in sessions if s.status == "finished"]
     if kept:
         logger.info(f"trial {folder}: sessions {kept} finished before; kept")
@@ -383,12 +411,6 @@ def trial_main(argv: list[str]) -> None:
         f"trial {folder}: {facts.algorithm} on {facts.env}, seeds {seeds}, "
         f"{min(workers, len(seeds))} at once"
     )
-    fit = [sys.executable, "-m", "slm_lightning.cli", "fit"]
-    fit += [arg for c in options.config for arg in ("--config", c)] + overrides
-    for session in sessions:
-        session.command = fit
-        session.max_frames = facts.max_frames
-        session.torch_threads = facts.torch_threads
     pool = SessionPool(workers, options.progress_every)
     pool.run(sessions)
     line = analyse_trial(folder, sessions, facts, command)["line"]
