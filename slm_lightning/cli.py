@@ -181,6 +181,8 @@ class SLMLabCLI(LightningCLI):
         if isinstance(model, Namespace) and (cls := import_class(model.get("class_path", ""))):
             check_schedules(cls, model.get("init_args") or Namespace(), "model.init_args.")
         resolve_checkpoint_alias(config, self.subcommand)
+        if self.subcommand in ("validate", "test"):
+            self._evaluate_beside_the_run(trainer)
         if trainer.default_root_dir is None:
             configs = config.get("config") or []
             name = Path(str(configs[0])).stem if configs else type(self).__name__.lower()
@@ -198,6 +200,26 @@ class SLMLabCLI(LightningCLI):
         if self.subcommand == "validate" and not trainer.limit_val_batches:
             trainer.limit_val_batches = 1.0  # fit runs no validation loop; validate must
         check_checkpoint_options(config, self.subcommand)
+
+    def _evaluate_beside_the_run(self, trainer: Namespace) -> None:
+        """``validate`` / ``test`` of a run's own ``config.yaml`` would write their config and
+        metrics over the training run's (its CSV logger and root folder name the run folder):
+        evaluations of a folder that holds a run go to ``<run>/evaluations/<timestamp>/``."""
+        if trainer.default_root_dir is None:
+            return
+        run = Path(trainer.default_root_dir)
+        if not any(
+            (run / name).exists() for name in ("metrics.csv", "summary.json", "checkpoints")
+        ):
+            return
+        folder, claimed = claim_run_dir(run / "evaluations", create=self.subcommand is not None)
+        self.claimed_dirs = claimed
+        entries = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
+        for entry in entries:
+            args = getattr(entry, "init_args", None)
+            if args is not None and Path(str(args.get("save_dir", ""))) == run:
+                args.save_dir = str(folder)
+        trainer.default_root_dir = str(folder)
 
     # The checkpoints are read and checked against the instantiated model before the trainer
     # runs, so a mismatched one stops the command before it writes anything.

@@ -427,6 +427,29 @@ def test_validate_prints_evaluation_returns(first, tmp_path, capsys, greedy) -> 
     assert digest(ckpt) == before
 
 
+def test_validate_with_a_runs_own_config_leaves_the_run_untouched(first, tmp_path, capsys) -> None:
+    """A run's ``config.yaml`` names the run folder as its root and CSV logger folder:
+    validating with it writes into ``<run>/evaluations/<timestamp>/``, never over the
+    training run's ``metrics.csv`` and ``config.yaml``."""
+    _, first_dir = first
+    kept = {name: digest(first_dir / name) for name in ("metrics.csv", "config.yaml")}
+    with pytest.MonkeyPatch.context() as mp, contextlib.chdir(tmp_path):
+        mp.setattr("sys.argv", ["slm-lab"])
+        cli_module.main(
+            [
+                "validate",
+                "--config",
+                str(first_dir / "config.yaml"),
+                "--ckpt_path=last",
+                "--model.init_args.eval_episodes=2",
+            ]
+        )
+    assert " eval: episodes=2 " in capsys.readouterr().err
+    assert {name: digest(first_dir / name) for name in kept} == kept
+    (evaluation,) = (first_dir / "evaluations").iterdir()
+    assert (evaluation / "config.yaml").is_file() and (evaluation / "metrics.csv").is_file()
+
+
 def test_target_kl_stops_each_rollouts_update_early(tmp_path) -> None:
     """target_kl=0: the first minibatch (KL exactly 0, nothing updated yet) trains, the second
     one's KL is positive, so its update is dropped and the rollout yields no more: two
