@@ -1,6 +1,6 @@
 """``agent.algorithm`` and ``agent.memory`` of each family onto our algorithm's arguments:
-the policy-gradient family (PPO, A2C, REINFORCE), Q-learning (DQN variants, SARSA), and the
-soft actor-critics (SAC, CrossQ)."""
+the policy-gradient family (PPO, A2C, REINFORCE) and Q-learning (DQN variants, SARSA); the
+soft actor-critics are in ``soft_actor_critic.py``."""
 
 import dataclasses
 from typing import Any
@@ -75,7 +75,8 @@ def target_of(keys: SpecKeys) -> tuple[str, str]:
     return cls, family
 
 
-def _simple(keys: SpecKeys, pairs: dict[str, str]) -> None:
+def simple(keys: SpecKeys, pairs: dict[str, str]) -> None:
+    """Claim each unclaimed spec key as exact into ``model.init_args.<target>``."""
     for source, target in pairs.items():
         if keys.unclaimed(source):
             keys.exact(source, f"{ARGS}.{target}")
@@ -147,11 +148,11 @@ def policy_gradient(keys: SpecKeys, t: Target) -> None:
             keys.unsupported(
                 f"{ALG}.explore_var_spec", "policy gradients here explore by sampling only"
             )
-    _simple(keys, {f"{ALG}.gamma": "gamma"})
+    simple(keys, {f"{ALG}.gamma": "gamma"})
     if keys.has(f"{ALG}.entropy_coef_spec"):
         nets.schedule(keys, f"{ALG}.entropy_coef_spec", f"{ARGS}.entropy_coef")
     if t.cls == "PPO":
-        _simple(keys, {f"{ALG}.lam": "gae_lambda", f"{ALG}.training_epoch": "training_epochs"})
+        simple(keys, {f"{ALG}.lam": "gae_lambda", f"{ALG}.training_epoch": "training_epochs"})
         if keys.has(f"{ALG}.clip_eps_spec"):
             nets.schedule(keys, f"{ALG}.clip_eps_spec", f"{ARGS}.clip_eps")
     if t.cls == "A2C":
@@ -173,7 +174,7 @@ def policy_gradient(keys: SpecKeys, t: Target) -> None:
             if keys.has(f"{ALG}.lam"):
                 keys.converted(f"{ALG}.lam", "(unused: num_step_returns selects n-step returns)")
     if t.cls == "Reinforce":
-        _simple(
+        simple(
             keys,
             {f"{ALG}.center_return": "center_returns", f"{ALG}.training_epoch": "training_epochs"},
         )
@@ -284,7 +285,7 @@ def _horizon(keys: SpecKeys, t: Target) -> None:
 def q_learning(keys: SpecKeys, t: Target) -> None:
     """DQN (plain, double, dueling, PER) and SARSA."""
     nets.pdtype_and_policy(keys, exploration=True)
-    _simple(keys, {f"{ALG}.gamma": "gamma"})
+    simple(keys, {f"{ALG}.gamma": "gamma"})
     path = f"{ALG}.explore_var_spec"
     if keys.has(path):
         target = "temperature" if keys.get(f"{ALG}.action_policy") == "boltzmann" else "epsilon"
@@ -305,7 +306,7 @@ def q_learning(keys: SpecKeys, t: Target) -> None:
         if keys.has(f"{MEM}.name"):
             keys.converted(f"{MEM}.name", "(implicit: the on-policy memory)")
         return
-    _replay(keys, t, "dqn")
+    replay(keys, t, "dqn")
     updates = keys.config["model"]["init_args"].get("updates_per_step", 1)
     freq = keys.config["model"]["init_args"].get("training_frequency", 1)
     kind = keys.get(f"{NET}.update_type")
@@ -336,7 +337,7 @@ def q_learning(keys: SpecKeys, t: Target) -> None:
             )
 
 
-def _replay(keys: SpecKeys, t: Target, family: str) -> None:
+def replay(keys: SpecKeys, t: Target, family: str) -> None:
     """The replay memory and the update cadence of DQN, SAC and CrossQ."""
     name = keys.get(f"{MEM}.name")
     if keys.has(f"{MEM}.name"):
@@ -353,7 +354,7 @@ def _replay(keys: SpecKeys, t: Target, family: str) -> None:
             )
         else:
             keys.unsupported(f"{MEM}.name", f"{name}: {t.cls} here uses uniform replay")
-    _simple(
+    simple(
         keys,
         {
             f"{MEM}.batch_size": "batch_size",
@@ -362,7 +363,7 @@ def _replay(keys: SpecKeys, t: Target, family: str) -> None:
         },
     )
     if family == "dqn":
-        _simple(
+        simple(
             keys,
             {
                 f"{MEM}.alpha": "per_alpha",
@@ -397,76 +398,3 @@ def _replay(keys: SpecKeys, t: Target, family: str) -> None:
                 f"{ARGS}.updates_per_step {total} ({' x '.join(iters)}; each update samples a fresh batch)",
                 {f"{ARGS}.updates_per_step": total},
             )
-
-
-def soft_actor_critic(keys: SpecKeys, t: Target) -> None:
-    """SAC and CrossQ."""
-    nets.pdtype_and_policy(keys, exploration=False)
-    if keys.has(f"{ALG}.explore_var_spec"):
-        keys.converted(f"{ALG}.explore_var_spec", "(none: SAC explores by sampling)")
-    _simple(
-        keys,
-        {
-            f"{ALG}.gamma": "gamma",
-            f"{ALG}.policy_delay": "policy_delay",
-            f"{ALG}.alpha_lr": "alpha_lr",
-        },
-    )
-    for key in ("fixed_alpha", "alpha"):
-        if keys.has(f"{ALG}.{key}"):
-            keys.exact(f"{ALG}.{key}", f"{ARGS}.alpha")
-    if keys.has(f"{ALG}.target_entropy"):
-        value = keys.get(f"{ALG}.target_entropy")
-        keys.converted(
-            f"{ALG}.target_entropy",
-            f"{ARGS}.target_entropy {show(None if value == 'auto' else value)}",
-            {f"{ARGS}.target_entropy": None if value == "auto" else value},
-        )
-    _replay(keys, t, "sac")
-    critic = "agent.critic_net" if keys.has("agent.critic_net") else NET
-    nets.bodies(keys, NET, ["actor"])
-    if critic != NET:
-        nets.bodies(keys, critic, ["critic"])
-    elif (body := nets.mlp(keys, NET)) is not None:
-        keys.config["model"]["init_args"]["critic"] = body
-    if keys.has(f"{NET}.optim_spec"):
-        lr = nets.optimizer(keys, f"{NET}.optim_spec", None)
-        keys.converted(f"{NET}.optim_spec.lr", f"{ARGS}.actor_lr", {f"{ARGS}.actor_lr": lr})
-        if not keys.has(f"{critic}.optim_spec.lr") or critic == NET:
-            keys.config["model"]["init_args"]["critic_lr"] = lr
-    if critic != NET and keys.has(f"{critic}.optim_spec"):
-        for leaf in [k for k in keys.leaves if k.startswith(f"{critic}.optim_spec.")]:
-            field = leaf.rsplit(".", 1)[1]
-            if field == "lr":
-                keys.exact(leaf, f"{ARGS}.critic_lr")
-            elif keys.get(leaf) == keys.get(f"{NET}.optim_spec.{field}"):
-                keys.converted(leaf, f"{ARGS}.optimizer.{field} (the same as the actor's)")
-            else:
-                keys.unsupported(leaf, "one optimizer class trains actor and critics here")
-    for net in {NET, critic}:
-        nets.common_net(keys, net, clip_grad=False)
-        _loss_pg_like(keys, net)
-        if (
-            t.cls == "SAC"
-            and keys.get(f"{net}.update_type", "polyak") == "polyak"
-            and keys.has(f"{net}.polyak_coef")
-        ):
-            keys.exact(f"{net}.polyak_coef", f"{ARGS}.tau")
-            if keys.has(f"{net}.update_type"):
-                keys.converted(f"{net}.update_type", f"{ARGS}.tau (Polyak every update)")
-            if keys.has(f"{net}.update_frequency"):
-                if keys.get(f"{net}.update_frequency") in (1, None):
-                    keys.converted(f"{net}.update_frequency", "(every update, as here)")
-                else:
-                    keys.unsupported(
-                        f"{net}.update_frequency", "SAC here moves its targets every update"
-                    )
-
-
-def _loss_pg_like(keys: SpecKeys, net: str) -> None:
-    if keys.has(f"{net}.loss_spec"):
-        name = keys.get(f"{net}.loss_spec.name")
-        if name == "MSELoss":
-            keys.converted(f"{net}.loss_spec", "(implicit: the critic loss is MSE)")
-        else:
-            keys.unsupported(f"{net}.loss_spec", f"{name}: the critic loss here is MSE")

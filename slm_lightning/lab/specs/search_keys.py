@@ -9,6 +9,7 @@ import copy
 from typing import Any
 
 from slm_lightning.errors import ConfigError
+from slm_lightning.lab.specs.mapping import map_spec
 from slm_lightning.lab.specs.report import SpecKeys, flatten, show
 
 # SLM Lab suffix -> our kind. randint's high end is exclusive, qrandint's inclusive.
@@ -54,8 +55,6 @@ def _set_path(spec: dict[str, Any], path: str, value: Any) -> None:
 
 def _mapped(spec: dict[str, Any], version: int, name: str, path: str, value: Any) -> dict[str, Any]:
     """The config's leaves (dotted) after mapping the spec with ``path`` set to ``value``."""
-    from slm_lightning.lab.specs.importer import map_spec
-
     trial = copy.deepcopy(spec)
     _set_path(trial, path, value)
     keys, _ = map_spec(trial, version, name)
