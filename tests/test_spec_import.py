@@ -197,3 +197,22 @@ def test_search_section_becomes_a_space(tmp_path):
     assert shared.report.unsupported == [
         "search.agent.algorithm.training_frequency__grid_search: the algorithm ignores it"
     ]
+
+
+def test_a_key_known_elsewhere_is_not_called_misspelt(tmp_path):
+    # SAC reads no lr schedule: the key is reported as such, not as a typo
+    spec = tmp_path / "sac_with_schedule.json"
+    text = (
+        (SPECS / "v5_families.json")
+        .read_text()
+        .replace(
+            '"polyak_coef": 0.005,',
+            '"polyak_coef": 0.005, "lr_scheduler_spec": {"name": "LinearToZero", "frame": 1000},',
+        )
+    )
+    spec.write_text(text)
+    report = import_spec(spec, "sac_pendulum").report
+    assert report.unsupported == [
+        "agent.net.lr_scheduler_spec.name: no equivalent key (this algorithm has no equivalent here)",
+        "agent.net.lr_scheduler_spec.frame: no equivalent key (this algorithm has no equivalent here)",
+    ]

@@ -166,14 +166,18 @@ class SpecKeys:
         for leaf in self.leaves:
             if leaf in self.claimed:
                 continue
-            section, _, key = leaf.rpartition(".")
-            top = key.split(".")[0]
+            # The key right below a known section (agent.net), however deep the leaf.
+            sections = [s for s in known if leaf.startswith(f"{s}.")]
+            section = max(sections, key=len) if sections else leaf.rpartition(".")[0]
+            top = leaf[len(section) + 1 :].split(".")[0]
             if top in DEAD_KEYS:
                 why = DEAD_KEYS[top]
             elif top in NO_EQUIVALENT:
                 self.claimed.add(leaf)
                 self.report.unsupported.append(f"{leaf}: SLM Lab's {top} has no equivalent here")
                 continue
+            elif top in known.get(section, []):
+                why = "this algorithm has no equivalent here"
             else:
                 close = difflib.get_close_matches(top, known.get(section, []), n=1, cutoff=0.8)
                 why = f"misspelt {close[0]}?" if close else "not an SLM Lab key we know"
