@@ -90,6 +90,7 @@ EXTRA_SUBCOMMANDS: dict[str, str] = {
     "trial": "slm_lightning.lab.trial:trial_main",
     "compare": "slm_lightning.lab.compare:compare_main",
     "search": "slm_lightning.lab.search:search_main",
+    "import": "slm_lightning.lab.specs.command:import_main",
 }
 
 
