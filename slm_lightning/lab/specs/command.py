@@ -86,8 +86,6 @@ def parse_command(argv: list[str]) -> SpecCommand:
             if not key or not equals:
                 raise ConfigError(f"-s expects KEY=VALUE, got {pair!r}")
             sets[key] = value
-        elif arg in ("-h", "--help"):
-            raise ConfigError(f"usage: {USAGE}; MODE one of {', '.join(MODES)}")
         elif len(positional) < 3:
             if arg.startswith("-"):
                 raise ConfigError(
@@ -429,6 +427,9 @@ def run_main(argv: list[str]) -> None:
     Args:
         argv: the arguments after ``slm-lab`` (or ``slm-lab run``).
     """
+    if "-h" in argv or "--help" in argv:
+        print(f"usage: {USAGE}\nMODE: {', '.join(MODES)} (see the README, SLM Lab spec files)")
+        return
     command = parse_command(argv)
     if command.mode in ("enjoy", "eval"):
         target = str(command.target)  # parse_command requires one
