@@ -90,8 +90,13 @@ EXTRA_SUBCOMMANDS: dict[str, str] = {
     "trial": "slm_lightning.lab.trial:trial_main",
     "compare": "slm_lightning.lab.compare:compare_main",
     "search": "slm_lightning.lab.search:search_main",
-    "import": "slm_lightning.lab.specs.command:import_main",
+    "import": "slm_lightning.lab.specs.import_command:import_main",
 }
+# ``slm-lab SPEC_FILE SPEC_NAME MODE`` (and ``slm-lab run SPEC_FILE SPEC_NAME MODE``): an SLM Lab
+# spec file run as SLM Lab runs it.
+SPEC_COMMAND = "slm_lightning.lab.specs.command:run_main"
+SPEC_SUFFIXES = (".json", ".yaml", ".yml")
+TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 class SLMLabCLI(LightningCLI):
@@ -269,35 +274,71 @@ class SLMLabCLI(LightningCLI):
             start_warm(self.trainer, self.model, config.warm_start)
 
 
-def main(args: list[str] | None = None) -> None:
-    """Entry point of ``slm-lab``: ``slm-lab SUBCOMMAND ARGS…``.
+def run_cli(args: list[str] | None) -> None:
+    """``slm-lab fit|validate|test … `` through :class:`SLMLabCLI` (errors propagate to
+    :func:`main`).
 
-    A subcommand named in :data:`EXTRA_SUBCOMMANDS` is called with the arguments after it;
-    any other (``fit``, ``validate``, ``test``, ``--help`` …) goes to :class:`SLMLabCLI`. Bad
-    configuration exits with one line and status 2, a non-finite value met while training
-    with one line and status 1, Ctrl-C with 130.
+    Args:
+        args: the command line after ``slm-lab``, subcommand first (None: ``sys.argv[1:]``).
+    """
+    SLMLabCLI(
+        RLAlgorithm,
+        subclass_mode_model=True,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        parser_kwargs={"exit_on_error": False},
+        args=args,
+    )
+
+
+def lab_command(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Which lab function runs ``slm-lab ARGV…`` (``module:function``, None for SLMLabCLI)
+    and the arguments it gets.
+
+    Args:
+        argv: the command line after ``slm-lab``.
+    """
+    first = argv[0] if argv else ""
+    if first in EXTRA_SUBCOMMANDS:
+        return EXTRA_SUBCOMMANDS[first], argv[1:]
+    if first == "run":
+        return SPEC_COMMAND, argv[1:]
+    if first.endswith(SPEC_SUFFIXES) and Path(first).is_file():
+        return SPEC_COMMAND, argv
+    if first and not first.startswith("-") and first not in TRAINER_SUBCOMMANDS:
+        what = "no such spec file" if first.endswith(SPEC_SUFFIXES) else "unknown command"
+        commands = ", ".join([*TRAINER_SUBCOMMANDS, *EXTRA_SUBCOMMANDS, "run"])
+        raise ConfigError(
+            f"{first}: {what}; use slm-lab COMMAND … (COMMAND one of {commands}) or "
+            "slm-lab SPEC_FILE SPEC_NAME MODE (an SLM Lab spec file, .json/.yaml)"
+        )
+    return None, argv
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``slm-lab``: ``slm-lab SUBCOMMAND ARGS…`` or ``slm-lab SPEC_FILE
+    SPEC_NAME MODE``.
+
+    A subcommand named in :data:`EXTRA_SUBCOMMANDS` is called with the arguments after it; an
+    existing ``.json``/``.yaml`` file first (or ``run``) runs an SLM Lab spec
+    (:data:`SPEC_COMMAND`); any other (``fit``, ``validate``, ``test``, ``--help`` …) goes to
+    :class:`SLMLabCLI`. Bad configuration exits with one line and status 2, a non-finite
+    value met while training with one line and status 1, Ctrl-C with 130.
 
     Args:
         args: the command line after ``slm-lab`` (default ``sys.argv[1:]``).
     """
     configure_process()
     argv = list(sys.argv[1:] if args is None else args)
-    command = EXTRA_SUBCOMMANDS.get(argv[0]) if argv else None
     with interrupt_exit_status():
         try:
+            command, rest = lab_command(argv)
             if command is not None:
                 module, function = command.split(":")
-                getattr(importlib.import_module(module), function)(argv[1:])
+                getattr(importlib.import_module(module), function)(rest)
             else:
-                SLMLabCLI(
-                    RLAlgorithm,
-                    subclass_mode_model=True,
-                    trainer_defaults=TRAINER_DEFAULTS,
-                    save_config_kwargs={"overwrite": True},
-                    auto_configure_optimizers=False,
-                    parser_kwargs={"exit_on_error": False},
-                    args=args,
-                )
+                run_cli(args)
         except (ConfigError, ArgumentError, MisconfigurationException, ValueError) as err:
             # A ValueError from a class being instantiated is bad input if our validation raised
             # it.

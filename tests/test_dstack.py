@@ -20,7 +20,8 @@ from slm_lightning.cli import main
 from tests.cli_helpers import instantiate
 
 ROOT = Path(__file__).parents[1]
-TASKS = sorted((ROOT / ".dstack").glob("train*.yml"))
+# train.yml is SLM Lab's name for train.dstack.yml (a link to it), tested as that file.
+TASKS = sorted(p for p in (ROOT / ".dstack").glob("train*.yml") if not p.is_symlink())
 SLM_LAB = re.compile(r"\buv run (?:--extra \S+ )*slm-lab (.*)$", re.DOTALL)
 
 
@@ -50,8 +51,11 @@ def slm_lab_args(spec: dict, env: dict[str, str]) -> list[str]:
 
 
 def test_tasks_exist() -> None:
-    # dstack only accepts configuration files named *.dstack.yml.
     assert [task.name for task in TASKS] == ["train-cpu.dstack.yml", "train.dstack.yml"]
+    # `dstack apply -f` reads any path (only its default, ./.dstack.yml, is named by dstack);
+    # SLM Lab's migration guide runs `dstack apply -f .dstack/train.yml`.
+    link = ROOT / ".dstack" / "train.yml"
+    assert link.is_symlink() and link.resolve() == ROOT / ".dstack" / "train.dstack.yml"
     assert (ROOT / ".dstack" / "search.dstack.yml").is_file()
 
 
