@@ -34,6 +34,18 @@ class RunCSVLogger(CSVLogger):
     """
 
     @property
+    def experiment(self) -> Any:
+        """Lightning's writer. Lightning warns that a non-empty log folder's "previous log
+        files … will be deleted", but it only ever replaces ``metrics.csv``: a run folder
+        that holds other files first (a trial session's ``session.log``, an imported spec)
+        and no ``metrics.csv`` loses nothing, so the warning is left out there."""
+        if self._experiment is None and not self.metrics_file.is_file():
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Experiment logs directory")
+                return super().experiment
+        return super().experiment
+
+    @property
     def metrics_file(self) -> Path:
         """``<log_dir>/metrics.csv``."""
         return Path(self.log_dir) / "metrics.csv"
