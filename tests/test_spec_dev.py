@@ -44,3 +44,19 @@ def test_dev_mode_finishes_a_short_fit_of_each_spec(file, name, frames, extra, t
     assert f"{SPECS / file} ({name}, SLM Lab v" in header
     assert yaml.safe_load((folder / "config.yaml").read_text())["metrics"]["print_metrics"]
     assert (folder / "import.txt").read_text().startswith("exact:")
+
+
+def test_search_mode_runs_the_specs_search_section(tmp_path) -> None:
+    # v4 grid search over lam (-> gae_lambda) and training_frequency (which PPO has no use for
+    # here: reported), two trials of one session instead of the spec's 8 x 4.
+    main([str(SPECS / "v4_ppo.json"), "ppo_shared_cartpole", "search", "--trials", "2",
+          "--sessions", "1", "--progress-every", "0", "--model.init_args.max_frames=1024"])  # fmt: skip
+    (folder,) = (tmp_path / "runs" / "ppo_shared_cartpole").glob("search-*")
+    assert yaml.safe_load((folder / "space.yaml").read_text()) == {
+        "model.init_args.gae_lambda": {"choice": [0.9, 0.95]}
+    }
+    assert "training_frequency__grid_search" in (folder / "import.txt").read_text()
+    rows = (folder / "study.csv").read_text().splitlines()
+    assert len(rows) == 3 and all(",COMPLETE," in row for row in rows[1:])
+    assert {row.split(",")[3] for row in rows[1:]} <= {"0.9", "0.95"}
+    assert (folder / "best.yaml").is_file()
