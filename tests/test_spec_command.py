@@ -64,7 +64,9 @@ def spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     calls: list[tuple] = []
     real = importer.import_spec
 
-    def import_spec(source: Path, name: str, sets: dict[str, str] | None = None):
+    def import_spec(
+        source: Path, name: str, sets: dict[str, str] | None = None
+    ) -> importer.SpecImport:
         calls.append((source, name, sets))
         return real(source, name, sets)
 
