@@ -1,16 +1,13 @@
 """``slm-lab SPEC_FILE SPEC_NAME MODE``: the command line dispatches to it, and each mode runs
 what SLM Lab's mode does (a trial, a short fit, a search, an evaluation, a resume) on the
-imported config, written into the run's own folder.
+config the real importer makes of a spec file, written into the run's own folder.
 
-The spec is imported by ``slm_lightning.lab.specs.importer.import_spec``; here a stand-in
-returns the PPO corridor config of test_trial.py, so that a trial's sessions take seconds.
+The spec is our own v5 JSON spec of PPO on ``tests.envs_fixture:Corridor-v0`` (the corridor
+config of test_trial.py), so that a trial's sessions take seconds.
 """
 
 import json
 import re
-import sys
-import types
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,62 +17,61 @@ import yaml
 from slm_lightning.cli import main
 from slm_lightning.errors import ConfigError
 from slm_lightning.lab.specs import command as spec_command
-from tests.test_trial import CONFIG
+from slm_lightning.lab.specs import importer
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC_NAME = "ppo_corridor"
 
 
-@dataclass
-class ImportReport:
-    exact: list[str] = field(default_factory=list)
-    converted: list[str] = field(default_factory=list)
-    unsupported: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+def write_spec(
+    path: Path, meta: dict[str, Any] | None = None, search: dict | None = None, lr: Any = 0.001
+) -> None:
+    """Write the spec file: PPO on a 4-cell corridor, 2 envs, 1536 frames, nets of 8 units.
 
-    def lines(self) -> list[str]:
-        return ["exact:", *self.exact, "no equivalent:", *self.unsupported]
-
-
-@dataclass
-class SpecImport:
-    source: Path
-    name: str
-    version: int
-    config: dict[str, Any]
-    report: ImportReport
-    max_session: int = 4
-    max_trial: int | None = None
-    search_scheduler: str | None = None
-    space: dict[str, dict] | None = None
-
-    def yaml_text(self) -> str:
-        return f"# {self.source} {self.name}\n" + yaml.safe_dump(self.config, sort_keys=False)
+    Args:
+        path: the spec file.
+        meta: keys added to (or replacing) the spec's ``meta`` (``max_session`` 1).
+        search: the spec's ``search`` section, if any.
+        lr: ``agent.net.optim_spec.lr`` (``"${lr}"`` makes it a placeholder for ``-s lr=…``).
+    """
+    algorithm = {"name": "PPO", "gamma": 0.99, "lam": 0.95, "time_horizon": 16}
+    # symlog has no equivalent here: the report's "no equivalent:" group is never empty.
+    algorithm |= {"minibatch_size": 32, "training_epoch": 2, "symlog": False}
+    net = {"type": "MLPNet", "shared": False, "hid_layers": [8], "hid_layers_activation": "tanh"}
+    net["optim_spec"] = {"name": "Adam", "lr": lr}
+    spec: dict[str, Any] = {
+        "agent": {
+            "name": "PPO",
+            "algorithm": algorithm,
+            "memory": {"name": "OnPolicyBatchReplay"},
+            "net": net,
+        },
+        "env": {"name": "tests.envs_fixture:Corridor-v0", "num_envs": 2, "max_frame": 1536},
+        "meta": {"max_session": 1, "log_frequency": 256, **(meta or {})},
+    }
+    if search is not None:
+        spec["search"] = search
+    path.write_text(json.dumps({SPEC_NAME: spec}, indent=2))
 
 
 @pytest.fixture
 def spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """A spec file and the meta settings its import gives (edit them in a test), with
-    ``import_spec`` standing in for the importer; sessions import ``tests.envs_fixture``."""
+    """The spec file (rewrite it with :func:`write_spec` in a test) and the calls of the real
+    ``import_spec``, recorded on their way through; sessions import ``tests.envs_fixture``."""
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     path = tmp_path / "corridor.json"
-    path.write_text("{}")
-    meta: dict[str, Any] = {"max_session": 1, "max_trial": None, "search_scheduler": None}
-    meta["space"] = None
+    write_spec(path)
     calls: list[tuple] = []
+    real = importer.import_spec
 
-    def import_spec(source: Path, name: str, sets: dict[str, str] | None = None) -> SpecImport:
+    def import_spec(
+        source: Path, name: str, sets: dict[str, str] | None = None
+    ) -> importer.SpecImport:
         calls.append((source, name, sets))
-        report = ImportReport(exact=["meta.max_session 1 -> --sessions"], unsupported=["x.y: none"])
-        return SpecImport(source, name, 5, json.loads(json.dumps(CONFIG)), report, **meta)
+        return real(source, name, sets)
 
-    module = types.ModuleType("slm_lightning.lab.specs.importer")
-    module.import_spec = import_spec  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "slm_lightning.lab.specs.importer", module)
-    import slm_lightning.lab.specs as specs
-
-    monkeypatch.setattr(specs, "importer", module, raising=False)
-    return {"path": path, "meta": meta, "calls": calls}
+    monkeypatch.setattr(importer, "import_spec", import_spec)
+    return {"path": path, "calls": calls}
 
 
 def error_lines(capsys: pytest.CaptureFixture) -> list[str]:
@@ -124,16 +120,33 @@ def test_bad_mode_and_missing_name_are_one_line(spec, capsys) -> None:
 
 
 def test_train_resume_and_enjoy_the_best_session(spec, tmp_path, capsys) -> None:
-    spec["meta"]["max_session"] = 2
+    write_spec(spec["path"], meta={"max_session": 2}, lr="${lr}")
     main([str(spec["path"]), SPEC_NAME, "train", "-s", "lr=0.01", "--workers", "2"])
     assert spec["calls"] == [(spec["path"], SPEC_NAME, {"lr": "0.01"})]
     (folder,) = (tmp_path / "runs" / SPEC_NAME).glob("train-*")
-    assert (folder / f"{SPEC_NAME}.yaml").read_text().startswith(f"# {spec['path']} {SPEC_NAME}")
-    assert (folder / "import.txt").read_text() == (
-        "exact:\nmeta.max_session 1 -> --sessions\nno equivalent:\nx.y: none\n"
+    assert (
+        (folder / f"{SPEC_NAME}.yaml")
+        .read_text()
+        .startswith(
+            f"# Imported by `slm-lab import` from {spec['path']} ({SPEC_NAME}, SLM Lab v5 spec)."
+        )
     )
+    # import.txt is the report, one line each: every group, the placeholder substituted.
+    lines = (folder / "import.txt").read_text().splitlines()
+    assert [line for line in lines if not line.startswith("  ")] == [
+        "exact:",
+        "converted:",
+        "no equivalent:",
+    ]
+    assert "  agent.net.optim_spec.lr 0.01 -> model.init_args.lr" in lines
+    assert "  meta.max_session 2 -> slm-lab trial with 2 sessions (seeds 0..1)" in lines
+    assert lines[lines.index("no equivalent:") + 1 :] == [
+        "  agent.algorithm.symlog: SLM Lab's symlog has no equivalent here"
+    ]
     report = json.loads((folder / "trial.json").read_text())
     assert report["name"] == SPEC_NAME and report["seeds"] == [0, 1]
+    used = yaml.safe_load((folder / "session-1" / "config.yaml").read_text())
+    assert used["model"]["init_args"]["lr"] == 0.01
     assert [s["status"] for s in report["sessions"]] == ["finished", "finished"]
 
     # train@latest reruns the trial's command in its folder: finished sessions are kept.
@@ -208,10 +221,14 @@ def test_search_runs_with_the_spec_meta(spec, tmp_path, monkeypatch, capsys) -> 
     path = str(spec["path"])
     assert "no search section" in exits_with_one_line([path, SPEC_NAME, "search"], capsys)
     assert not Path("runs").exists()
-    space = {"model.init_args.lr": {"loguniform": [1e-4, 1e-2]}}
-    spec["meta"].update(max_trial=1, search_scheduler="ASHA", space=space, max_session=4)
+    # A scheduler (ASHA, its settings) makes it the halving pruner and one session a trial.
+    scheduler = {"grace_period": 256, "reduction_factor": 3}
+    meta = {"max_trial": 1, "search_scheduler": scheduler, "max_session": 4}
+    search = {"agent.net.optim_spec.lr__loguniform": [1e-4, 1e-2]}
+    write_spec(spec["path"], meta=meta, search=search)
     main([path, SPEC_NAME, "search", "--model.init_args.max_frames=512"])
     (folder,) = (tmp_path / "runs" / SPEC_NAME).glob("search-*")
+    space = {"model.init_args.lr": {"loguniform": [1e-4, 1e-2]}}
     assert yaml.safe_load((folder / "space.yaml").read_text()) == space
     assert "pruner halving" in capsys.readouterr().err
     rows = (folder / "study.csv").read_text().splitlines()
@@ -220,7 +237,7 @@ def test_search_runs_with_the_spec_meta(spec, tmp_path, monkeypatch, capsys) -> 
     # Without a scheduler: the median pruner and the spec's max_session sessions per trial.
     seen: list[list[str]] = []
     monkeypatch.setattr("slm_lightning.lab.search.search_main", seen.append)
-    spec["meta"].update(search_scheduler=None, max_trial=3)
+    write_spec(spec["path"], meta={"max_trial": 3, "max_session": 4}, search=search)
     main([path, SPEC_NAME, "search"])
     args = seen[0]
     assert args[args.index("--pruner") + 1] == "median"
