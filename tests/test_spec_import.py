@@ -216,3 +216,134 @@ def test_a_key_known_elsewhere_is_not_called_misspelt(tmp_path):
         "agent.net.lr_scheduler_spec.name: no equivalent key (this algorithm has no equivalent here)",
         "agent.net.lr_scheduler_spec.frame: no equivalent key (this algorithm has no equivalent here)",
     ]
+
+
+# The numbers that matter in the migration guide's six runs, derived by hand from the specs,
+# SLM Lab v4's code and our signatures, independently of the expected files above.
+# Upstream facts used: net_util.polyak_update(src, tar, old_ratio) sets
+# tar <- old_ratio * src + (1 - old_ratio) * tar, every update_frequency frames; Net.train_step
+# steps the lr scheduler with epoch=frame; DQN trains training_iter x training_batch_iter times
+# every training_frequency transitions; PPO's split_minibatch makes int(size / minibatch_size)
+# minibatches; losses are nn.MSELoss (no 1/2) where ours are half-MSE.
+BY_HAND = {
+    "dqn_cartpole": {
+        "env.name": "CartPole-v1",  # v0 migrated
+        "env.num_envs": 1,  # absent in v4 -> 1 (ours defaults to 8)
+        "max_frames": 10_000,
+        "double": False,
+        "loss": "mse",
+        "max_grad_norm": 0.5 / 2,  # clip of nn.MSELoss's gradient; our half-MSE's is half
+        "training_frequency": 4,  # 4 transitions / 1 env
+        "updates_per_step": 32,  # training_iter 4 x training_batch_iter 8
+        "learning_starts": 32,
+        "combined_replay": True,
+        # tau 0.1 of the online net every 32 frames; 32 / 4 = 8 rounds x 32 updates = 256 lerps
+        "tau": pytest.approx(1 - 0.9 ** (1 / 256), rel=1e-4),
+        "epsilon.start": 1.0,
+        "epsilon.end": 0.1,
+        "epsilon.end_frame": 1000,
+        "lr.start": 0.02,
+        "lr.end": pytest.approx(0.02 * 0.9 ** (10_000 // 1000), rel=1e-5),  # StepLR at frame 1e4
+        "lr.kind": "exponential",
+        "net.hidden_sizes": [64],
+        "net.activation": "selu",
+    },
+    "reinforce_cartpole": {
+        "env.num_envs": 1,
+        "max_frames": 100_000,
+        "time_horizon": 500,  # 1 episode x CartPole-v1's 500-step limit
+        "lr": 0.002,
+        "max_grad_norm": None,
+        "center_returns": True,
+        "entropy_coef.start": 0.01,
+        "entropy_coef.end": 0.001,
+        "entropy_coef.end_frame": 20_000,
+        "actor.hidden_sizes": [64],
+        "actor.activation": "selu",
+    },
+    "ddqn_per_concat_lunar": {
+        "env.name": "LunarLander-v3",
+        "env.frame_stack": 4,  # frame_op concat, frame_op_len 4
+        "env.num_envs": 1,
+        "max_frames": 300_000,
+        "double": True,
+        "prioritized": True,
+        "per_alpha": 0.6,
+        "per_epsilon": 1e-4,
+        "loss": "huber",
+        "max_grad_norm": 10.0,  # SmoothL1Loss is the same function here: no rescaling
+        "lr": 2.5e-4,
+        "tau": None,
+        "target_update_frequency": 100,  # frames in both
+        "training_frequency": 1,
+        "updates_per_step": 1,  # 1 x 1
+        "batch_size": 32,
+        "memory_size": 50_000,
+        "epsilon.end": 0.01,
+        "epsilon.end_frame": 50_000,
+        "net.hidden_sizes": [256, 128],
+    },
+    "ppo_shared_cartpole": {
+        "env.num_envs": 1,
+        "max_frames": 30_000,
+        "shared": True,
+        "value_coef": 0.1 * 2,  # SLM Lab MSE x 0.1 against our half-MSE
+        "time_horizon": 32,
+        "num_minibatches": 2,  # 32 steps x 1 env / minibatch 16
+        "training_epochs": 4,
+        "gae_lambda": 0.95,
+        "clip_eps": 0.2,
+        "lr": 0.02,
+        "critic_lr": None,
+        "entropy_coef.start_frame": 1000,
+        "entropy_coef.end_frame": 5000,
+        "actor.hidden_sizes": [64],
+    },
+    "ppo_bipedalwalker": {
+        "env.name": "BipedalWalker-v3",
+        "env.num_envs": 32,
+        "max_frames": 4_000_000,  # 4e6 frames over all 32 envs in both
+        "shared": False,
+        "value_coef": 0.5 * 2,  # the critic's gradient, clipped at 0.5, is then the same
+        "time_horizon": 512,
+        "num_minibatches": 4,  # 512 steps x 32 envs / minibatch 4096
+        "training_epochs": 15,
+        "lr": 3e-4,
+        "critic_lr": None,  # use_same_optim
+        "entropy_coef": 0.01,
+        "actor.hidden_sizes": [256, 128],
+        "critic.hidden_sizes": [256, 128],
+    },
+    "ppo_pong": {
+        "env.name": "ALE/Pong-v5",
+        "env.num_envs": 16,
+        "env.atari.stack_num": 4,  # frame_op_len 4
+        "env.atari.reward_clipping": True,  # reward_scale sign
+        "env.atari.repeat_action_probability": 0.0,  # NoFrameskip-v4: no sticky actions
+        "env.atari.episodic_life": True,  # v4 wrap_deepmind in training
+        "max_frames": 10_000_000,
+        "value_coef": 0.5 * 2,
+        "time_horizon": 128,
+        "num_minibatches": 8,  # 128 steps x 16 envs / minibatch 256
+        "gae_lambda": 0.70,
+        "clip_eps": 0.1,
+        "lr.start": 2.5e-4,
+        "lr.end": 0.0,  # LinearToZero over frame 1e7 = max_frames: end_frame left at max_frames
+        "conv.channels": [32, 64, 32],
+        "conv.kernel_sizes": [8, 4, 3],
+        "conv.strides": [4, 2, 1],
+        "conv.hidden_size": 512,  # fc_hid_layers [512]
+        "actor.hidden_sizes": [],
+        "critic.hidden_sizes": [],
+    },
+}
+
+
+@pytest.mark.parametrize(("file", "name", "sets"), CASES[:6], ids=[c[1] for c in CASES[:6]])
+def test_migration_runs_import_to_hand_computed_numbers(file, name, sets):
+    args = _leaves(import_spec(SPECS / file, name, sets).config["model"]["init_args"])
+    for key, value in BY_HAND[name].items():
+        assert args.get(key, "<absent>") == value, key
+    # a Schedule's end_frame left out means max_frames, which is what these runs had
+    if name in ("dqn_cartpole", "ppo_pong"):
+        assert args.get("lr.end_frame") in (None, args["max_frames"])

@@ -300,7 +300,11 @@ def q_learning(keys: SpecKeys, t: Target) -> None:
         else:
             keys.converted(f"{NET}.loss_spec", f"{ARGS}.loss {loss}", {f"{ARGS}.loss": loss})
     _lr_and_optimizer(keys, t, TORCH_EPS if t.family == "sarsa" else None)
-    nets.common_net(keys, NET, clip_grad=True)
+    # Our mse is half the squared TD error, SLM Lab's nn.MSELoss the whole: our gradient is
+    # half theirs, so clipping its norm at half their clip_grad_val clips the same updates
+    # (and Adam's step is then the same, up to eps).
+    mse = keys.config["model"]["init_args"].get("loss") == "mse"
+    nets.common_net(keys, NET, clip_grad=True, grad_scale=0.5 if mse else 1.0)
     if t.family == "sarsa":
         _horizon(keys, t)
         if keys.has(f"{MEM}.name"):

@@ -153,11 +153,26 @@ def bodies(keys: SpecKeys, net: str, targets: list[str]) -> None:
         )
 
 
-def common_net(keys: SpecKeys, net: str, clip_grad: bool) -> None:
-    """Keys every net shares: gradient clipping, init, normalize, batch_norm, gpu."""
+def common_net(keys: SpecKeys, net: str, clip_grad: bool, grad_scale: float = 1.0) -> None:
+    """Keys every net shares: gradient clipping, init, normalize, batch_norm, gpu.
+
+    Args:
+        keys: the spec's keys.
+        net: e.g. ``agent.net``.
+        clip_grad: whether the target algorithm has ``max_grad_norm``.
+        grad_scale: our loss's gradient over SLM Lab's for the same batch; the clipping
+            norm is scaled by it so that the same updates are clipped.
+    """
     if keys.has(f"{net}.clip_grad_val"):
         value = keys.get(f"{net}.clip_grad_val")
-        if clip_grad:
+        if clip_grad and value is not None and grad_scale != 1.0:
+            keys.converted(
+                f"{net}.clip_grad_val",
+                f"{ARGS}.max_grad_norm {show(value * grad_scale)} (x{grad_scale:g}: our loss's "
+                "gradient against SLM Lab's)",
+                {f"{ARGS}.max_grad_norm": value * grad_scale},
+            )
+        elif clip_grad:
             keys.exact(f"{net}.clip_grad_val", f"{ARGS}.max_grad_norm")
         elif value is None:
             keys.converted(f"{net}.clip_grad_val", "(none: no gradient clipping here either)")
