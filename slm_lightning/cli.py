@@ -287,9 +287,19 @@ def run_cli(args: list[str] | None) -> None:
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
-        parser_kwargs={"exit_on_error": False},
+        parser_kwargs={"exit_on_error": False, "epilog": LAB_HELP},
         args=args,
     )
+
+
+# Shown under ``slm-lab --help``: the lab's commands are not Lightning subcommands, so its own
+# list of subcommands leaves them out.
+LAB_HELP = (
+    "The lab's commands (each with --help): trial (several seeds of a config), compare "
+    "(trials side by side), search (hyperparameters with Optuna), import (an SLM Lab spec to a "
+    "config), and SLM Lab's own form: slm-lab SPEC_FILE SPEC_NAME "
+    "train|dev|search|enjoy@RUN|eval@RUN|train@RUN (also slm-lab run ...)."
+)
 
 
 def lab_command(argv: list[str]) -> tuple[str | None, list[str]]:

@@ -336,3 +336,13 @@ def test_extra_subcommands_are_dispatched_before_lightning(monkeypatch, capsys) 
     with pytest.raises(SystemExit) as exc:  # not in the table: LightningCLI's parser says no
         main(["trail"])
     assert exc.value.code == 2 and len(calls) == 2
+
+
+def test_help_names_the_labs_commands(capsys) -> None:
+    # LightningCLI lists its own subcommands only; the lab's are named under them.
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for command in ("trial (", "compare (", "search (", "import (", "slm-lab SPEC_FILE SPEC_NAME"):
+        assert command in text, command
