@@ -224,18 +224,9 @@ def policy_gradient(keys: SpecKeys, t: Target) -> None:
     shared_mlp = bool(keys.get(f"{NET}.shared")) and keys.get(f"{NET}.type", "MLPNet") == "MLPNet"
     targets = ["actor"] if t.cls == "Reinforce" or shared_mlp else ["actor", "critic"]
     nets.bodies(keys, NET, targets)
-    _loss_pg(keys)
+    nets.mse_loss_spec(keys, NET, "value")
     _lr_and_optimizer(keys, t, TORCH_EPS)
     nets.common_net(keys, NET, clip_grad=True)
-
-
-def _loss_pg(keys: SpecKeys) -> None:
-    if keys.has(f"{NET}.loss_spec"):
-        name = keys.get(f"{NET}.loss_spec.name")
-        if name == "MSELoss":
-            keys.converted(f"{NET}.loss_spec", "(implicit: the value loss is MSE, see value_coef)")
-        else:
-            keys.unsupported(f"{NET}.loss_spec", f"{name}: the value loss here is MSE")
 
 
 def _horizon(keys: SpecKeys, t: Target) -> None:

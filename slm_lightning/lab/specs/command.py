@@ -1,7 +1,7 @@
 """``slm-lab SPEC_FILE SPEC_NAME MODE``: an SLM Lab spec file run as SLM Lab runs it.
 
 Data path: :func:`run_main` reads the command line (:func:`parse_command`) → for a new run,
-``lab/specs/importer.py:import_spec`` maps the spec to our config → :func:`claim_folder`
+``lab/specs/importer.py:import_spec`` maps the spec to our config → lab/trial.py:claim_dir
 (``runs/<SPEC_NAME>/<mode>-<timestamp>/``) → :func:`write_import` (``<SPEC_NAME>.yaml``, the
 config with a header naming the source spec, and ``import.txt``, the import report) → the
 mode's command on that config: ``train`` a trial (lab/trial.py), ``dev`` one fit with
@@ -19,7 +19,6 @@ import contextlib
 import json
 import math
 import shutil
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from loguru import logger
 
 import slm_lightning
 from slm_lightning.errors import ConfigError
+from slm_lightning.lab.trial import claim_dir
 
 if TYPE_CHECKING:
     from slm_lightning.lab.specs.importer import SpecImport
@@ -118,26 +118,6 @@ def parse_command(argv: list[str]) -> SpecCommand:
         sets=sets,
         overrides=overrides,
     )
-
-
-def claim_folder(name: str, mode: str) -> Path:
-    """A new folder ``runs/<name>/<mode>-<timestamp>`` (``-1``, ``-2`` … if taken).
-
-    Args:
-        name: the spec's name.
-        mode: ``train``, ``dev``, ``search``, ``enjoy`` or ``eval``.
-    """
-    parent = Path("runs") / name
-    parent.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y_%m_%d_%H%M%S")
-    for suffix in range(1000):
-        folder = parent / (f"{mode}-{stamp}-{suffix}" if suffix else f"{mode}-{stamp}")
-        try:
-            folder.mkdir()
-            return folder
-        except FileExistsError:
-            continue
-    raise ConfigError(f"runs/{name}: no free {mode} folder")
 
 
 def write_import(imported: SpecImport, folder: Path) -> Path:
@@ -245,7 +225,7 @@ def train(imported: SpecImport, overrides: list[str]) -> None:
                 f"({imported.max_session}) in runs/{imported.name}/train-<timestamp>"
             )
     seeds = resolve_seeds(None, imported.max_session, _seed(imported.config, overrides))
-    folder = claim_folder(imported.name, "train")
+    folder = claim_dir(imported.name, "train")
     with released_on_error(folder):
         configs = [str(write_import(imported, folder)), *extra]
         run_trial(configs, overrides, folder, seeds)
@@ -292,7 +272,7 @@ def dev(imported: SpecImport, overrides: list[str]) -> None:
     """
     from slm_lightning.cli import run_cli
 
-    folder = claim_folder(imported.name, "dev")
+    folder = claim_dir(imported.name, "dev")
     with released_on_error(folder):
         config = write_import(imported, folder)
         args = ["--config", str(config), "--config", preset("dev.yaml")]
@@ -319,7 +299,7 @@ def search(imported: SpecImport, overrides: list[str]) -> None:
             f"search: spec {imported.name} in {imported.source} sets no meta.max_trial"
         )
     scheduled = imported.search_scheduler is not None
-    folder = claim_folder(imported.name, "search")
+    folder = claim_dir(imported.name, "search")
     with released_on_error(folder):
         config = write_import(imported, folder)
         space = folder / SPACE_FILE
@@ -387,7 +367,7 @@ def evaluate(spec_name: str, mode: str, target: str, overrides: list[str]) -> No
     args = ["--config", str(config)]
     if mode == "enjoy":
         args += ["--config", preset("video.yaml")]
-    folder = claim_folder(spec_name, mode)
+    folder = claim_dir(spec_name, mode)
     args += [f"--ckpt_path={checkpoint}", f"--trainer.default_root_dir={folder}"]
     # The run's resolved config names its own folder as the loggers' save_dir, and Lightning
     # writes the evaluation's config.yaml into the first logger's folder: without new loggers
@@ -403,7 +383,7 @@ def released_on_error(folder: Path) -> Iterator[None]:
     here is in it (a config the trial or fit refused): bad input leaves nothing behind.
 
     Args:
-        folder: the folder :func:`claim_folder` made for the command.
+        folder: the folder lab/trial.py:claim_dir made for the command.
     """
     from slm_lightning.lab.trial import STATE_FILE
 

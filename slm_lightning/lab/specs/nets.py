@@ -211,6 +211,22 @@ def common_net(keys: SpecKeys, net: str, clip_grad: bool, grad_scale: float = 1.
             )
 
 
+def mse_loss_spec(keys: SpecKeys, net: str, what: str) -> None:
+    """A net's ``loss_spec``: MSELoss is what our value/critic loss is; any other is reported.
+
+    Args:
+        keys: the spec's keys.
+        net: the net section's path.
+        what: the loss it names (``value``, ``critic``).
+    """
+    if keys.has(f"{net}.loss_spec"):
+        name = keys.get(f"{net}.loss_spec.name")
+        if name == "MSELoss":
+            keys.converted(f"{net}.loss_spec", f"(implicit: the {what} loss is MSE)")
+        else:
+            keys.unsupported(f"{net}.loss_spec", f"{name}: the {what} loss here is MSE")
+
+
 def pdtype_and_policy(keys: SpecKeys, exploration: bool) -> None:
     """``action_pdtype`` and ``action_policy``: implicit here, or exploration for Q-learning."""
     path = "agent.algorithm.action_pdtype"

@@ -53,7 +53,7 @@ def soft_actor_critic(keys: SpecKeys, t: Target) -> None:
                 keys.unsupported(leaf, "one optimizer class trains actor and critics here")
     for net in {NET, critic}:
         nets.common_net(keys, net, clip_grad=False)
-        _loss_pg_like(keys, net)
+        nets.mse_loss_spec(keys, net, "critic")
         if (
             t.cls == "SAC"
             and keys.get(f"{net}.update_type", "polyak") == "polyak"
@@ -69,12 +69,3 @@ def soft_actor_critic(keys: SpecKeys, t: Target) -> None:
                     keys.unsupported(
                         f"{net}.update_frequency", "SAC here moves its targets every update"
                     )
-
-
-def _loss_pg_like(keys: SpecKeys, net: str) -> None:
-    if keys.has(f"{net}.loss_spec"):
-        name = keys.get(f"{net}.loss_spec.name")
-        if name == "MSELoss":
-            keys.converted(f"{net}.loss_spec", "(implicit: the critic loss is MSE)")
-        else:
-            keys.unsupported(f"{net}.loss_spec", f"{name}: the critic loss here is MSE")
