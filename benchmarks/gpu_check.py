@@ -30,6 +30,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -186,10 +187,16 @@ def output_to(path: Path) -> Iterator[None]:
             os.close(saved[1])
 
 
+# The console log's ``HH:MM:SS LEVEL`` prefix (slm_lightning.process.configure_process).
+LOG_PREFIX = re.compile(r"^\d\d:\d\d:\d\d [A-Z]+ +")
+
+
 def last_line(text: str, fallback: str) -> str:
-    """The last non-empty line of ``text`` (a log's error), at most 160 characters."""
+    """The last non-empty line of ``text`` (a log's error) without the log's time and
+    level, at most 160 characters and no ``|`` (it would split a table cell)."""
     lines = [line for line in text.strip().splitlines() if line.strip()]
-    return (lines[-1] if lines else fallback)[:160]
+    line = LOG_PREFIX.sub("", lines[-1]) if lines else fallback
+    return line.replace("|", "/")[:160]
 
 
 def check_args(argv: list[str], log: Path) -> str | None:
@@ -243,7 +250,7 @@ def run_fit(argv: list[str], log: Path, limit: float, in_process: bool) -> str |
             if err.code not in (0, None):
                 return last_line(log.read_text(), f"exit {err.code}")
         except Exception as err:  # reported in the row, like a failed process
-            return f"{type(err).__name__}: {err}"[:160]
+            return f"{type(err).__name__}: {last_line(str(err), '')}"[:160]
         return None
     cmd = [sys.executable, "-m", "slm_lightning.cli", *argv]
     with log.open("w") as out:

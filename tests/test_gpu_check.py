@@ -67,6 +67,8 @@ def test_dry_run_prints_every_row(tmp_path: Path) -> None:
     assert rows["sac eager"][col["return_ma"]] != "–"  # Hopper episodes end within 128 frames
     # The fits' own output went to their logs: stdout is the table file, line for line.
     assert proc.stdout == (tmp_path / "gpu_table.md").read_text()
+    assert "summary: frames=128" in (tmp_path / "pong_eager.log").read_text()
+    assert "summary:" not in proc.stderr
 
 
 def test_fit_argv_overrides_the_budget_only_in_a_dry_run(tmp_path: Path) -> None:
@@ -142,6 +144,12 @@ def test_table_row_compares_with_its_baseline() -> None:
         assert row[:2] == ["sac eager", text] and len(row) == len(gpu_check.COLUMNS)
     # A failed baseline leaves the comparison out rather than failing the table.
     assert cells(gpu_check.table_row("pong thunder", fast, {"error": "boom"}))[5] == "–"
+
+
+def test_last_line_is_one_table_cell() -> None:
+    log = "GPU available: False\n03:09:58 ERROR   model.init_args.x: unknown key | y\n\n"
+    assert gpu_check.last_line(log, "exit 2") == "model.init_args.x: unknown key / y"
+    assert gpu_check.last_line("  \n", "exit 2") == "exit 2"
 
 
 def test_check_args_names_a_typo(tmp_path: Path) -> None:
