@@ -41,6 +41,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -525,7 +526,12 @@ def main(argv: list[str] | None = None) -> None:
         default=Path(os.environ.get("PEERS", Path.home() / "peers")) / "sb3" / "bin" / "python",
         help="the interpreter of SB3's virtual environment (default $PEERS/sb3/bin/python)",
     )
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "peers")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "runs" / "peers",
+        help="our runs go to OUT/<date-time>/<case>/seed<N>/ (default runs/peers)",
+    )
     args = parser.parse_args(argv)
     if args.frames is not None and args.frames < 1:
         _usage_error(f"--frames must be >= 1, got {args.frames}")
@@ -534,12 +540,13 @@ def main(argv: list[str] | None = None) -> None:
             f"--sb3-python: {args.sb3_python} is not a file; set up SB3's virtual "
             "environment as benchmarks/peers.py's docstring says, or pass its python"
         )
+    out = args.out / time.strftime("%Y%m%d-%H%M%S")  # a fresh folder: no stale summary.json
     rows = []
     for name in args.case:
         case = CASES[name]
         ours, sb3 = [], []
         for seed in args.seeds:
-            ours.append(run_ours(case, seed, args.frames, args.out / name / f"seed{seed}"))
+            ours.append(run_ours(case, seed, args.frames, out / name / f"seed{seed}"))
             sb3.append(run_sb3(case, seed, args.frames, args.sb3_python))
             for side, r in (("ours", ours[-1]), ("sb3", sb3[-1])):
                 figures = vars(r) | {"fps": round(r.fps)}
