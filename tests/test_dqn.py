@@ -28,6 +28,7 @@ from slm_lightning.errors import ConfigError
 from slm_lightning.nets.mlp import MLPSpec
 from slm_lightning.nets.q_network import QNetwork, boltzmann, epsilon_greedy
 from tests.cli_helpers import fit_in
+from tests.offpolicy_helpers import manual_optimization, one_round
 
 # Every hyperparameter the tests below count on, spelled out rather than read from
 # configs/dqn_cartpole.yaml, whose tuning may change.
@@ -211,7 +212,8 @@ def test_prioritized_training_step_updates_sampled_priorities_and_weights_the_lo
     model.memory = memory
     model.rollout = SimpleNamespace(frames=0)
 
-    batch = model.sample_batch().as_tensors()
+    stack = model.sample_batches(1)
+    batch = stack.at(0)
     weights = batch.weights
     assert weights.max() == 1.0 and weights.min() < 0.9
     untouched = np.setdiff1d(np.arange(40), batch.indices.numpy())
@@ -225,11 +227,13 @@ def test_prioritized_training_step_updates_sampled_priorities_and_weights_the_lo
             batch.discounts,
             batch.terminated,
         )
-    loss = model.training_step(batch, 0)
+    manual_optimization(model)
+    model.training_step([stack], 0)
 
+    loss = model.train_metrics["train/loss"]
     elementwise = F.smooth_l1_loss(q, target, reduction="none")
-    torch.testing.assert_close(loss.detach(), (weights * elementwise).mean())
-    assert not torch.isclose(loss.detach(), elementwise.mean())
+    torch.testing.assert_close(loss, (weights * elementwise).mean())
+    assert not torch.isclose(loss, elementwise.mean())
     expected = {}  # where a slot was drawn twice the last value wins
     for index, td in zip(batch.indices.tolist(), (q - target).abs().tolist(), strict=True):
         expected[index] = (td + memory.eps) ** 0.6
@@ -266,7 +270,8 @@ def test_per_epsilon_sets_the_priorities_written_after_an_update():
         indices=torch.tensor([0, 1, 2, 3]),
         weights=torch.ones(4),
     )
-    model.training_step(batch, 0)
+    manual_optimization(model)
+    model.training_step(one_round(batch), 0)
     expected = [1.3964240, 1.7175564, 1.2041595, 1.1180340]
     np.testing.assert_allclose(model.memory.tree.get(np.arange(4)), expected, rtol=1e-6)
 
@@ -289,12 +294,12 @@ def test_uniform_replay_loss_is_unweighted():
         q = model.policy(batch.obs).gather(-1, batch.actions.unsqueeze(-1)).squeeze(-1)
         target = dqn_target(model.target(batch.next_obs), batch.rewards,
                             batch.discounts, batch.terminated)  # fmt: skip
-    loss = model.training_step(batch, 0)
+    loss, _ = model.loss_terms(batch)
     torch.testing.assert_close(loss.detach(), 0.5 * (q - target).pow(2).mean())
 
 
 def gradient_step(model: DQN, optimizer: torch.optim.Optimizer, seed: int) -> None:
-    loss = model.training_step(hand_batch(seed=seed), 0)
+    loss, _ = model.loss_terms(hand_batch(seed=seed))
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
@@ -317,7 +322,7 @@ def test_hard_target_copy_exactly_when_the_frame_clock_crosses_the_frequency():
         gradient_step(model, optimizer, seed=step)
         assert not same(params(model.target), params(model.policy)), "the update moved nothing"
         before = params(model.target)
-        model.on_train_batch_end(None, None, 0)
+        model.update_target()
         assert same(params(model.target), params(model.policy)) == copied, frames
         if copied:
             copies.append(frames)
@@ -345,7 +350,7 @@ def test_polyak_target_moves_tau_towards_online_and_never_hard_copies():
         model.rollout.frames = frames
         gradient_step(model, optimizer, seed=step)
         target, online = params(model.target), params(model.policy)
-        model.on_train_batch_end(None, None, 0)
+        model.update_target()
         for before, now, theta in zip(target, params(model.target), online, strict=True):
             torch.testing.assert_close(now, before + tau * (theta - before))
         assert not same(params(model.target), params(model.policy)), frames
