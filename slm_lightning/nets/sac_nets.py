@@ -81,10 +81,12 @@ class SquashedGaussianActor(nn.Module):
     def evaluate(self, obs: Tensor) -> PolicySample:
         """Reparameterised actions (gradients flow through them) and their log-probabilities."""
         mean, log_std = self(obs)
-        u = mean + log_std.exp() * torch.randn_like(mean)  # rsample
+        noise = torch.randn_like(mean)
+        u = mean + log_std.exp() * noise  # rsample
         # Change of variables for a = tanh(u): log pi(a) = log N(u) - sum log(1 - tanh(u)^2).
-        normal_log_prob = -0.5 * ((u - mean) / log_std.exp()).pow(2) - log_std
-        normal_log_prob = normal_log_prob - 0.5 * math.log(2 * math.pi)
+        # log N(u; mean, std) with (u - mean) / std written as the noise it is: the same value
+        # and gradients (those of (u - mean) / std to mean and std cancel), four ops fewer.
+        normal_log_prob = -0.5 * noise.pow(2) - log_std - 0.5 * math.log(2 * math.pi)
         log_prob = (normal_log_prob - tanh_log_det(u)).sum(-1)
         return PolicySample(torch.tanh(u), log_prob)
 
