@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from slm_lightning.errors import ConfigError
 from slm_lightning.schedules import scheduled
@@ -112,6 +112,16 @@ class OptimizerSpec:
         parameters = inspect.signature(OPTIMIZERS[self.name]).parameters
         return [f.name for f in fields(self) if f.name != "name" and f.name in parameters]
 
+    def defaults_of_optimizer(self, keys: Iterable[str]) -> dict[str, Any]:
+        """The torch optimizer's own default of each of ``keys`` it takes: what a parameter
+        group that should not follow an algorithm's defaults (``{"betas": ...}``) sets.
+
+        Args:
+            keys: keyword argument names.
+        """
+        parameters = inspect.signature(OPTIMIZERS[self.name]).parameters
+        return {key: parameters[key].default for key in keys if key in parameters}
+
     def given(self) -> dict[str, Any]:
         """The keyword fields set (not None)."""
         return {
@@ -176,11 +186,31 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, rates: Sequence[float])
         group["lr"] = rate
 
 
+def clip_global_norm(grads: list[Tensor], max_norm: float) -> None:
+    """Scale ``grads`` in place so that their global L2 norm is at most ``max_norm``, as
+    ``torch.nn.utils.clip_grad_norm_`` does (scale ``max_norm / (norm + 1e-6)`` where below
+    1), without a host sync.
+
+    Four ops: torch 2.12's ``clip_grad_norm_`` takes its per-tensor path on CPUs (its
+    ``foreach`` path is slower there still) and costs ~80 us on a 64-64 MLP against ~50 us
+    here, a tenth of a small DQN update.
+
+    Args:
+        grads: the gradients (no None).
+        max_norm: the largest global norm.
+    """
+    if not grads:
+        return
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp_(max=1.0))
+
+
 def clip_grad_norm(
     module: L.LightningModule, optimizer: torch.optim.Optimizer, max_norm: float | None
 ) -> None:
     """Clip the global gradient norm of ``optimizer``'s parameters to ``max_norm`` (None: no
-    clipping); call from ``configure_gradient_clipping``.
+    clipping), before the optimizer steps (``configure_gradient_clipping`` under automatic
+    optimization; the update itself under manual optimization).
 
     Args:
         module: the algorithm (its trainer tells whether the loss is scaled).
@@ -194,8 +224,8 @@ def clip_grad_norm(
         # fused Adam / AdamW may be clipped. Lightning 2.6's MixedPrecision.clip_gradients refuses any
         # optimizer that can unscale inside step() (fused Adam) even under bf16-mixed,
         # which has no GradScaler and nothing to unscale; clip here instead.
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
+        clip_global_norm([grad for grad in grads if grad is not None], max_norm)
     else:  # 16-mixed: Lightning unscales first (PolicyOptimizer then avoids the fused kernel)
         module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
 

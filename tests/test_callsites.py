@@ -23,8 +23,10 @@ from slm_lightning.data.vector_rollout import EpisodeLog
 from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.nets.actor_critic import ActorCritic
 from slm_lightning.nets.mlp import MLPSpec
+from slm_lightning.nets.sac_nets import TwinQ
 from slm_lightning.schedules import Schedule
 from slm_lightning.train_metrics import TrainMetrics
+from tests.offpolicy_helpers import manual_optimization, one_round
 
 TINY = MLPSpec([8], "tanh")
 CARTPOLE = EnvSpec("CartPole-v1", num_envs=1)  # Discrete(2), 4-dim observations
@@ -116,7 +118,7 @@ def test_dqn_target_comes_from_the_right_net(double: bool, expected_loss: float)
     model = DQN(CARTPOLE, double=double, net=TINY, loss="mse")
     constant(model.policy.head, [1.0, 0.0])  # online Q(s, .) = (1, 0): prefers action 0
     constant(model.target.head, [3.0, 5.0])  # target Q(s, .) = (3, 5): prefers action 1
-    loss = model.training_step(dqn_batch(), 0)
+    loss, _ = model.loss_terms(dqn_batch())
     assert float(loss.detach()) == pytest.approx(expected_loss, rel=1e-6)
     assert metric(model, "train/loss") == pytest.approx(expected_loss, rel=1e-6)
     assert metric(model, "train/q_mean") == pytest.approx(0.5)  # (Q(s, 0) + Q(s, 1)) / 2
@@ -129,11 +131,13 @@ def test_dqn_logs_the_mean_loss_of_the_updates_since_the_last_row() -> None:
     model = DQN(CARTPOLE, net=TINY, loss="mse")
     constant(model.policy.head, [1.0, 0.0])  # Q(s, .) = (1, 0); Q(s, a) of actions (0, 1): (1, 0)
     constant(model.target.head, [3.0, 5.0])
+    manual_optimization(model)
+    model.optimizers().param_groups[0]["lr"] = 0.0  # the constant nets stay constant
     # Update 1, as above: targets (1 + 0.9 * 5, 0.5) = (5.5, 0.5), loss 5.125.
-    model.training_step(dqn_batch(), 0)
-    # Update 2, both terminal: targets = rewards (0, 1.5)
+    # Update 2 (the next cycle of the same round), both terminal: targets = rewards (0, 1.5)
     # loss = 0.5 * ((1 - 0)^2 + (0 - 1.5)^2) / 2 = 0.5 * 3.25 / 2 = 0.8125
-    model.training_step(dqn_batch(rewards=(0.0, 1.5), terminated=(1.0, 1.0)), 1)
+    second = dqn_batch(rewards=(0.0, 1.5), terminated=(1.0, 1.0))
+    model.training_step(one_round(dqn_batch(), second), 0)
     row = model.train_metrics.pop_row()
     assert row["train/loss"] == pytest.approx((5.125 + 0.8125) / 2, rel=1e-6)  # 2.96875
     assert row["train/q_mean"] == pytest.approx(0.5)
@@ -167,10 +171,11 @@ def test_dqn_explores_and_learns_at_the_scheduled_values_of_the_frame_clock() ->
 # --- SAC and CrossQ ------------------------------------------------------------------------------
 
 
-def manual_optimization(model, optimizers: list[torch.optim.Optimizer]) -> None:
-    """What Lightning's manual optimization provides: the optimizers and ``manual_backward``."""
-    model.optimizers = lambda: optimizers
-    model.manual_backward = lambda loss: loss.backward()
+def constant_critic(critics: TwinQ, member: int, values: list[float]) -> None:
+    """Make critic ``member`` of the ensemble output ``values`` whatever its input."""
+    with torch.no_grad():
+        critics.weights[-1][member].zero_()
+        critics.biases[-1][member, 0] = torch.tensor(values)
 
 
 def test_sac_takes_the_min_of_the_twin_critics_and_polyak_averages_towards_the_online_critics():
@@ -182,16 +187,14 @@ def test_sac_takes_the_min_of_the_twin_critics_and_polyak_averages_towards_the_o
     # critic_lr ~ 0: the critic step (before the actor's) leaves the constant Q-values as set.
     model = SAC(CARTPOLE, actor=TINY, critic=TINY, alpha=0.5, tau=tau, critic_lr=1e-9)
     constant(model.actor.head, [0.0, 0.0])  # pi(.|s) = (0.5, 0.5), log pi = -ln 2
-    online = [critic[-1] for critic in model.critic.critics]
-    target = [critic[-1] for critic in model.critic_target.critics]
-    constant(online[0], [1.0, 5.0])
-    constant(online[1], [3.0, 4.0])
-    constant(target[0], [2.0, 6.0])
-    constant(target[1], [4.0, 1.0])
+    constant_critic(model.critic, 0, [1.0, 5.0])
+    constant_critic(model.critic, 1, [3.0, 4.0])
+    constant_critic(model.critic_target, 0, [2.0, 6.0])
+    constant_critic(model.critic_target, 1, [4.0, 1.0])
     before = [p.detach().clone() for p in model.critic_target.parameters()]
     manual_optimization(model, attach(model))
 
-    model.training_step(dqn_batch(), 0)
+    model.training_step(one_round(dqn_batch()), 0)
 
     # Target: min over target critics per action = (min(2, 4), min(6, 1)) = (2, 1)
     # V(s') = sum_a pi(a) (Q(a) - alpha log pi(a)) = 0.5 * (2 + 1) + 0.5 * ln 2 = 1.846574
@@ -213,8 +216,8 @@ def test_sac_takes_the_min_of_the_twin_critics_and_polyak_averages_towards_the_o
     # Output biases: critic 0 (0.2 * 1 + 0.8 * 2, 0.2 * 5 + 0.8 * 6) = (1.8, 5.8),
     #                critic 1 (0.2 * 3 + 0.8 * 4, 0.2 * 4 + 0.8 * 1) = (3.8, 1.6)
     # (swapped: (1.2, 5.2) and (3.2, 3.4))
-    torch.testing.assert_close(target[0].bias.detach(), torch.tensor([1.8, 5.8]))
-    torch.testing.assert_close(target[1].bias.detach(), torch.tensor([3.8, 1.6]))
+    output_bias = model.critic_target.biases[-1].detach()[:, 0]
+    torch.testing.assert_close(output_bias, torch.tensor([[1.8, 5.8], [3.8, 1.6]]))
     for old, now, theta in zip(
         before, model.critic_target.parameters(), model.critic.parameters(), strict=True
     ):
@@ -227,14 +230,14 @@ def test_crossq_bootstraps_from_the_min_of_its_own_critics() -> None:
     Catches the target or the actor loss taking the max over the critics."""
     torch.manual_seed(0)
     model = CrossQ(PENDULUM, actor=TINY, critic=TINY, alpha=1e-9, policy_delay=1, critic_lr=1e-9)
-    for critic, value in zip(model.critic.critics, [1.0, 3.0], strict=True):
-        constant(critic[-1], [value])  # after the last Batch Renormalization: constant Q
+    for member, value in enumerate([1.0, 3.0]):
+        constant_critic(model.critic, member, [value])  # after the last renorm: constant Q
     manual_optimization(model, attach(model))
     batch = dqn_batch()._replace(
         obs=torch.randn(2, 3), next_obs=torch.randn(2, 3), actions=torch.rand(2, 1)
     )
 
-    model.training_step(batch, 0)
+    model.training_step(one_round(batch), 0)
 
     # targets = (1 + 0.9 * min(1, 3), 0.5) = (1.9, 0.5)
     # loss = 0.5 * ((1 - 1.9)^2 + (1 - 0.5)^2) / 2 + 0.5 * ((3 - 1.9)^2 + (3 - 0.5)^2) / 2

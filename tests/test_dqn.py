@@ -28,6 +28,7 @@ from slm_lightning.errors import ConfigError
 from slm_lightning.nets.mlp import MLPSpec
 from slm_lightning.nets.q_network import QNetwork, boltzmann, epsilon_greedy
 from tests.cli_helpers import fit_in
+from tests.offpolicy_helpers import manual_optimization, one_round, stack
 
 # Every hyperparameter the tests below count on, spelled out rather than read from
 # configs/dqn_cartpole.yaml, whose tuning may change.
@@ -211,7 +212,8 @@ def test_prioritized_training_step_updates_sampled_priorities_and_weights_the_lo
     model.memory = memory
     model.rollout = SimpleNamespace(frames=0)
 
-    batch = model.sample_batch().as_tensors()
+    stack = model.sample_batches(1)
+    batch = stack.at(0)
     weights = batch.weights
     assert weights.max() == 1.0 and weights.min() < 0.9
     untouched = np.setdiff1d(np.arange(40), batch.indices.numpy())
@@ -225,11 +227,13 @@ def test_prioritized_training_step_updates_sampled_priorities_and_weights_the_lo
             batch.discounts,
             batch.terminated,
         )
-    loss = model.training_step(batch, 0)
+    manual_optimization(model)
+    model.training_step([stack], 0)
 
+    loss = model.train_metrics["train/loss"]
     elementwise = F.smooth_l1_loss(q, target, reduction="none")
-    torch.testing.assert_close(loss.detach(), (weights * elementwise).mean())
-    assert not torch.isclose(loss.detach(), elementwise.mean())
+    torch.testing.assert_close(loss, (weights * elementwise).mean())
+    assert not torch.isclose(loss, elementwise.mean())
     expected = {}  # where a slot was drawn twice the last value wins
     for index, td in zip(batch.indices.tolist(), (q - target).abs().tolist(), strict=True):
         expected[index] = (td + memory.eps) ** 0.6
@@ -266,7 +270,8 @@ def test_per_epsilon_sets_the_priorities_written_after_an_update():
         indices=torch.tensor([0, 1, 2, 3]),
         weights=torch.ones(4),
     )
-    model.training_step(batch, 0)
+    manual_optimization(model)
+    model.training_step(one_round(batch), 0)
     expected = [1.3964240, 1.7175564, 1.2041595, 1.1180340]
     np.testing.assert_allclose(model.memory.tree.get(np.arange(4)), expected, rtol=1e-6)
 
@@ -289,12 +294,12 @@ def test_uniform_replay_loss_is_unweighted():
         q = model.policy(batch.obs).gather(-1, batch.actions.unsqueeze(-1)).squeeze(-1)
         target = dqn_target(model.target(batch.next_obs), batch.rewards,
                             batch.discounts, batch.terminated)  # fmt: skip
-    loss = model.training_step(batch, 0)
+    loss, _ = model.loss_terms(batch)
     torch.testing.assert_close(loss.detach(), 0.5 * (q - target).pow(2).mean())
 
 
 def gradient_step(model: DQN, optimizer: torch.optim.Optimizer, seed: int) -> None:
-    loss = model.training_step(hand_batch(seed=seed), 0)
+    loss, _ = model.loss_terms(hand_batch(seed=seed))
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
@@ -317,7 +322,7 @@ def test_hard_target_copy_exactly_when_the_frame_clock_crosses_the_frequency():
         gradient_step(model, optimizer, seed=step)
         assert not same(params(model.target), params(model.policy)), "the update moved nothing"
         before = params(model.target)
-        model.on_train_batch_end(None, None, 0)
+        model.update_target()
         assert same(params(model.target), params(model.policy)) == copied, frames
         if copied:
             copies.append(frames)
@@ -345,7 +350,7 @@ def test_polyak_target_moves_tau_towards_online_and_never_hard_copies():
         model.rollout.frames = frames
         gradient_step(model, optimizer, seed=step)
         target, online = params(model.target), params(model.policy)
-        model.on_train_batch_end(None, None, 0)
+        model.update_target()
         for before, now, theta in zip(target, params(model.target), online, strict=True):
             torch.testing.assert_close(now, before + tau * (theta - before))
         assert not same(params(model.target), params(model.policy)), frames
@@ -677,3 +682,93 @@ def test_cartpole_beats_random_policy(run_fit):
     ).summary
     assert s["frames"] == 15000 and s["episodes"] >= 100
     assert s["return_ma"] > 50, f"return_ma {s['return_ma']} (random ~{RANDOM_CARTPOLE_RETURN})"
+
+
+# --- rounds of updates ---------------------------------------------------------------------------
+
+
+def test_a_round_of_stacked_batches_is_the_same_updates_in_order_with_one_priority_write():
+    """One cycle of three batches through ``training_step`` equals three ``update`` calls in
+    order (same weights and Adam state after), and writes the priorities of all 48 slots in
+    one call with the TD errors each update saw. Catches a loop that reuses the first batch,
+    skips the target update between updates, or writes priorities per update."""
+    batches = [hand_batch(seed=seed)._replace(weights=torch.ones(16)) for seed in range(3)]
+    batches = [b._replace(indices=torch.arange(16) + 16 * i) for i, b in enumerate(batches)]
+    reference = small_dqn(prioritized=True, tau=0.5)
+    manual_optimization(reference)
+    tds = [reference.update(batch, reference.optimizers()) for batch in batches]
+
+    model = small_dqn(prioritized=True, tau=0.5)
+    model.memory = model.build_memory()
+    for _ in range(24):  # 48 slots of two envs
+        model.memory.add(np.zeros((2, 4), np.float32), np.zeros(2, np.int64), np.zeros(2),
+                         np.zeros((2, 4), np.float32), np.zeros(2, bool), np.zeros(2, bool),
+                         np.ones(2, bool))  # fmt: skip
+    writes = []
+    write = model.memory.update_priorities
+    model.memory.update_priorities = lambda i, td: writes.append((i, td)) or write(i, td)
+    manual_optimization(model)
+    model.training_step([stack(*batches)], 0)
+
+    for ours, theirs in zip(
+        model.state_dict().values(), reference.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    ((indices, td_errors),) = writes
+    np.testing.assert_array_equal(indices, np.arange(48))
+    np.testing.assert_allclose(td_errors, torch.cat(tds).abs().numpy(), rtol=1e-6)
+    expected = (np.abs(td_errors) + model.memory.eps) ** model.per_alpha
+    np.testing.assert_allclose(model.memory.tree.get(np.arange(48)), expected, rtol=1e-6)
+
+
+class RecordingAgent:
+    """An off-policy agent that records the order of env steps and batch draws."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, max_frames: int) -> None:
+        self.max_frames = max_frames
+        self.events: list[tuple[str, int]] = []
+        self.rollout = None
+
+    def explore(self, obs: torch.Tensor) -> torch.Tensor:
+        self.events.append(("step", self.rollout.frames))
+        return torch.zeros(len(obs), dtype=torch.long)
+
+    def env_actions(self, actions: np.ndarray) -> np.ndarray:
+        return actions
+
+    def sample_batches(self, count: int) -> ReplayBatch:
+        self.events.append(("sample", count))
+        return self.rollout.memory.sample_stack(count, 4).as_tensors()
+
+
+def test_rollout_rounds_step_the_envs_then_draw_each_cycles_batches_lazily():
+    """Two envs, 3 vector steps per cycle, 4 updates per cycle, updates from frame 12 on:
+    a round holds 32 / 4 = 8 cycles, each cycle's batches are drawn after its env steps and
+    as the round is iterated (so each update sees the memory as the sequential loop would),
+    and no batch is drawn before learning_starts. Catches rounds that draw before stepping,
+    sample ahead of training_step, or ignore learning_starts."""
+    agent = RecordingAgent(max_frames=10**6)
+    memory = ReplayMemory(ReplayLayout(1000, 2, (4,), np.float32, (), np.int64, seed=0))
+    rollout = OffPolicyRollout(agent, EnvSpec("CartPole-v1", num_envs=2), memory, 0,
+                               learning_starts=12, training_frequency=3, updates_per_step=4,
+                               epoch_frames=96)  # fmt: skip
+    agent.rollout = rollout
+    assert rollout.cycles_per_epoch == 16 and rollout.cycles_per_round == 8 and len(rollout) == 2
+
+    rounds = iter(rollout)
+    first = next(rounds)
+    assert agent.events == []  # lazy: nothing happens until training_step iterates the round
+    stacks = []
+    for batches in first:
+        stacks.append(batches)
+        assert agent.events[-1] == ("sample", 4)
+    assert rollout.frames == 8 * 3 * 2
+    # Cycles 1-2 end at frames 6 and 12: the first draws nothing (before learning_starts).
+    assert agent.events[:7] == [("step", 0), ("step", 2), ("step", 4),
+                                ("step", 6), ("step", 8), ("step", 10), ("sample", 4)]  # fmt: skip
+    assert len(stacks) == 7 and all(s.obs.shape == (4, 4, 4) for s in stacks)
+    assert agent.events.count(("sample", 4)) == 7
+    assert len(list(rounds)) == 1  # the second round of this epoch
+    rollout.close()

@@ -78,16 +78,20 @@ def test_the_default_is_the_adam_of_before_bit_for_bit() -> None:
         group = optimizer.param_groups[0]
         assert (group["eps"], group["betas"], group["weight_decay"]) == (eps, (0.9, 0.999), 0)
         assert group["fused"] is True and group["amsgrad"] is False
-    sac = SAC(PENDULUM, actor=TINY, critic=TINY).configure_optimizers()
-    crossq = CrossQ(PENDULUM, actor=TINY, critic=TINY).configure_optimizers()
-    for optimizers, betas in ((sac, (0.9, 0.999)), (crossq, (0.5, 0.999))):
-        critic, actor, alpha = optimizers
+    sac = SAC(PENDULUM, actor=TINY, critic=TINY)
+    crossq = CrossQ(PENDULUM, actor=TINY, critic=TINY)
+    for model, betas in ((sac, (0.9, 0.999)), (crossq, (0.5, 0.999))):
+        critic, policy = optimizers = (
+            model.configure_optimizers()
+        )  # the actor's Adam has log(alpha) as its second group
+        actor, alpha = policy.param_groups
         assert all(type(o) is torch.optim.Adam for o in optimizers)
-        assert critic.param_groups[0]["betas"] == actor.param_groups[0]["betas"] == betas
-        # log(alpha)'s Adam keeps torch's betas, as before
-        assert alpha.param_groups[0]["betas"] == (0.9, 0.999)
-        assert all(o.param_groups[0]["fused"] is True for o in optimizers)
-        assert all(o.param_groups[0]["eps"] == 1e-8 for o in optimizers)
+        assert critic.param_groups[0]["betas"] == actor["betas"] == betas
+        # log(alpha)'s group keeps torch's betas, as before
+        assert alpha["betas"] == (0.9, 0.999) and alpha["lr"] == model.alpha_lr
+        assert alpha["params"] == [model.temperature.log_alpha]
+        assert all(g["fused"] is True for o in optimizers for g in o.param_groups)
+        assert all(g["eps"] == 1e-8 for o in optimizers for g in o.param_groups)
 
     # One step of the default equals one step of the Adam the code built before.
     torch.manual_seed(0)

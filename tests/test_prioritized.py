@@ -85,6 +85,28 @@ def test_importance_weights_by_hand():
     np.testing.assert_array_equal(memory.sample(8, beta=0.0).weights, np.ones(8))
 
 
+def test_stacked_batches_are_each_stratified_and_normalised_on_their_own():
+    """Four batches of two from priorities 30, 10, 10, 50 (P = 0.3, 0.1, 0.1, 0.5): each
+    batch's strata are [0, 50) and [50, 100), so every batch draws one of items 0-2, then
+    item 3. With beta 1 and N = 4, w = 1 / (4 P) = 0.8333, 2.5, 2.5, 0.5, and each batch is
+    divided by its own max: (1, 0.5 / w_first). Catches strata spread over the whole stack
+    or one max for the stack (a batch of item 0 would then weigh 0.8333 / 2.5)."""
+    memory = filled(4, alpha=1.0, eps=1e-9, seed=5)
+    memory.update_priorities(np.arange(4), np.array([30.0, 10.0, 10.0, 50.0]))
+    stack = memory.sample_stack(4, 2, beta=1.0)
+    assert stack.obs.shape == (4, 2, 1) and stack.indices.shape == stack.weights.shape == (4, 2)
+    first = stack.indices[:, 0]
+    assert (first < 3).all() and (stack.indices[:, 1] == 3).all()
+    assert 0 in first and (first > 0).any()  # this seed draws both kinds of batch
+    w = np.array([1 / 1.2, 2.5, 2.5])[first]
+    np.testing.assert_allclose(stack.weights, np.stack([np.ones(4), 0.5 / w], 1), rtol=1e-5)
+    np.testing.assert_array_equal(stack.obs[..., 0], stack.indices)
+    # The first batch of the stack is what sample() draws from the same generator state.
+    again = filled(4, alpha=1.0, eps=1e-9, seed=5)
+    again.update_priorities(np.arange(4), np.array([30.0, 10.0, 10.0, 50.0]))
+    np.testing.assert_array_equal(again.sample(2, beta=1.0).indices, stack.indices[0])
+
+
 def test_update_priorities_and_max_priority_for_new_transitions():
     memory = filled(3, capacity=5, alpha=0.6, eps=0.01)
     np.testing.assert_array_equal(memory.tree.get(np.arange(5)), [1.0, 1.0, 1.0, 0.0, 0.0])

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gymnasium import spaces
+from torch import nn
 from torch.distributions import Normal, TanhTransform, TransformedDistribution
 
 from slm_lightning.algorithms import SAC, CrossQ
@@ -24,9 +25,9 @@ from slm_lightning.algorithms.sac import (
 )
 from slm_lightning.callbacks import MetricsTracker
 from slm_lightning.envs.factory import EnvSpec
-from slm_lightning.nets.mlp import MLPSpec
+from slm_lightning.nets.mlp import MLPSpec, mlp_body, orthogonal_init
 from slm_lightning.nets.sac_nets import (
-    BatchRenorm1d,
+    BatchRenorm,
     BatchRenormSpec,
     SquashedGaussianActor,
     TwinQ,
@@ -180,18 +181,54 @@ def test_discrete_twin_q_gathers_taken_actions() -> None:
 
 def test_batch_renorm_warmup_is_batch_norm_then_clips() -> None:
     torch.manual_seed(0)
-    layer = BatchRenorm1d(4, BatchRenormSpec(momentum=0.1, warmup_steps=2, eps=1e-3))
+    layer = BatchRenorm(1, 4, BatchRenormSpec(momentum=0.1, warmup_steps=2, eps=1e-3))
     x = torch.randn(32, 4) * 3 + 1
     expected = F.batch_norm(x, None, None, training=True, eps=1e-3)
-    torch.testing.assert_close(layer(x), expected)  # step 0: r = 1, d = 0
-    layer(x)
+    torch.testing.assert_close(layer(x[None], batch_stats=True)[0], expected)  # r = 1, d = 0
+    layer(x[None], batch_stats=True)
     assert [float(v) for v in layer.limits()] == [3.0, 5.0]  # warmed up: the paper's limits
     # Running stats are far from the batch's (mean 1 vs running ~0.2): r and d now correct.
-    y = layer(x + 100.0)
+    y = layer(x[None] + 100.0, batch_stats=True)[0]
     assert torch.allclose(y.mean(0), torch.full((4,), 5.0))  # d clipped at d_max
-    layer.eval()
-    running = (x - layer.running_mean) / (layer.running_var + 1e-3).sqrt()
-    torch.testing.assert_close(layer(x), running)
+    running = (x - layer.running_mean[0]) / (layer.running_var[0] + 1e-3).sqrt()
+    before = layer.running_mean.clone()
+    torch.testing.assert_close(layer(x[None], batch_stats=False)[0], running)
+    assert torch.equal(layer.running_mean, before)  # the running statistics are only read
+
+
+def test_batch_renorm_keeps_each_critics_statistics_apart() -> None:
+    """Two critics' features of different scales: each member normalises with its own batch
+    statistics and keeps its own running ones. Catches statistics taken over the members
+    axis (mixing the critics) instead of the batch axis."""
+    layer = BatchRenorm(2, 3, BatchRenormSpec(momentum=0.5, eps=1e-3))
+    x = torch.stack([torch.randn(64, 3), 10.0 * torch.randn(64, 3) + 4.0])
+    y = layer(x, batch_stats=True)
+    for member in range(2):
+        expected = F.batch_norm(x[member], None, None, training=True, eps=1e-3)
+        torch.testing.assert_close(y[member], expected)
+        torch.testing.assert_close(layer.running_mean[member, 0], 0.5 * x[member].mean(0))
+
+
+def test_twin_q_is_each_critic_as_its_own_mlp() -> None:
+    """The ensemble's critic ``i`` computes and is initialised as critic ``i`` built as its own
+    MLP (Linear layers drawn critic by critic, orthogonal, output gain 1). Catches a weight
+    stored untransposed, members' layers interleaved, or the activation skipped."""
+    spec = MLPSpec([16, 8], "tanh")
+    torch.manual_seed(3)
+    ensemble = TwinQ(PENDULUM_OBS, PENDULUM_BOX, spec)
+    torch.manual_seed(3)
+    mlps = []
+    for _ in range(2):
+        body, width = mlp_body(4, spec)
+        mlps.append(nn.Sequential(*body, orthogonal_init(nn.Linear(width, 1), 1.0)))
+    obs, actions = torch.randn(5, 3), torch.rand(5, 1)
+    expected = torch.stack([mlp(torch.cat([obs, actions], -1)).squeeze(-1) for mlp in mlps])
+    torch.testing.assert_close(ensemble(obs, actions), expected)
+    # Frozen: the same values, gradients to the actions and none to the critics.
+    actions.requires_grad_(True)
+    ensemble(obs, actions, frozen=True).sum().backward()
+    assert actions.grad is not None and actions.grad.abs().sum() > 0
+    assert all(p.grad is None for p in ensemble.parameters())
 
 
 def crossq_model(**overrides) -> CrossQ:
@@ -212,29 +249,31 @@ def quiet_trainer() -> L.Trainer:
     )
 
 
-def test_crossq_joint_pass_in_train_mode_actor_update_in_eval_mode() -> None:
+def test_crossq_joint_pass_with_batch_statistics_actor_update_with_running_ones() -> None:
     torch.manual_seed(0)
     model = crossq_model()
-    renorms = [m for m in model.critic.modules() if isinstance(m, BatchRenorm1d)]
-    assert len(renorms) == 2 * 3  # input + after each of two hidden layers, per critic
+    renorms = [m for m in model.critic.modules() if isinstance(m, BatchRenorm)]
+    assert len(renorms) == 3  # input + after each of two hidden layers, both critics in each
     calls: list[dict] = []
 
-    def before(module, args):
+    def before(module, args, kwargs):
         calls.append({"running": [m.running_mean.clone() for m in renorms]})
 
-    def after(module, args, output):
+    def after(module, args, kwargs, output):
+        batch_stats = kwargs.get("batch_stats")
         calls[-1].update(
             rows=len(args[0]),
-            training=[m.training for m in renorms],
-            grad=next(module.parameters()).requires_grad,
+            batch_stats=module.training if batch_stats is None else batch_stats,
+            frozen=kwargs.get("frozen", False),
+            grad=output.requires_grad,
             changed=any(
                 not torch.equal(m.running_mean, old)
                 for m, old in zip(renorms, calls[-1]["running"], strict=True)
             ),
         )
 
-    model.critic.register_forward_pre_hook(before)
-    model.critic.register_forward_hook(after)
+    model.critic.register_forward_pre_hook(before, with_kwargs=True)
+    model.critic.register_forward_hook(after, with_kwargs=True)
     quiet_trainer().fit(model)
 
     updates = model.critic_updates
@@ -242,12 +281,12 @@ def test_crossq_joint_pass_in_train_mode_actor_update_in_eval_mode() -> None:
     assert len(calls) == 2 * updates  # per update: one joint critic pass, one actor pass
     critic_passes, actor_passes = calls[0::2], calls[1::2]
     for call in critic_passes:  # current and next pairs together: 2 x batch_size rows
-        assert call["rows"] == 2 * 16 and all(call["training"]) and call["grad"]
-        assert call["changed"]
+        assert call["rows"] == 2 * 16 and call["batch_stats"] and not call["frozen"]
+        assert call["changed"] and call["grad"]
     for call in actor_passes:  # running statistics used, not updated; critics frozen
-        assert call["rows"] == 16 and not any(call["training"]) and not call["grad"]
+        assert call["rows"] == 16 and not call["batch_stats"] and call["frozen"]
         assert not call["changed"]
-    assert all(m.training for m in renorms)  # left in train mode after the update
+    assert model.critic.training  # left in train mode
     assert int(renorms[0].steps) == updates
 
 
@@ -271,14 +310,15 @@ def test_sac_checkpoint_round_trip(tmp_path: Path, run_fit) -> None:
     trained, trainer = first.model, first.trainer
     ckpt_path = tmp_path / "run" / "checkpoints" / "last.ckpt"
     ckpt = torch.load(ckpt_path, weights_only=False, map_location="cpu")
-    # Critic, actor and alpha optimizers, each with its Adam moments.
-    assert len(ckpt["optimizer_states"]) == len(trainer.optimizers) == 3
+    # The critics' optimizer, and the actor's with log_alpha as its second group.
+    assert len(ckpt["optimizer_states"]) == len(trainer.optimizers) == 2
+    assert [len(g["params"]) for g in ckpt["optimizer_states"][1]["param_groups"]] == [8, 1]
     for saved, optimizer in zip(ckpt["optimizer_states"], trainer.optimizers, strict=True):
         assert optimizer_states_equal(saved, optimizer.state_dict())
     log_alpha = ckpt["state_dict"]["temperature.log_alpha"]
     assert torch.equal(log_alpha, trained.temperature.log_alpha.detach())
     assert log_alpha != 0.0  # tuned away from the initial alpha = 1
-    assert "critic_target.critics.0.0.weight" in ckpt["state_dict"]
+    assert ckpt["state_dict"]["critic_target.weights.0"].shape == (2, 4, 16)  # 2 critics, (s, a)
     assert ckpt["critic_updates"] == trained.critic_updates == 401
 
     # Resuming (with the budget spent) restores every optimizer, log_alpha and the counters.
@@ -305,9 +345,10 @@ def test_sac_short_run_completes(config: str, env_actions: str, run_fit) -> None
     run = run_fit(*SHORT, "--model.init_args.policy_delay=2", config=CONFIGS / config)
     cli, model, summary = run.cli, run.model, run.summary
     assert summary["frames"] == 600 and summary["episodes"] > 0
-    # One critic update per frame from learning_starts; actor and alpha every second one.
+    # One critic step per frame from learning_starts; every second one an actor step, which
+    # steps alpha too (one optimizer).
     assert model.critic_updates == 401
-    assert cli.trainer.global_step == 401 + 2 * (401 // 2)
+    assert cli.trainer.global_step == 401 + 401 // 2
     for key in ["critic_loss", "actor_loss", "alpha", "entropy", "q_mean"]:
         assert math.isfinite(float(model.train_metrics[f"train/{key}"])), key
     # The entropy starts above its target: alpha falls from its initial value.
@@ -322,7 +363,7 @@ def test_sac_short_run_completes(config: str, env_actions: str, run_fit) -> None
 def test_crossq_short_run_completes(run_fit) -> None:
     cli = run_fit(*SHORT, config=CONFIGS / "crossq_pendulum.yaml").cli
     assert cli.model.critic_updates == 401
-    assert cli.trainer.global_step == 401 + 2 * (401 // 3)  # policy delay 3
+    assert cli.trainer.global_step == 401 + 401 // 3  # policy delay 3; actor and alpha together
     assert "critic_target" not in dict(cli.model.named_children())
 
 

@@ -156,6 +156,31 @@ def test_non_finite_loss_names_the_term_before_the_update(isolated_run, capsys) 
     assert not (run / "checkpoints" / "last.ckpt").exists()
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_on_an_accelerator_the_loss_is_read_once_per_step_and_still_stops_the_run(
+    isolated_run, capsys, monkeypatch
+) -> None:
+    """The same inf value loss where reading a loss waits for the device (forced here on the
+    CPU): the flag is read at the end of the training step, after its update, and the run
+    stops there without a checkpoint. Catches a flag that is never read (the run would go
+    on and finish) or read before it is set."""
+    from slm_lightning.algorithms import PPO as PPOClass
+
+    monkeypatch.setattr(PPOClass, "defer_loss_checks", property(lambda self: True))
+    run = isolated_run / "run"
+    code = slm_lab("fit", *PPO, *TOY, f"--trainer.default_root_dir={run}",
+                   "--model.init_args.env.kwargs={reward: 1.0e19}",
+                   "--model.init_args.normalize_advantages=false",
+                   "--model.init_args.max_frames=512")  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert ERROR_LINE.findall(err) == [
+        f"PPO: train/value_loss is inf in the updates before step 1 (frame {ROLLOUT}); "
+        "stopped before any checkpoint of them"
+    ]
+    assert not (run / "checkpoints" / "last.ckpt").exists()
+
+
 class PoisonWeights(L.Callback):
     """Sets one weight to NaN once the clock passes 512 frames (before FrameCheckpoint's save)."""
 

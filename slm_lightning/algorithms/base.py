@@ -104,6 +104,9 @@ class RLAlgorithm(L.LightningModule, ABC):
             )
         self.rollout: Any = None
         self._rollout_state: dict[str, Any] | None = None
+        # Whether a loss of this training_step was not finite, on the accelerator (see
+        # on_before_backward); None on a CPU, where each loss is read at once.
+        self._nonfinite: Tensor | None = None
         # Training diagnostics; MetricsTracker logs their means over the updates of each row.
         self.train_metrics = TrainMetrics()
 
@@ -268,15 +271,42 @@ class RLAlgorithm(L.LightningModule, ABC):
     @override
     def on_before_backward(self, loss: Tensor) -> None:
         # Lightning calls this before every backward (automatic optimization, and
-        # manual_backward): a non-finite loss stops the run before it reaches the weights, at
-        # the cost of one device sync per update. Under 16-mixed the loss arrives scaled, and
-        # an infinite scaled loss is the GradScaler's to handle (it skips that step).
+        # manual_backward): a non-finite loss stops the run. Under 16-mixed the loss arrives
+        # scaled, and an infinite scaled loss is the GradScaler's to handle (it skips that step).
+        scaled = loss_scaling(self._trainer)
+        if self.defer_loss_checks:
+            # Reading the loss waits for the accelerator, which would serialise the update
+            # loop: keep a flag on the device, read once per training_step
+            # (on_train_batch_end), before any checkpoint can be written.
+            bad = torch.isnan(loss) if scaled else ~torch.isfinite(loss)
+            self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+            return
+        # On a CPU the value is read before the backward, so that the bad update never
+        # reaches the weights.
         value = loss.item()  # a scalar: ~0.4 us on a CPU, against ~19 for isfinite().any()
-        if math.isnan(value) or (math.isinf(value) and not loss_scaling(self._trainer)):
+        if math.isnan(value) or (math.isinf(value) and not scaled):
             raise FloatingPointError(
                 f"{type(self).__name__}: {self._loss_term(loss)} at step "
                 f"{self.trainer.global_step} (frame {self.frames}); stopped before the "
                 "optimizer step"
+            )
+
+    @property
+    def defer_loss_checks(self) -> bool:
+        """Whether the losses are checked once per training_step rather than before each
+        backward: on an accelerator, where reading one waits for the device."""
+        return self.device.type != "cpu"
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._nonfinite is None:
+            return
+        bad, self._nonfinite = bool(self._nonfinite), None  # the one device read of the step
+        if bad:
+            raise FloatingPointError(
+                f"{type(self).__name__}: {self._loss_term(torch.tensor(math.nan))} in the "
+                f"updates before step {self.trainer.global_step} (frame {self.frames}); "
+                "stopped before any checkpoint of them"
             )
 
     def _loss_term(self, loss: Tensor) -> str:

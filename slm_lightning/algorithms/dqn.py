@@ -10,16 +10,19 @@ The data path, in order:
    by ``data/replay_choice.py:make_replay``, built in ``algorithms/off_policy.py:build_rollout``);
 3. replay memory: ``ReplayMemory._write`` (``PrioritizedReplay._write`` gives new transitions
    the maximal priority; ``FrameReplay`` stores each frame once);
-4. sample: ``OffPolicyRollout.__iter__`` yields :meth:`DQN.sample_batch`
-   (``ReplayMemory.sample`` / ``PrioritizedReplay.sample``), a ``data/replay.py:ReplayBatch``;
-5. target: :meth:`DQN.training_step` with :func:`dqn_target` / :func:`double_dqn_target`;
-6. loss: Huber or MSE on the TD error, weighted by the PER weights, in ``training_step``;
-7. optimizer: Lightning's automatic optimization,
+4. sample: ``OffPolicyRollout.__iter__`` yields ``UpdateRound`` s, whose cycles call
+   :meth:`DQN.sample_batches` (``ReplayMemory.sample_stack`` /
+   ``PrioritizedReplay.sample_stack``): a cycle's batches as one stacked
+   ``data/replay.py:ReplayBatch``;
+5. target: :meth:`DQN.update` with :func:`dqn_target` / :func:`double_dqn_target`;
+6. loss: Huber or MSE on the TD error, weighted by the PER weights, in :meth:`DQN.loss_terms`;
+7. optimizer: Lightning's manual optimization in :meth:`DQN.update`,
    ``optim.py:PolicyOptimizer.configure_optimizers`` (``optim.py:OptimizerSpec.build``),
-   clipped in ``PolicyOptimizer.configure_gradient_clipping``;
-8. target-net update: :meth:`DQN.on_train_batch_end` (Polyak with ``tau``, or hard copies);
-9. priorities: ``training_step`` calls ``PrioritizedReplay.update_priorities`` on
-   ``self.memory`` with the batch's TD errors.
+   clipped by ``optim.py:clip_grad_norm``;
+8. target-net update: :meth:`DQN.update_target` after every update (Polyak with ``tau``,
+   or hard copies), one foreach kernel (``off_policy.py:TargetNetwork``);
+9. priorities: :meth:`DQN.training_step` calls ``PrioritizedReplay.update_priorities`` once
+   per cycle with the TD errors of all its batches.
 """
 
 import copy
@@ -32,8 +35,9 @@ from gymnasium import spaces
 from torch import Tensor
 from typing_extensions import override
 
-from slm_lightning.algorithms.off_policy import OffPolicyAlgorithm
+from slm_lightning.algorithms.off_policy import OffPolicyAlgorithm, TargetNetwork
 from slm_lightning.config_types import Count, NonNegativeFloat, PositiveCount
+from slm_lightning.data.offpolicy_rollout import UpdateRound
 from slm_lightning.data.prioritized import PrioritizedReplay
 from slm_lightning.data.replay import ReplayBatch, ReplayLayout, ReplayMemory
 from slm_lightning.data.replay_choice import make_replay
@@ -42,7 +46,7 @@ from slm_lightning.errors import ConfigError
 from slm_lightning.nets.conv import ConvSpec
 from slm_lightning.nets.mlp import MLPSpec
 from slm_lightning.nets.q_network import QNetwork, exploration_setting, exploring_actions
-from slm_lightning.optim import OptimizerSpec, PolicyOptimizer
+from slm_lightning.optim import OptimizerSpec, PolicyOptimizer, clip_grad_norm
 from slm_lightning.schedules import Schedule, scheduled
 
 
@@ -195,6 +199,7 @@ class DQN(PolicyOptimizer, OffPolicyAlgorithm):
             self.observation_space, self.action_space, net or MLPSpec(), dueling, conv=conv
         )
         self.target = copy.deepcopy(self.policy).requires_grad_(False)
+        self._target = TargetNetwork(self.policy, self.target)
         self._next_target_update = target_update_frequency
 
     @override
@@ -218,11 +223,12 @@ class DQN(PolicyOptimizer, OffPolicyAlgorithm):
         return self.policy(obs).argmax(-1) if greedy else self.explore(obs)
 
     @override
-    def sample_batch(self) -> ReplayBatch:
+    def sample_batches(self, count: int) -> ReplayBatch:
         if isinstance(self.memory, PrioritizedReplay):
             beta = scheduled(self.per_beta, self.frames, self.max_frames)
-            return self.memory.sample(self.batch_size, beta=beta)
-        return self.memory.sample(self.batch_size)
+            stack = self.memory.sample_stack(count, self.batch_size, beta=beta)
+            return stack.as_tensors(self.device)
+        return super().sample_batches(count)
 
     @override
     def on_train_epoch_start(self) -> None:
@@ -232,8 +238,9 @@ class DQN(PolicyOptimizer, OffPolicyAlgorithm):
         )
         self.train_metrics.set({key: rate})
 
-    @override
-    def training_step(self, batch: ReplayBatch, batch_idx: int) -> Tensor:
+    def loss_terms(self, batch: ReplayBatch) -> tuple[Tensor, Tensor]:
+        """The batch's loss (Huber or MSE on the TD error, weighted by the PER weights) and
+        its TD errors ``Q(s, a) - target`` ``(B,)``."""
         obs, next_obs = batch.obs, batch.next_obs
         if self.double_q:  # one forward pass of the online net over s and s' together
             q_all = self.policy(torch.cat([obs, next_obs]))
@@ -255,23 +262,40 @@ class DQN(PolicyOptimizer, OffPolicyAlgorithm):
             elementwise = 0.5 * td_error.pow(2)
         if batch.weights is not None:  # prioritized replay: correct the sampling bias
             loss = (batch.weights * elementwise).mean()
-            self.memory.update_priorities(
-                batch.indices.cpu().numpy(), td_error.detach().abs().cpu().numpy()
-            )
         else:
             loss = elementwise.mean()
         self.train_metrics.add({"train/loss": loss, "train/q_mean": q.mean()})
-        return loss
+        return loss, td_error.detach()
+
+    def update(self, batch: ReplayBatch, optimizer: torch.optim.Optimizer) -> Tensor:
+        """One gradient step on ``batch``, then the target network's update; returns the
+        batch's TD errors (for prioritized replay)."""
+        loss, td_error = self.loss_terms(batch)
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        clip_grad_norm(self, optimizer, self.max_grad_norm)
+        optimizer.step()
+        self.update_target()
+        return td_error
 
     @override
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.tau is not None:
-            with torch.no_grad():
-                torch._foreach_lerp_(
-                    list(self.target.parameters()), list(self.policy.parameters()), self.tau
+    def training_step(self, batch: UpdateRound, batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        for stack in batch:
+            td_errors = [self.update(stack.at(k), optimizer) for k in range(len(stack.rewards))]
+            if stack.weights is not None:  # one priority write for the cycle's batches
+                self.memory.update_priorities(
+                    stack.indices.reshape(-1).cpu().numpy(),
+                    torch.cat(td_errors).abs().cpu().numpy(),
                 )
+
+    def update_target(self) -> None:
+        """Polyak-average the target network towards the online one (``tau``), or copy it
+        every ``target_update_frequency`` frames."""
+        if self.tau is not None:
+            self._target.polyak(self.tau)
         elif self.frames >= self._next_target_update:
-            self.target.load_state_dict(self.policy.state_dict())
+            self._target.copy()
             period = self.target_update_frequency
             self._next_target_update = (self.frames // period + 1) * period
 

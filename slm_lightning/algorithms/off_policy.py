@@ -3,7 +3,9 @@ off-policy rollout that fills it, and its place in the checkpoint."""
 
 from typing import Any
 
+import torch
 from loguru import logger
+from torch import Tensor, nn
 from typing_extensions import override
 
 from slm_lightning.algorithms.base import RLAlgorithm
@@ -15,6 +17,39 @@ from slm_lightning.envs.spec import EnvSpec
 from slm_lightning.errors import ConfigError
 
 
+class TargetNetwork:
+    """A target network's tensors matched with its online network's, listed once (walking
+    the module tree costs as much as a small net's update), for one-kernel updates.
+
+    Args:
+        online: the trained network.
+        target: its copy (same structure), which bootstraps the TD targets.
+    """
+
+    def __init__(self, online: nn.Module, target: nn.Module) -> None:
+        self.online, self.target = online, target
+        self._params: tuple[list[Tensor], list[Tensor]] | None = None
+
+    def _lists(self) -> tuple[list[Tensor], list[Tensor]]:
+        # Listed at first use, after Lightning moved the modules to their device (``.to``
+        # keeps the Parameter objects, so the lists stay valid).
+        if self._params is None:
+            self._params = (list(self.target.parameters()), list(self.online.parameters()))
+        return self._params
+
+    @torch.no_grad()
+    def polyak(self, tau: float) -> None:
+        """``target <- tau * online + (1 - tau) * target``, one foreach kernel."""
+        torch._foreach_lerp_(*self._lists(), tau)
+
+    @torch.no_grad()
+    def copy(self) -> None:
+        """``target <- online`` (parameters and buffers)."""
+        torch._foreach_copy_(*self._lists())
+        for target, online in zip(self.target.buffers(), self.online.buffers(), strict=True):
+            target.copy_(online)
+
+
 class OffPolicyAlgorithm(RLAlgorithm):
     """An algorithm that learns from a replay memory: it owns the memory (``self.memory``),
     hands it to the :class:`OffPolicyRollout` that writes into it, samples its batches, and
@@ -22,6 +57,9 @@ class OffPolicyAlgorithm(RLAlgorithm):
 
     A resume from a checkpoint without the memory collects ``learning_starts`` frames before
     it updates again: updating at once would fit the first few transitions over and over.
+
+    ``training_step`` receives an :class:`~slm_lightning.data.offpolicy_rollout.UpdateRound`
+    and runs every update in it under Lightning's manual optimization.
 
     Subclasses implement :meth:`explore` (and ``training_step``); the memory's class follows
     from :meth:`replay_layout` (see :func:`~slm_lightning.data.replay_choice.make_replay`).
@@ -65,6 +103,9 @@ class OffPolicyAlgorithm(RLAlgorithm):
             raise ConfigError(
                 f"model.init_args.learning_starts must be >= 0, got {learning_starts}"
             )
+        # Several updates per training_step (a round of env steps and updates, see
+        # OffPolicyRollout), each with its own optimizer steps: Lightning's manual optimization.
+        self.automatic_optimization = False
         self.batch_size = batch_size
         self.memory_size = memory_size
         self.learning_starts = learning_starts
@@ -133,9 +174,10 @@ class OffPolicyAlgorithm(RLAlgorithm):
             gamma=self.gamma,
         )
 
-    def sample_batch(self) -> ReplayBatch:
-        """A uniformly sampled batch of ``batch_size`` transitions from the memory."""
-        return self.memory.sample(self.batch_size)
+    def sample_batches(self, count: int) -> ReplayBatch:
+        """``count`` uniformly sampled batches of ``batch_size`` transitions, stacked on a
+        first axis, on this module's device: one cycle's updates."""
+        return self.memory.sample_stack(count, self.batch_size).as_tensors(self.device)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

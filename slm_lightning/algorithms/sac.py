@@ -7,8 +7,7 @@ another critic loss.
 
 import copy
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -17,8 +16,9 @@ from gymnasium import spaces
 from torch import Tensor, nn
 from typing_extensions import override
 
-from slm_lightning.algorithms.off_policy import OffPolicyAlgorithm
+from slm_lightning.algorithms.off_policy import OffPolicyAlgorithm, TargetNetwork
 from slm_lightning.config_types import Count, NonNegativeFloat, PositiveCount
+from slm_lightning.data.offpolicy_rollout import UpdateRound
 from slm_lightning.data.replay import ReplayBatch
 from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.errors import ConfigError
@@ -139,60 +139,45 @@ def check_sac_args(**values: float | None) -> None:
             raise ConfigError(f"model.init_args.{key} must be > 0, got {value}")
 
 
-@contextmanager
-def frozen(module: nn.Module, eval_mode: bool = False) -> Iterator[nn.Module]:
-    """No parameter gradients for ``module`` (and eval mode if asked) inside the block: the
-    actor loss backpropagates through the critics to the actions only."""
-    training = module.training
-    module.requires_grad_(False)
-    if eval_mode:
-        module.eval()
-    try:
-        yield module
-    finally:
-        module.requires_grad_(True)
-        module.train(training)
-
-
 def update_actor_and_alpha(
     actor: Actor,
     critic: TwinQ,
     temperature: EntropyTemperature,
     obs: Tensor,
-    optimizers: list,
+    optimizer: torch.optim.Optimizer,
     backward: Callable[[Tensor], None],
     metrics: TrainMetrics,
-    critic_eval: bool = False,
+    critic_batch_stats: bool = True,
 ) -> None:
-    """One actor step (and one temperature step when tuned) on ``obs``.
+    """One actor step and, when tuned, one temperature step on ``obs``, with one backward
+    pass and one optimizer step: the two losses share no parameter (the actor's sees alpha
+    as a constant, the temperature's the entropy), so their sum has each one's gradients.
 
     Args:
         actor: the policy.
-        critic: the critics, frozen (and in eval mode with ``critic_eval``) meanwhile.
+        critic: the critics, evaluated with their parameters detached (gradients reach the
+            actions only).
         temperature: the entropy coefficient.
         obs: a batch of states.
-        optimizers: the actor's optimizer, then the temperature's if it is tuned.
+        optimizer: the actor's parameters, then ``log_alpha`` as a second group if tuned.
         backward: the LightningModule's ``manual_backward``.
         metrics: the algorithm's ``train_metrics``, updated in place with ``train/actor_loss``
-            (before its backward, so that a non-finite one is reported by name),
+            (before the backward, so that a non-finite one is reported by name),
             ``train/entropy`` and ``train/alpha``.
-        critic_eval: evaluate the critics in eval mode (CrossQ: running BN statistics).
+        critic_batch_stats: Batch Renormalization with batch statistics; False uses the
+            running statistics, untouched (CrossQ's actor update).
     """
     pi = actor.evaluate(obs)
-    with frozen(critic, eval_mode=critic_eval):
-        q = critic(obs, pi.actions).min(0).values
-    actor_loss = sac_actor_loss(q, pi.log_probs, temperature.alpha, pi.probs)
-    metrics.add({"train/actor_loss": actor_loss})
-    actor_opt, *alpha_opt = optimizers
-    actor_opt.zero_grad(set_to_none=True)
-    backward(actor_loss)
-    actor_opt.step()
+    q = critic(obs, pi.actions, frozen=True, batch_stats=critic_batch_stats).min(0).values
+    loss = sac_actor_loss(q, pi.log_probs, temperature.alpha, pi.probs)
+    metrics.add({"train/actor_loss": loss})
     entropy = pi.entropy().detach()
-    if alpha_opt:
-        loss = temperature.loss(entropy)
-        alpha_opt[0].zero_grad(set_to_none=True)
-        backward(loss)
-        alpha_opt[0].step()
+    if temperature.auto:
+        loss = loss + temperature.loss(entropy)
+    optimizer.zero_grad(set_to_none=True)
+    backward(loss)
+    optimizer.step()
+    if temperature.auto:
         temperature.clamp_()
     metrics.add({"train/entropy": entropy.mean(), "train/alpha": temperature.alpha})
 
@@ -291,8 +276,6 @@ class SAC(OffPolicyAlgorithm):
         )
         self.check_replay_settings()
         self.check_nets(actor=actor, critic=critic)
-        # Several optimizers stepped at different rates: Lightning's manual optimization.
-        self.automatic_optimization = False
         self.actor_lr, self.critic_lr, self.alpha_lr = actor_lr, critic_lr, alpha_lr
         self.optimizer_spec = optimizer or OptimizerSpec()
         # The actor's and critics' defaults for fields the config leaves None (CrossQ: betas).
@@ -305,6 +288,9 @@ class SAC(OffPolicyAlgorithm):
         self.critic = self.build_critic(critic or DEFAULT_NET)
         self.critic_target = (
             copy.deepcopy(self.critic).requires_grad_(False) if self.target_critics else None
+        )
+        self._target = (
+            TargetNetwork(self.critic, self.critic_target) if self.target_critics else None
         )
         if target_entropy is None:
             target_entropy = default_target_entropy(self.action_space)
@@ -331,17 +317,21 @@ class SAC(OffPolicyAlgorithm):
 
     @override
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        """``optimizer_spec``'s optimizer for the critics, the actor and (when tuned)
-        ``log_alpha``, in that order; the learning rates are constant. The temperature's takes
-        none of ``optimizer_defaults`` (CrossQ's betas are for the networks)."""
+        """``optimizer_spec``'s optimizer for the critics, then one for the actor with
+        ``log_alpha`` as a second parameter group when it is tuned (they step together); the
+        learning rates are constant. The temperature's group takes none of
+        ``optimizer_defaults`` (CrossQ's betas are for the networks) but the torch
+        optimizer's own defaults."""
         spec, defaults = self.optimizer_spec, self.optimizer_defaults
-        optimizers = [
-            spec.build([self.critic.parameters()], self.critic_lr, defaults),
-            spec.build([self.actor.parameters()], self.actor_lr, defaults),
-        ]
+        critic = spec.build([self.critic.parameters()], self.critic_lr, defaults)
+        policy = spec.build([self.actor.parameters()], self.actor_lr, defaults)
         if self.temperature.auto:
-            optimizers.append(spec.build([[self.temperature.log_alpha]], self.alpha_lr))
-        return optimizers
+            settings = {**spec.defaults_of_optimizer(defaults), **spec.kwargs()}
+            settings.pop("fused", None)
+            policy.add_param_group(
+                {"params": [self.temperature.log_alpha], "lr": self.alpha_lr, **settings}
+            )
+        return [critic, policy]
 
     def critic_loss(self, batch: ReplayBatch) -> tuple[Tensor, Tensor]:
         """``Q_i(s, a)`` ``(num_critics, B)`` and the twin critics' loss against the soft
@@ -355,21 +345,21 @@ class SAC(OffPolicyAlgorithm):
         q = self.critic.taken(batch.obs, batch.actions)
         return q, twin_critic_loss(q, target)
 
-    @override
-    def training_step(self, batch: ReplayBatch, batch_idx: int) -> None:
-        critic_opt, *policy_opts = self.optimizers()
+    def update(
+        self,
+        batch: ReplayBatch,
+        critic_opt: torch.optim.Optimizer,
+        policy_opt: torch.optim.Optimizer,
+    ) -> None:
+        """One critic step on ``batch`` and the target critics' Polyak step, then every
+        ``policy_delay`` critic steps one actor (and temperature) step."""
         q, critic_loss = self.critic_loss(batch)
         self.train_metrics.add({"train/critic_loss": critic_loss})  # named if not finite
         critic_opt.zero_grad(set_to_none=True)
         self.manual_backward(critic_loss)
         critic_opt.step()
-        if self.critic_target is not None:
-            with torch.no_grad():
-                torch._foreach_lerp_(
-                    list(self.critic_target.parameters()),
-                    list(self.critic.parameters()),
-                    self.tau,
-                )
+        if self._target is not None:
+            self._target.polyak(self.tau)
         self.critic_updates += 1
         self.train_metrics.add({"train/q_mean": q.mean()})
         if self.critic_updates % self.policy_delay == 0:
@@ -378,11 +368,18 @@ class SAC(OffPolicyAlgorithm):
                 self.critic,
                 self.temperature,
                 batch.obs,
-                policy_opts,
+                policy_opt,
                 self.manual_backward,
                 self.train_metrics,
-                critic_eval=self.critic_eval_in_actor_update,
+                critic_batch_stats=not self.critic_eval_in_actor_update,
             )
+
+    @override
+    def training_step(self, batch: UpdateRound, batch_idx: int) -> None:
+        critic_opt, policy_opt = self.optimizers()
+        for stack in batch:
+            for k in range(len(stack.rewards)):
+                self.update(stack.at(k), critic_opt, policy_opt)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -23,7 +23,42 @@ class OffPolicyAgent(Protocol):
 
     def explore(self, obs: Tensor) -> Tensor: ...
     def env_actions(self, actions: np.ndarray) -> np.ndarray: ...
-    def sample_batch(self) -> ReplayBatch: ...
+    def sample_batches(self, count: int) -> ReplayBatch: ...
+
+
+# Updates a Lightning batch (one training_step) holds at least, where the budget allows:
+# Lightning's per-batch hooks cost ~0.3 ms, as much as a small update, so they are paid once
+# per round of several updates (and env steps) rather than once per update.
+ROUND_UPDATES = 32
+
+
+class UpdateRound:
+    """The work of one ``training_step``: ``cycles`` rollout cycles of ``training_frequency``
+    vector steps, each followed by its ``updates_per_step`` sampled batches.
+
+    Lazy: iterating it steps the envs and samples, so every update still sees the memory as
+    the sequential algorithm would (the batches of a cycle are drawn after its env steps).
+    Each item is one cycle's batches stacked on a first axis (``batches.at(k)`` is update
+    ``k``'s), already on the agent's device; cycles before ``learning_starts`` yield nothing.
+
+    Args:
+        rollout: the rollout that steps the envs and writes the memory.
+        cycles: cycles in this round.
+    """
+
+    def __init__(self, rollout: "OffPolicyRollout", cycles: int) -> None:
+        self.rollout = rollout
+        self.cycles = cycles
+
+    def __iter__(self) -> Iterator[ReplayBatch]:
+        rollout = self.rollout
+        for _ in range(self.cycles):
+            if rollout.frames >= rollout.agent.max_frames:
+                return
+            for _ in range(rollout.training_frequency):
+                rollout.step()
+            if rollout.updating():
+                yield rollout.agent.sample_batches(rollout.updates_per_step)
 
 
 class OffPolicyRollout(VectorRollout):
@@ -31,9 +66,10 @@ class OffPolicyRollout(VectorRollout):
 
     One ``iter()`` (one Lightning epoch) runs enough such cycles to cover about
     ``epoch_frames`` frames, so per-epoch hooks (metrics, checkpoints) stay off the
-    per-step path. No batch is yielded before the frame clock reaches ``learning_starts``.
-    Because the dataset has a length, Lightning does not prefetch: every update happens
-    before the next env step, as in the sequential algorithm.
+    per-step path. It yields :class:`UpdateRound` s of enough cycles for
+    :data:`ROUND_UPDATES` updates, so Lightning's per-batch hooks stay off the per-update
+    path; a round runs its cycles as ``training_step`` iterates it. No batch is sampled before
+    the frame clock reaches ``learning_starts``.
 
     The memory is the algorithm's: it checkpoints it; the rollout only writes into it. The
     rollout's own state (frame clock, RNGs, normalisers) is :class:`VectorRollout`'s.
@@ -75,7 +111,16 @@ class OffPolicyRollout(VectorRollout):
         self.cycles_per_epoch = max(1, math.ceil(epoch_frames / frames_per_cycle))
 
     def __len__(self) -> int:
-        return self.cycles_per_epoch * self.updates_per_step
+        return math.ceil(self.cycles_per_epoch / self.cycles_per_round)
+
+    @property
+    def cycles_per_round(self) -> int:
+        """Cycles per :class:`UpdateRound`: enough for :data:`ROUND_UPDATES` updates."""
+        return min(self.cycles_per_epoch, math.ceil(ROUND_UPDATES / self.updates_per_step))
+
+    def updating(self) -> bool:
+        """Whether a cycle that ends now samples its batches: past ``learning_starts``."""
+        return self.frames >= self.learning_starts and len(self.memory) > 0
 
     def on_env_created(self, env: VectorEnv) -> None:
         # Fresh episodes: n-step windows left open by a restored memory (a resume) belong to
@@ -100,13 +145,9 @@ class OffPolicyRollout(VectorRollout):
         self.prev_done = next_step_resets(terminated, truncated, info)
         self.obs = next_obs
 
-    def __iter__(self) -> Iterator[ReplayBatch]:
-        for _ in range(self.cycles_per_epoch):
+    def __iter__(self) -> Iterator[UpdateRound]:
+        per_round = self.cycles_per_round
+        for start in range(0, self.cycles_per_epoch, per_round):
             if self.frames >= self.agent.max_frames:
                 return
-            for _ in range(self.training_frequency):
-                self.step()
-            if self.frames < self.learning_starts or len(self.memory) == 0:
-                continue
-            for _ in range(self.updates_per_step):
-                yield self.agent.sample_batch().as_tensors()
+            yield UpdateRound(self, min(per_round, self.cycles_per_epoch - start))

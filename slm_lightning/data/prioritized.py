@@ -4,7 +4,7 @@ from typing import Any
 
 import numpy as np
 
-from slm_lightning.data.replay import ReplayBatch, ReplayLayout, ReplayMemory
+from slm_lightning.data.replay import ReplayBatch, ReplayLayout, ReplayMemory, stacked
 
 
 class SumTree:
@@ -173,16 +173,33 @@ class PrioritizedReplay(ReplayMemory):
             computes it, inside the batch loop) needs no min-priority tree and keeps the
             largest weight of every batch at exactly 1.
         """
+        return self.sample_stack(1, batch_size, beta=beta).at(0)
+
+    def sample_stack(self, count: int, batch_size: int, beta: float = 0.4) -> ReplayBatch:
+        """``count`` stratified batches (as :meth:`sample` draws one) in one tree search,
+        stacked on a new first axis, each with its own importance-sampling weights.
+
+        All come from the priorities as they are now: the priorities of a round's batches are
+        written back after the round (:meth:`update_priorities` once), not between its updates.
+
+        Args:
+            count: batches.
+            batch_size: transitions per batch.
+            beta: importance-sampling exponent in ``[0, 1]``.
+        """
+        if count < 1:
+            raise ValueError(f"memory count must be >= 1, got {count}")
         self._check_sample(batch_size)
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"memory.beta must be in [0, 1], got {beta}")
         total = self.tree.total
         segment = total / batch_size
-        targets = (np.arange(batch_size) + self.rng.random(batch_size)) * segment
-        indices = self.tree.find(np.minimum(targets, np.nextafter(total, 0.0)))
-        probs = self.tree.get(indices) / total
+        targets = (np.arange(batch_size) + self.rng.random((count, batch_size))) * segment
+        indices = self.tree.find(np.minimum(targets.reshape(-1), np.nextafter(total, 0.0)))
+        probs = (self.tree.get(indices) / total).reshape(count, batch_size)
         weights = (self.size * probs) ** -beta
-        return self.batch(indices)._replace(weights=(weights / weights.max()).astype(np.float32))
+        weights = (weights / weights.max(axis=1, keepdims=True)).astype(np.float32)
+        return stacked(self.batch(indices), count)._replace(weights=weights)
 
     def update_priorities(self, indices: np.ndarray, td_errors: np.ndarray) -> None:
         """Set ``p_i = (|td_i| + eps)^alpha`` for the sampled slots.

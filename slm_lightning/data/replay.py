@@ -41,9 +41,34 @@ class ReplayBatch(NamedTuple):
     indices: Array
     weights: Array | None = None
 
-    def as_tensors(self) -> "ReplayBatch":
-        """The same batch as tensors sharing the arrays' memory (None stays None)."""
-        return ReplayBatch(*(None if x is None else torch.from_numpy(x) for x in self))
+    def as_tensors(self, device: torch.device | str | None = None) -> "ReplayBatch":
+        """The same batch as tensors: sharing the arrays' memory on the CPU, copied (without
+        waiting for the copy) to ``device`` otherwise. None stays None.
+
+        Args:
+            device: where the tensors go; None keeps them on the CPU.
+        """
+        if device is None or torch.device(device).type == "cpu":
+            return ReplayBatch(*(None if x is None else torch.from_numpy(x) for x in self))
+        return ReplayBatch(
+            *(
+                None if x is None else torch.from_numpy(x).to(device, non_blocking=True)
+                for x in self
+            )
+        )
+
+    def at(self, index: int) -> "ReplayBatch":
+        """Batch ``index`` of a stack from :meth:`ReplayMemory.sample_stack` (its first axis).
+
+        Args:
+            index: which batch of the stack.
+        """
+        return ReplayBatch(*(None if x is None else x[index] for x in self))
+
+
+def stacked(flat: ReplayBatch, count: int) -> ReplayBatch:
+    """``flat``'s ``count * B`` rows as ``count`` batches of ``B`` (a view of each array)."""
+    return ReplayBatch(*(None if x is None else x.reshape(count, -1, *x.shape[1:]) for x in flat))
 
 
 @dataclass(frozen=True)
@@ -368,6 +393,30 @@ class ReplayMemory:
         newest = self.last_indices[-batch_size:] if self.combined else self.last_indices[:0]
         uniform = self._uniform_indices(batch_size - len(newest))
         return self.batch(np.concatenate([newest, uniform]))
+
+    def sample_stack(self, count: int, batch_size: int, **sample_args: float) -> ReplayBatch:
+        """``count`` batches of ``batch_size`` in one draw, stacked on a new first axis
+        (``obs`` ``(count, batch_size, *obs_shape)``): the batches of one round of updates,
+        sampled with one gather instead of ``count``.
+
+        They come from the memory as it is now, as ``count`` calls of :meth:`sample` would
+        between two env steps. ``stack.at(k)`` is batch ``k``.
+
+        Args:
+            count: batches.
+            batch_size: transitions per batch.
+            sample_args: passed to :meth:`sample` (prioritized replay's ``beta``).
+        """
+        if count < 1:
+            raise ValueError(f"memory count must be >= 1, got {count}")
+        if self.combined:  # each batch starts with the newest transitions: sample them one by one
+            batches = [self.sample(batch_size, **sample_args) for _ in range(count)]
+            return ReplayBatch(
+                *(None if x[0] is None else np.stack(x) for x in zip(*batches, strict=True))
+            )
+        self._check_sample(batch_size)
+        flat = self.batch(self._uniform_indices(count * batch_size))
+        return stacked(flat, count)
 
     def state_dict(self) -> dict[str, Any]:
         """Filled storage, cursor, pending n-step windows and the sampling generator.
