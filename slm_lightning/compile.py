@@ -42,40 +42,45 @@ def compile_backend(value: bool | str | None) -> Backend | None:
     return text  # type: ignore[return-value]
 
 
-def compilable_blocks(module: nn.Module) -> list[nn.Sequential]:
-    """The outermost ``nn.Sequential`` blocks with parameters: the MLP bodies and conv trunks.
+def compilable_blocks(module: nn.Module) -> list[nn.Module]:
+    """The outermost blocks with parameters whose forward is tensors in, tensors out: the
+    ``nn.Sequential`` MLP bodies and conv trunks, and modules that declare themselves so
+    (``compile_whole = True``, e.g. SAC's batched twin critics).
 
     Whole policies return distributions and carry recurrent state, which neither compiler
     traces; their tensor-in / tensor-out bodies hold almost all the FLOPs.
     """
-    blocks: list[nn.Sequential] = []
+    blocks: list[nn.Module] = []
     inside: set[int] = set()
     for _, child in module.named_modules():
         if id(child) in inside:
             continue
-        if isinstance(child, nn.Sequential) and any(True for _ in child.parameters()):
+        whole = getattr(child, "compile_whole", False) or isinstance(child, nn.Sequential)
+        if whole and any(True for _ in child.parameters()):
             blocks.append(child)
             inside.update(id(m) for m in child.modules())
     return blocks
 
 
-def compile_block(block: nn.Sequential, backend: Backend) -> None:
+def compile_block(block: nn.Module, backend: Backend) -> None:
     """Compile ``block`` in place: same object, same parameters, same ``state_dict`` keys.
 
     ``torch.compile``'s and ``thunder.jit``'s wrappers would prefix every key
     (``_orig_mod.``, ``_model.``) and break checkpoints between compiled and eager runs, so
-    the wrapper is kept off the module tree: it compiles an unregistered twin ``Sequential``
-    over the same layers (hence the same parameters, updated in place by the optimizer) and
-    becomes the block's ``forward``. (``nn.Module.compile()`` would keep the keys too, but
-    on torch 2.12 it does not compile a built-in ``nn.Sequential``: dynamo skips the frame.)
+    the wrapper is kept off the module tree: for an ``nn.Sequential`` it compiles an
+    unregistered twin ``Sequential`` over the same layers (hence the same parameters, updated
+    in place by the optimizer); for a ``compile_whole`` module, its bound ``forward``. The
+    compiled callable becomes the block's ``forward``. (``nn.Module.compile()`` would keep
+    the keys too, but on torch 2.12 it does not compile a built-in ``nn.Sequential``: dynamo
+    skips the frame.)
     """
-    twin = nn.Sequential(*block)
+    target = nn.Sequential(*block) if isinstance(block, nn.Sequential) else block.forward
     if backend == "torch":
-        compiled: nn.Module = torch.compile(twin)
+        compiled = torch.compile(target)
     else:
         import thunder
 
-        compiled = thunder.jit(twin)
+        compiled = thunder.jit(target)
     object.__setattr__(block, "forward", compiled)  # not a registered submodule: keys unchanged
 
 

@@ -296,6 +296,9 @@ class TwinQ(nn.Module):
         batch_renorm: Batch Renormalization settings; None for plain MLPs (SAC).
     """
 
+    # Tensors in, tensors out: --torch-compile compiles the whole forward (compile.py).
+    compile_whole = True
+
     def __init__(
         self,
         observation_space: spaces.Box,
