@@ -352,7 +352,7 @@ def test_resume_restores_every_state_exactly(config, isolated_run) -> None:
         "--metrics.log_frequency=256",
         # A schedule that ends before max_frames, so the lr of the first resumed update
         # depends on the saved frame clock and on end_frame.
-        "--model.init_args.lr={start: 0.004, end: 0.0, end_frame: 3072}",
+        "--model.init_args.lr={start: 0.004, end: 0.0, start_frame: 0, end_frame: 3072}",
     ]
     if config == "dqn_cartpole":
         small.append("--model.init_args.learning_starts=200")
