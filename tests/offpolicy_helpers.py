@@ -3,6 +3,7 @@ batches and Lightning's manual optimization."""
 
 from types import SimpleNamespace
 
+import lightning as L
 import torch
 
 from slm_lightning.data.replay import ReplayBatch
@@ -33,3 +34,13 @@ def manual_optimization(model, optimizers: list[torch.optim.Optimizer] | None = 
             optimizers=optimizers, world_size=1, precision_plugin=SimpleNamespace()
         )
     return optimizers
+
+
+class CountBackwards(L.Callback):
+    """A callback with a backward hook: Lightning must dispatch it after every backward."""
+
+    def __init__(self) -> None:
+        self.backwards = 0
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.backwards += 1

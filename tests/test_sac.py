@@ -5,6 +5,7 @@ import inspect
 import math
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -12,10 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gymnasium import spaces
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import nn
 from torch.distributions import Normal, TanhTransform, TransformedDistribution
 
 from slm_lightning.algorithms import SAC, CrossQ
+from slm_lightning.algorithms.off_policy import direct_steps_possible
 from slm_lightning.algorithms.sac import (
     alpha_loss,
     default_target_entropy,
@@ -33,6 +37,7 @@ from slm_lightning.nets.sac_nets import (
     TwinQ,
     tanh_log_det,
 )
+from tests.offpolicy_helpers import CountBackwards
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 TINY = MLPSpec([16, 16], "relu")
@@ -387,3 +392,47 @@ def test_sac_learns_pendulum(run_fit) -> None:
     assert len(returns) == 29  # 201 frames an episode: NEXT_STEP autoreset spends one
     first, last = np.mean(returns[:5]), np.mean(returns[-5:])
     assert first < -900 and last > -400, returns
+
+
+def test_direct_steps_train_as_lightnings_dispatch_does_and_give_way_to_hooks(run_fit) -> None:
+    """The same short SAC run twice: with no hook to dispatch, updates skip Lightning's
+    dispatch; with a callback's on_after_backward, they go through it (the hook runs after
+    every backward: 401 critic and 200 actor ones). Both train bit for bit alike and count
+    the same global_step. Catches the direct path skipping a step or the step counting,
+    and hooks silently skipped."""
+    args = (*SHORT, "--model.init_args.policy_delay=2")
+    direct = run_fit(*args, config=CONFIGS / "sac_pendulum.yaml", run_dir="direct")
+    hooked = run_fit(
+        *args,
+        "--trainer.callbacks+=tests.offpolicy_helpers.CountBackwards",
+        config=CONFIGS / "sac_pendulum.yaml",
+        run_dir="hooked",
+    )
+    assert direct.model._direct_steps and not hooked.model._direct_steps
+    (counter,) = [c for c in hooked.cli.trainer.callbacks if isinstance(c, CountBackwards)]
+    assert counter.backwards == 401 + 200
+    assert direct.cli.trainer.global_step == hooked.cli.trainer.global_step == 401 + 200
+    for (key, ours), theirs in zip(
+        direct.model.state_dict().items(), hooked.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(ours, theirs), key
+
+
+def test_direct_steps_need_one_device_full_precision_and_no_step_hooks() -> None:
+    trainer = SimpleNamespace(
+        strategy=SingleDeviceStrategy("cpu"), precision_plugin=Precision(), callbacks=[]
+    )
+    model = crossq_model()
+    assert direct_steps_possible(trainer, model)
+    assert not direct_steps_possible(
+        SimpleNamespace(**{**vars(trainer), "callbacks": [CountBackwards()]}), model
+    )
+    assert not direct_steps_possible(
+        SimpleNamespace(
+            **{**vars(trainer), "precision_plugin": MixedPrecision("bf16-mixed", "cpu")}
+        ),
+        model,
+    )
+    assert not direct_steps_possible(
+        SimpleNamespace(**{**vars(trainer), "strategy": DDPStrategy()}), model
+    )

@@ -46,7 +46,7 @@ from slm_lightning.errors import ConfigError
 from slm_lightning.nets.conv import ConvSpec
 from slm_lightning.nets.mlp import MLPSpec
 from slm_lightning.nets.q_network import QNetwork, exploration_setting, exploring_actions
-from slm_lightning.optim import OptimizerSpec, PolicyOptimizer, clip_grad_norm
+from slm_lightning.optim import OptimizerSpec, PolicyOptimizer
 from slm_lightning.schedules import Schedule, scheduled
 
 
@@ -271,10 +271,7 @@ class DQN(PolicyOptimizer, OffPolicyAlgorithm):
         """One gradient step on ``batch``, then the target network's update; returns the
         batch's TD errors (for prioritized replay)."""
         loss, td_error = self.loss_terms(batch)
-        optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        clip_grad_norm(self, optimizer, self.max_grad_norm)
-        optimizer.step()
+        self.backward_step(loss, optimizer, self.max_grad_norm)
         self.update_target()
         return td_error
 

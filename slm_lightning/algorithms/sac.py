@@ -145,7 +145,7 @@ def update_actor_and_alpha(
     temperature: EntropyTemperature,
     obs: Tensor,
     optimizer: torch.optim.Optimizer,
-    backward: Callable[[Tensor], None],
+    step: Callable[[Tensor, torch.optim.Optimizer], None],
     metrics: TrainMetrics,
     critic_batch_stats: bool = True,
 ) -> None:
@@ -160,7 +160,8 @@ def update_actor_and_alpha(
         temperature: the entropy coefficient.
         obs: a batch of states.
         optimizer: the actor's parameters, then ``log_alpha`` as a second group if tuned.
-        backward: the LightningModule's ``manual_backward``.
+        step: zeroes the gradients, backpropagates a loss and steps an optimizer (the
+            algorithm's ``backward_step``).
         metrics: the algorithm's ``train_metrics``, updated in place with ``train/actor_loss``
             (before the backward, so that a non-finite one is reported by name),
             ``train/entropy`` and ``train/alpha``.
@@ -174,9 +175,7 @@ def update_actor_and_alpha(
     entropy = pi.entropy().detach()
     if temperature.auto:
         loss = loss + temperature.loss(entropy)
-    optimizer.zero_grad(set_to_none=True)
-    backward(loss)
-    optimizer.step()
+    step(loss, optimizer)
     if temperature.auto:
         temperature.clamp_()
     metrics.add({"train/entropy": entropy.mean(), "train/alpha": temperature.alpha})
@@ -355,9 +354,7 @@ class SAC(OffPolicyAlgorithm):
         ``policy_delay`` critic steps one actor (and temperature) step."""
         q, critic_loss = self.critic_loss(batch)
         self.train_metrics.add({"train/critic_loss": critic_loss})  # named if not finite
-        critic_opt.zero_grad(set_to_none=True)
-        self.manual_backward(critic_loss)
-        critic_opt.step()
+        self.backward_step(critic_loss, critic_opt)
         if self._target is not None:
             self._target.polyak(self.tau)
         self.critic_updates += 1
@@ -369,7 +366,7 @@ class SAC(OffPolicyAlgorithm):
                 self.temperature,
                 batch.obs,
                 policy_opt,
-                self.manual_backward,
+                self.backward_step,
                 self.train_metrics,
                 critic_batch_stats=not self.critic_eval_in_actor_update,
             )
