@@ -137,11 +137,9 @@ def test_nan_reward_stops_and_keeps_the_last_good_checkpoint(isolated_run, capsy
     assert not list(run.rglob("*.tmp"))
 
 
-@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the explained variance
-def test_non_finite_loss_names_the_term_before_the_update(isolated_run, capsys) -> None:
-    """Rewards of 1e19 over 10-step episodes give returns near 1e20 whose squared error
-    overflows float32: the value loss is inf, the policy loss (advantages not normalised)
-    stays finite. The first update of the first rollout (step 0, frame 128) is refused."""
+def inf_value_loss_run(isolated_run: Path, capsys) -> list[str]:
+    """PPO on the toy env with rewards of 1e19 (an inf value loss from the first update):
+    the run must fail (exit 1) without a checkpoint; returns its error lines."""
     run = isolated_run / "run"
     code = slm_lab("fit", *PPO, *TOY, f"--trainer.default_root_dir={run}",
                    "--model.init_args.env.kwargs={reward: 1.0e19}",
@@ -149,11 +147,19 @@ def test_non_finite_loss_names_the_term_before_the_update(isolated_run, capsys) 
                    "--model.init_args.max_frames=512")  # fmt: skip
     err = capsys.readouterr().err
     assert code == 1, err
-    assert ERROR_LINE.findall(err) == [
+    assert not (run / "checkpoints" / "last.ckpt").exists()
+    return ERROR_LINE.findall(err)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the explained variance
+def test_non_finite_loss_names_the_term_before_the_update(isolated_run, capsys) -> None:
+    """Rewards of 1e19 over 10-step episodes give returns near 1e20 whose squared error
+    overflows float32: the value loss is inf, the policy loss (advantages not normalised)
+    stays finite. The first update of the first rollout (step 0, frame 128) is refused."""
+    assert inf_value_loss_run(isolated_run, capsys) == [
         f"PPO: train/value_loss is inf at step 0 (frame {ROLLOUT}); stopped before the "
         "optimizer step"
     ]
-    assert not (run / "checkpoints" / "last.ckpt").exists()
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
@@ -167,18 +173,10 @@ def test_on_an_accelerator_the_loss_is_read_once_per_step_and_still_stops_the_ru
     from slm_lightning.algorithms import PPO as PPOClass
 
     monkeypatch.setattr(PPOClass, "defer_loss_checks", property(lambda self: True))
-    run = isolated_run / "run"
-    code = slm_lab("fit", *PPO, *TOY, f"--trainer.default_root_dir={run}",
-                   "--model.init_args.env.kwargs={reward: 1.0e19}",
-                   "--model.init_args.normalize_advantages=false",
-                   "--model.init_args.max_frames=512")  # fmt: skip
-    err = capsys.readouterr().err
-    assert code == 1, err
-    assert ERROR_LINE.findall(err) == [
+    assert inf_value_loss_run(isolated_run, capsys) == [
         f"PPO: train/value_loss is inf in the updates before step 1 (frame {ROLLOUT}); "
         "stopped before any checkpoint of them"
     ]
-    assert not (run / "checkpoints" / "last.ckpt").exists()
 
 
 class PoisonWeights(L.Callback):
