@@ -124,7 +124,7 @@ def test_other_spaces(existing_run, isolated_run, capsys) -> None:
     [
         ("env.num_envs=2", "env.num_envs=4"),
         ("n_steps=1", "n_steps=3"),
-        ("memory_size=1000", "memory_size=50000"),
+        ("memory_size=1000", "memory_size=200000"),
     ],
 )
 def test_other_replay_layout(option, saved, sources, isolated_run, capsys) -> None:

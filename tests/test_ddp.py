@@ -116,13 +116,13 @@ def run_slm_lab(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.C
 
 
 # (config, budget): on-policy PPO, 2 ranks x 64 envs x 16 steps = 2048 frames per rollout, and
-# off-policy DQN (each rank its own replay memory), 2 ranks x 12 envs = 24 frames per step,
-# past its learning_starts of 1000 so that gradients flow.
+# off-policy DQN (each rank its own replay memory), 2 ranks x 12 envs x 2 steps = 48 frames
+# per round of updates, past its learning_starts of 1000 so that gradients flow.
 # PPO with target_kl=0 stops every rollout's update early, on both ranks at once (they decide
 # on the mean KL).
 CASES = [
     ("ppo_cartpole", 6144, []),
-    ("dqn_cartpole", 3000, []),
+    ("dqn_cartpole", 3072, []),
     ("ppo_cartpole", 6144, ["--model.init_args.target_kl=0.0"]),
 ]
 IDS = ["ppo_cartpole", "dqn_cartpole", "ppo_cartpole_target_kl"]
