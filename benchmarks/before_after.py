@@ -60,6 +60,10 @@ ZOO_DQN = [
     "--model.init_args.tau=null",
     "--model.init_args.target_update_frequency=10",
     "--model.init_args.learning_starts=1000",
+    "--model.init_args.memory_size=100000",
+    "--model.init_args.epsilon={start: 1.0, end: 0.04, end_frame: 8000}",
+    "--model.init_args.max_grad_norm=10.0",
+    "--model.init_args.loss=huber",
 ]
 
 CASES: dict[str, Case] = {
