@@ -163,7 +163,15 @@ class OnPolicyRollout(VectorRollout):
         if self.frames >= self.agent.max_frames:
             return
         self._stop_minibatches = False
-        self.collect()
+        # Acting is one small forward pass per vector step, too small to split, while the
+        # envs (ale-py's threads, worker processes) want the cores: one torch thread for the
+        # rollout, the run's --torch_threads for its minibatch updates.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            self.collect()
+        finally:
+            torch.set_num_threads(threads)
         batch: OnPolicyBatch | RecurrentBatch
         if self.sequence_length is None:
             batch = self.memory.flat_batch()
