@@ -390,3 +390,23 @@ def test_warm_start_statistics_reach_the_new_envs(env_seeds):
     # The reset's observations (one per sub-env) are the only ones added since.
     assert restored["count"] == pytest.approx(saved["count"] + N)
     ds.close()
+
+
+def test_the_rollout_acts_with_one_thread_and_gives_the_updates_their_threads(env_seeds):
+    """With two torch threads set, the rollout's env steps run on one and the minibatches
+    that follow get both back. Catches the thread count left at one for the updates, or
+    acting with the run's threads (slow beside ale-py's env threads)."""
+    ds = make_dataset(time_horizon=3, epochs=1, minibatches=1)
+    seen = []
+    act = ds.agent.act
+    ds.agent.act = lambda *args, **kwargs: (
+        seen.append(torch.get_num_threads()) or act(*args, **kwargs)
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        batches = iter(ds)
+        next(batches)
+        assert seen == [1, 1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
