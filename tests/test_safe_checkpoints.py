@@ -425,7 +425,8 @@ def test_resume_without_memory_refills_before_updating(isolated_run, capsys) -> 
     run = isolated_run / "run"
     args = ["fit", "--config", str(CONFIGS / "dqn_cartpole.yaml"), f"--trainer.default_root_dir={run}",
             "--model.init_args.env.num_envs=4", "--model.init_args.learning_starts=200",
-            "--model.init_args.batch_size=32", "--model.init_args.checkpoint_memory=false"]  # fmt: skip
+            "--model.init_args.batch_size=32", "--model.init_args.checkpoint_memory=false",
+            "--model.init_args.training_frequency=1", "--model.init_args.updates_per_step=1"]  # fmt: skip
     assert slm_lab(*args, "--model.init_args.max_frames=400") == 0
     saved = load(run / "checkpoints" / "last.ckpt")
     first = saved["global_step"]
