@@ -111,7 +111,7 @@ CASES: dict[str, Case] = {
         "ppo_pong.yaml",
         ["--model.init_args.max_frames=30720", "--metrics.log_frequency=4096"],
         4096,
-        "16 envs, Nature CNN",
+        "8 envs, Nature CNN",
     ),
     "ppo_bipedalwalker": Case(
         "ppo_bipedalwalker.yaml",
