@@ -365,11 +365,14 @@ def test_sac_short_run_completes(config: str, env_actions: str, run_fit) -> None
     assert all(model.action_space.contains(a) for a in actions)
 
 
-def test_sac_trains_under_bf16_mixed_acting_in_float32(run_fit) -> None:
+@pytest.mark.parametrize("config", ["sac_pendulum.yaml", "crossq_pendulum.yaml"])
+def test_sac_and_crossq_train_under_bf16_mixed_acting_in_float32(config: str, run_fit) -> None:
     """``--trainer.precision=bf16-mixed``: a round's env steps run inside training_step, under
-    Lightning's autocast; the actor must act in float32 there (numpy takes no bfloat16).
-    Catches acting under autocast (TypeError at the first round past learning_starts)."""
-    run = run_fit(*SHORT, "--trainer.precision=bf16-mixed", config=CONFIGS / "sac_pendulum.yaml")
+    Lightning's autocast; the actor must act in float32 there (numpy takes no bfloat16), and
+    CrossQ's batch renormalisation must keep float32 statistics. Catches acting under
+    autocast (TypeError at the first round past learning_starts) and bfloat16 batch
+    statistics lerped into the float32 running ones (RuntimeError)."""
+    run = run_fit(*SHORT, "--trainer.precision=bf16-mixed", config=CONFIGS / config)
     assert run.summary["frames"] == 600 and run.model.critic_updates == 401
     stored = run.model.memory.actions[: len(run.model.memory)]
     assert stored.dtype == np.float32 and np.isfinite(stored).all()

@@ -251,6 +251,9 @@ class BatchRenorm(nn.Module):
                 running statistics, untouched.
             frozen: detach the affine parameters (no gradient reaches them).
         """
+        # Statistics in float32, as torch's batch norm keeps them under autocast (bf16-mixed
+        # hands bfloat16 features here; the running buffers are float32).
+        x = x.float()
         eps = self.spec.eps
         weight, bias = (
             (self.weight.detach(), self.bias.detach()) if frozen else (self.weight, self.bias)
