@@ -99,6 +99,25 @@ SPEC_SUFFIXES = (".json", ".yaml", ".yml")
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
+class FullKeyParser(LightningArgumentParser):
+    """A LightningArgumentParser that takes option names only in full: ``--trainer.max_epoch``
+    and ``--model.init_args.env.num_env`` are unknown keys, not ``max_epochs`` and ``num_envs``.
+
+    argparse expands an unambiguous prefix to the option it starts (``allow_abbrev``), so a
+    typo'd key that happens to be a prefix would silently set another key. jsonargparse 4.53
+    deprecates this (v5.0.0 turns it off by default), but ``allow_abbrev=False`` given to the
+    top parser does not reach the parsers it builds for a subclass's ``init_args`` and the
+    dataclasses in them: those are made as ``type(parent_parser)(exit_on_error=False, …)``
+    (``cached_get_class_parser`` in jsonargparse/_typehints.py). A class default reaches them.
+
+    Args:
+        allow_abbrev: accept abbreviated option names (argparse's default; off here).
+    """
+
+    def __init__(self, *args: Any, allow_abbrev: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
+
+
 class SLMLabCLI(LightningCLI):
     """``slm-lab fit --config configs/ppo_cartpole.yaml [--model.init_args.gamma=0.98 …]``.
 
@@ -113,6 +132,7 @@ class SLMLabCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_callback", RunConfig)
+        kwargs.setdefault("parser_class", FullKeyParser)
         self.claimed_dirs: list[Path] = []
         try:
             super().__init__(*args, **kwargs)

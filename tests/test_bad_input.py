@@ -17,6 +17,11 @@ ROOT = Path(__file__).parents[1]
 PPO_CARTPOLE = str(ROOT / "configs" / "ppo_cartpole.yaml")
 WANDB_PRESET = str(ROOT / "callbacks" / "wandb.yaml")
 FIT = ["fit", "--config", PPO_CARTPOLE, "--model.init_args.max_frames=256"]
+ENV_SPEC_KEYS = (
+    "unknown key for EnvSpec; did you mean num_envs? accepted: name, num_envs, vectorization, "
+    "num_workers, max_episode_steps, normalize_obs, normalize_reward, clip_obs, clip_reward, "
+    "frame_stack, kwargs, atari"
+)
 ERROR_LINE = re.compile(r"^\d\d:\d\d:\d\d ERROR\s+(.*)$", re.MULTILINE)
 
 
@@ -109,15 +114,75 @@ CASES = [
             "--config",
             write(t, "env.yaml", "model:\n  init_args:\n    env:\n      num_env: 4\n"),
         ],
-        "model.init_args.env.num_env: unknown key for EnvSpec; did you mean num_envs? "
-        "accepted: name, num_envs, vectorization, num_workers, max_episode_steps, "
-        "normalize_obs, normalize_reward, clip_obs, clip_reward, frame_stack, kwargs, atari",
+        f"model.init_args.env.num_env: {ENV_SPEC_KEYS}",
     ),
     case(
         "typo-in-nested-net-spec",
         lambda t, m: [*FIT, "--model.init_args.actor.activaton", "relu"],
         "model.init_args.actor.activaton: unknown key for MLPSpec; did you mean activation? "
         "accepted: hidden_sizes, activation",
+    ),
+    # argparse would expand these prefixes to max_epochs / num_envs and run with them.
+    case(
+        "abbreviated-trainer-key",
+        lambda t, m: [*FIT, "--trainer.max_epoch=3"],
+        "trainer.max_epoch: unknown key for Trainer; did you mean max_epochs, min_epochs, "
+        "max_steps?",
+    ),
+    case(
+        "abbreviated-key-in-nested-dataclass",
+        lambda t, m: [*FIT, "--model.init_args.env.num_env=4"],
+        f"model.init_args.env.num_env: {ENV_SPEC_KEYS}",
+    ),
+    case(
+        "abbreviated-key-in-validate",
+        lambda t, m: [
+            "validate",
+            "--config",
+            PPO_CARTPOLE,
+            "--ckpt_path=last",
+            "--model.init_args.env.num_env",
+            "4",
+        ],
+        f"model.init_args.env.num_env: {ENV_SPEC_KEYS}",
+    ),
+    case(
+        "abbreviated-key-in-test",
+        lambda t, m: ["test", "--config", PPO_CARTPOLE, "--metrics.log_freq", "100"],
+        re.compile(
+            r"metrics\.log_freq: unknown key for MetricsTracker; did you mean log_frequency\?.*"
+        ),
+    ),
+    case(
+        "abbreviated-key-in-trial",
+        lambda t, m: [
+            "trial",
+            "--config",
+            PPO_CARTPOLE,
+            "--seeds",
+            "0",
+            "--model.init_args.env.num_env=4",
+        ],
+        f"model.init_args.env.num_env: {ENV_SPEC_KEYS}",
+    ),
+    case(
+        "abbreviated-key-in-search",
+        lambda t, m: [
+            "search",
+            "--config",
+            PPO_CARTPOLE,
+            "--space",
+            write(t, "space.yaml", "model.init_args.lr:\n  choice: [0.01, 0.001]\n"),
+            "--trials",
+            "2",
+            "--model.init_args.env.num_env=4",
+        ],
+        f"model.init_args.env.num_env: {ENV_SPEC_KEYS}",
+    ),
+    case(
+        "typo-in-init-arg",
+        lambda t, m: [*FIT, "--model.init_args.lr_shedule=0.1"],
+        re.compile(r"model\.init_args\.lr_shedule: unknown key for PPO; accepted: env, .*"),
     ),
     case(
         "zero-width-hidden-layer",
@@ -244,6 +309,25 @@ def test_bad_input_gets_one_line_and_status_2(
         assert errors[0] == expected
     assert not (isolated_run / "runs").exists()
     assert sorted(p.relative_to(isolated_run) for p in isolated_run.rglob("*")) == before
+
+
+def test_full_keys_set_what_they_name(isolated_run: Path) -> None:
+    # The keys whose prefixes the abbreviation cases above type, given in full.
+    cli = instantiate(
+        [
+            "--config",
+            PPO_CARTPOLE,
+            "--trainer.max_epochs=3",
+            "--model.init_args.env.num_envs=4",
+            "--metrics.log_frequency",
+            "100",
+        ]
+    )
+
+    assert cli.trainer.max_epochs == 3
+    assert cli.model.env_spec.num_envs == 4
+    callbacks = {type(cb).__name__: cb for cb in cli.trainer.callbacks}
+    assert callbacks["MetricsTracker"].log_frequency == 100
 
 
 def test_counts_accept_integral_scientific_notation(isolated_run: Path) -> None:

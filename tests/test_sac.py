@@ -365,6 +365,17 @@ def test_sac_short_run_completes(config: str, env_actions: str, run_fit) -> None
     assert all(model.action_space.contains(a) for a in actions)
 
 
+def test_sac_trains_under_bf16_mixed_acting_in_float32(run_fit) -> None:
+    """``--trainer.precision=bf16-mixed``: a round's env steps run inside training_step, under
+    Lightning's autocast; the actor must act in float32 there (numpy takes no bfloat16).
+    Catches acting under autocast (TypeError at the first round past learning_starts)."""
+    run = run_fit(*SHORT, "--trainer.precision=bf16-mixed", config=CONFIGS / "sac_pendulum.yaml")
+    assert run.summary["frames"] == 600 and run.model.critic_updates == 401
+    stored = run.model.memory.actions[: len(run.model.memory)]
+    assert stored.dtype == np.float32 and np.isfinite(stored).all()
+    assert math.isfinite(float(run.model.train_metrics["train/critic_loss"]))
+
+
 def test_crossq_short_run_completes(run_fit) -> None:
     cli = run_fit(*SHORT, config=CONFIGS / "crossq_pendulum.yaml").cli
     assert cli.model.critic_updates == 401

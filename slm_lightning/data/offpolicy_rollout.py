@@ -133,7 +133,15 @@ class OffPolicyRollout(VectorRollout):
         if self.env is None:
             self.start()
         obs = self.obs
-        actions = self.agent.explore(torch.as_tensor(obs, device=self.agent.device)).cpu().numpy()
+        obs_t = torch.as_tensor(obs, device=self.agent.device)
+        if torch.is_autocast_enabled(obs_t.device.type):
+            # The round's env steps run inside training_step, under Lightning's bf16-mixed /
+            # 16-mixed autocast: act in float32, as the on-policy rollouts do (their steps run
+            # in the dataloader), and numpy takes no bfloat16.
+            with torch.autocast(obs_t.device.type, enabled=False):
+                actions = self.agent.explore(obs_t).cpu().numpy()
+        else:  # entering autocast costs microseconds, per env step
+            actions = self.agent.explore(obs_t).cpu().numpy()
         next_obs, rewards, terminated, truncated, info = self.env.step(
             self.agent.env_actions(actions)
         )
