@@ -107,6 +107,18 @@ CASES: dict[str, Case] = {
         5000,
         "12 envs, one PER update of 256 per vector step",
     ),
+    "ppo_cartpole": Case(
+        "ppo_cartpole.yaml",
+        ["--model.init_args.max_frames=100000", "--metrics.log_frequency=10000"],
+        20000,
+        "64 envs, 12 minibatch updates of 512 per 1024 frames",
+    ),
+    "a2c_cartpole": Case(
+        "a2c_cartpole.yaml",
+        ["--model.init_args.max_frames=100000", "--metrics.log_frequency=10000"],
+        20000,
+        "32 envs, one update per 256 frames",
+    ),
     "ppo_pong": Case(
         "ppo_pong.yaml",
         ["--model.init_args.max_frames=30720", "--metrics.log_frequency=4096"],

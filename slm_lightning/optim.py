@@ -209,8 +209,8 @@ def clip_grad_norm(
     module: L.LightningModule, optimizer: torch.optim.Optimizer, max_norm: float | None
 ) -> None:
     """Clip the global gradient norm of ``optimizer``'s parameters to ``max_norm`` (None: no
-    clipping), before the optimizer steps (``configure_gradient_clipping`` under automatic
-    optimization; the update itself under manual optimization).
+    clipping), before the optimizer steps (every algorithm's update, under manual
+    optimization).
 
     Args:
         module: the algorithm (its trainer tells whether the loss is scaled).
@@ -240,9 +240,10 @@ class PolicyOptimizer:
       at the first rate of :meth:`learning_rates`, with the class's ``optimizer_defaults``
       for the fields left None, fused (Adam, AdamW) unless the trainer scales the loss;
     - ``on_train_epoch_start``: the rates of :meth:`learning_rates` at the current frame,
-      set once per rollout and logged as ``train/lr`` (the first group's);
-    - ``configure_gradient_clipping``: :func:`clip_grad_norm` to ``max_grad_norm``; the
-      Trainer's ``gradient_clip_val``, when given, overrides it.
+      set once per rollout and logged as ``train/lr`` (the first group's).
+
+    The algorithms step under manual optimization and clip to ``max_grad_norm`` themselves
+    (:func:`clip_grad_norm`); Lightning refuses the Trainer's ``gradient_clip_val`` there.
 
     The algorithm provides ``policy``, ``lr``, ``optimizer_spec``, ``max_grad_norm`` and the
     frame clock (``frames``, ``max_frames``) of
@@ -278,22 +279,6 @@ class PolicyOptimizer:
         rates = self.learning_rates(self.frames)
         set_learning_rates(self.trainer.optimizers[0], rates)
         self.train_metrics.set({"train/lr": rates[0]})
-
-    def configure_gradient_clipping(
-        self,
-        optimizer: torch.optim.Optimizer,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
-        """Clip the global gradient norm to ``max_grad_norm`` (or ``gradient_clip_val``).
-
-        Args:
-            optimizer: the optimizer about to step.
-            gradient_clip_val: the Trainer's clipping value; None uses ``max_grad_norm``.
-            gradient_clip_algorithm: ignored: the norm is always clipped.
-        """
-        max_norm = self.max_grad_norm if gradient_clip_val is None else gradient_clip_val
-        clip_grad_norm(self, optimizer, max_norm)
 
 
 # Settings of a parameter group that say how the step is computed, not what it computes: a

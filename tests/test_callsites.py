@@ -24,6 +24,7 @@ from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.nets.actor_critic import ActorCritic
 from slm_lightning.nets.mlp import MLPSpec
 from slm_lightning.nets.sac_nets import TwinQ
+from slm_lightning.optim import OptimizerSpec
 from slm_lightning.schedules import Schedule
 from slm_lightning.train_metrics import TrainMetrics
 from tests.offpolicy_helpers import manual_optimization, one_round
@@ -53,7 +54,9 @@ def attach(model, frames: int = 0) -> list[torch.optim.Optimizer]:
     optimizers = model.configure_optimizers()
     optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
     model.rollout = Rollout(frames)
-    model.trainer = SimpleNamespace(optimizers=optimizers, world_size=1)
+    model.trainer = SimpleNamespace(
+        optimizers=optimizers, world_size=1, precision_plugin=SimpleNamespace()
+    )
     return optimizers
 
 
@@ -264,7 +267,7 @@ def test_gaussian_log_prob_and_entropy_sum_over_action_dimensions() -> None:
     attach(model)
     batch = onpolicy_batch(8, actions=[[1.0, -0.5], [0.0, 1.5]], advantages=[2.0, -1.0])
 
-    loss = model.training_step(batch, 0)
+    loss = model.minibatch_loss(batch)
 
     # log N(a; mu, sigma) = -(a - mu)^2 / (2 sigma^2) - ln sigma - 0.5 ln(2 pi), per dimension:
     # sample 0: (-0.5 + ln 2 - 0.918939) + (0 - 0 - 0.918939) = -1.644730
@@ -321,7 +324,7 @@ def test_ppo_clips_the_ratio_pi_over_pi_old_to_its_range() -> None:
     """Catches the ratio taken the wrong way round (pi_old / pi: loss 0.0048), a wrong clip
     range, and max instead of min in the surrogate (loss -0.34)."""
     model = ppo_model()
-    model.training_step(ppo_batch(), 0)
+    model.minibatch_loss(ppo_batch())
     # min(r A, clip(r, 0.8, 1.2) A) per sample:
     #   r 1.5, A +1: min(1.5, 1.2) = 1.2      r 1.5, A -1: min(-1.5, -1.2) = -1.5
     #   r 0.5, A +1: min(0.5, 0.8) = 0.5      r 0.5, A -1: min(-0.5, -0.8) = -0.8
@@ -340,7 +343,7 @@ def test_ppo_logs_the_means_of_its_minibatches() -> None:
     that holds the last minibatch's values (loss -1.7), means weighted by minibatch size
     (clipfrac (4 + 1) / 7 = 0.714), and diagnostics kept from the first minibatch only."""
     model = ppo_model()
-    model.training_step(ppo_batch(), 0)
+    model.minibatch_loss(ppo_batch())
     # Second minibatch: r = (1, 2), A = (2, 2), R = (4, 2), V = 2 (entropy coefficient 0).
     #   surrogate min(r A, clip(r, 0.8, 1.2) A) = (min(2, 2), min(4, 2.4)) = (2, 2.4)
     #   policy loss = -(2 + 2.4) / 2 = -2.2; value loss = 0.5 * ((2 - 4)^2 + 0) / 2 = 1
@@ -349,7 +352,7 @@ def test_ppo_logs_the_means_of_its_minibatches() -> None:
     #   old_approx_kl = -(ln 1 + ln 2) / 2 = -0.346574; clipfrac = (0 + 1) / 2 = 0.5
     second = ppo_batch(actions=[0, 1], log_probs=[-LN2, -LN2 - math.log(2.0)],
                        values=[2.0, 2.0], advantages=[2.0, 2.0], returns=[4.0, 2.0])  # fmt: skip
-    model.training_step(second, 1)
+    model.minibatch_loss(second)
     row = model.train_metrics.pop_row()
     # First minibatch (see test_ppo_clips_the_ratio_pi_over_pi_old_to_its_range): policy loss
     # -0.1, value loss 0, loss -0.1, approx_kl 0.116011, clipfrac 0.8,
@@ -375,7 +378,7 @@ def test_ppo_entropy_bonus_lowers_the_loss() -> None:
     """Catches the entropy bonus added with the wrong sign (loss +0.0693)."""
     model = ppo_model(entropy_coef=0.1)
     returns = [3.0, 1.0, 2.0, 2.0, 2.0]
-    loss = model.training_step(ppo_batch(returns=returns), 0)
+    loss = model.minibatch_loss(ppo_batch(returns=returns))
     # value loss = 0.5 * ((2 - 3)^2 + (2 - 1)^2 + 0 + 0 + 0) / 5 = 0.2
     # loss = policy + 0.5 * value - 0.1 * entropy = -0.1 + 0.5 * 0.2 - 0.1 * ln 2 = -0.069315
     assert metric(model, "train/value_loss") == pytest.approx(0.2, rel=1e-6)
@@ -384,13 +387,44 @@ def test_ppo_entropy_bonus_lowers_the_loss() -> None:
     assert metric(model, "train/loss") == pytest.approx(-0.1 * LN2, abs=1e-6)
 
 
+@pytest.mark.parametrize(("target_kl", "steps"), [(None, 3), (0.13, 1)], ids=["all", "kl"])
+def test_ppo_training_step_steps_each_minibatch_until_the_kl_passes_its_target(
+    target_kl: float | None, steps: int
+) -> None:
+    """One training step trains a rollout's minibatches in order, one SGD step each (lr
+    1e-4, so the ratios hardly move). With target_kl 0.13 the first minibatch (approx_kl
+    0.116) steps and the second (0.153, see test_ppo_logs_the_means_of_its_minibatches)
+    stops the round without a step on it, so the third is never seen. Catches a round that
+    skips the crossing minibatch but goes on (2 steps), steps on it (2), or ignores the
+    target (3)."""
+    model = ppo_model(target_kl=target_kl, lr=1e-4, max_grad_norm=None,
+                      optimizer=OptimizerSpec("SGD"))  # fmt: skip
+    (optimizer,) = manual_optimization(model)
+    taken = []
+    step = optimizer.step
+    optimizer.step = lambda *args, **kwargs: taken.append(1) or step(*args, **kwargs)
+    second = ppo_batch(actions=[0, 1], log_probs=[-LN2, -LN2 - math.log(2.0)],
+                       values=[2.0, 2.0], advantages=[2.0, 2.0], returns=[4.0, 2.0])  # fmt: skip
+    seen = []
+    loss = model.minibatch_loss
+    model.minibatch_loss = lambda batch: seen.append(len(batch.actions)) or loss(batch)
+
+    model.training_step([ppo_batch(), second, ppo_batch()], 0)
+
+    assert len(taken) == steps
+    assert seen == ([5, 2, 5] if target_kl is None else [5, 2])
+    # The last minibatch seen is the one whose terms were recorded last.
+    last_kl = 0.116011 if target_kl is None else 0.153426
+    assert metric(model, "train/approx_kl") == pytest.approx(last_kl, rel=1e-3)
+
+
 def test_ppo_value_clipping_takes_the_larger_loss() -> None:
     """PPO2's value clipping: ``max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)``.
     Catches min instead of max (value loss 0.1883)."""
     model = ppo_model(clip_value=0.2)
     batch = onpolicy_batch(4, actions=[0, 1, 0], log_probs=[-LN2] * 3, advantages=[0.0] * 3,
                            values=[1.0, 1.0, 3.0], returns=[3.0, 1.0, 2.5])  # fmt: skip
-    model.training_step(batch, 0)
+    model.minibatch_loss(batch)
     # V = 2 everywhere; clipped V = V_old + clip(2 - V_old, -0.2, 0.2) = (1.2, 1.2, 2.8)
     #   sample 0: max((2 - 3)^2, (1.2 - 3)^2) = max(1, 3.24) = 3.24
     #   sample 1: max((2 - 1)^2, (1.2 - 1)^2) = max(1, 0.04) = 1
@@ -429,7 +463,7 @@ def test_a2c_policy_gradient_is_weighted_by_the_advantages(
     attach(model)
     batch = onpolicy_batch(4, actions=[0, 1], advantages=[1.0, 5.0], returns=[10.0, 20.0])
 
-    loss = model.training_step(batch, 0)
+    loss = model.minibatch_loss(batch)
 
     assert metric(model, "train/policy_loss") == pytest.approx(policy_loss, rel=1e-5)
     # value loss = 0.5 * ((2 - 10)^2 + (2 - 20)^2) / 2 = 0.5 * (64 + 324) / 2 = 97
@@ -504,7 +538,7 @@ def test_actor_and_critic_step_at_their_own_scheduled_learning_rates(cls: type) 
         advantages=[1.0, -0.5, 2.0, -1.0],
         returns=[1.0, 2.0, 3.0, 4.0],
     )
-    loss = model.training_step(batch, 0)
+    loss = model.minibatch_loss(batch)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()

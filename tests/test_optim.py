@@ -16,6 +16,7 @@ from slm_lightning.errors import ConfigError
 from slm_lightning.nets.mlp import MLPSpec
 from slm_lightning.optim import OptimizerSpec
 from tests.cli_helpers import instantiate
+from tests.offpolicy_helpers import manual_optimization
 from tests.test_callsites import onpolicy_batch
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -131,7 +132,7 @@ def test_every_training_algorithm_builds_the_chosen_optimizer(cls, env, nets) ->
 
 
 def test_sgd_step_through_training_step_moves_each_parameter_by_minus_lr_times_grad() -> None:
-    """One Lightning-style update (training_step, backward, clipping hook, step) with SGD at
+    """One update through training_step (backward, clipping, step) with SGD at
     lr 0.1 on a REINFORCE policy with no hidden layer: logits = W obs + b. With the
     entropy bonus off and advantages A, the loss is -mean_i A_i log pi(a_i | s_i), whose
     gradient for the bias is -mean_i A_i (onehot(a_i) - pi(s_i)) and with W and b zero
@@ -154,11 +155,8 @@ def test_sgd_step_through_training_step_moves_each_parameter_by_minus_lr_times_g
     model.on_train_epoch_start()
     batch = onpolicy_batch(4, actions=[0, 1], advantages=[1.0, 3.0], returns=[1.0, 3.0],
                            log_probs=[0.0, 0.0], values=[0.0, 0.0])  # fmt: skip
-    loss = model.training_step(batch, 0)
-    optimizer.zero_grad()
-    loss.backward()
-    model.configure_gradient_clipping(optimizer)
-    optimizer.step()
+    manual_optimization(model, [optimizer])
+    model.training_step([batch], 0)  # a round of one minibatch
     torch.testing.assert_close(head.bias.detach(), torch.tensor([-0.05, 0.05]))
     torch.testing.assert_close(head.weight.grad, -head.weight.detach() / 0.1)  # -lr * grad
 

@@ -21,7 +21,7 @@ from slm_lightning.data.returns import GAE
 from slm_lightning.envs import CARTPOLE_NO_VELOCITY_ID, EnvSpec, make_vector_env, probe_spaces
 from slm_lightning.nets.mlp import MLPSpec
 from slm_lightning.nets.recurrent import RecurrentActorCritic, RecurrentSpec
-from tests.test_rollout import ENV_ID, LENGTHS, SEED, N, counting_vector_env
+from tests.test_rollout import ENV_ID, LENGTHS, SEED, N, counting_vector_env, minibatches
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 OBS_SPACE = spaces.Box(-np.inf, np.inf, (3,), np.float32)
@@ -156,7 +156,7 @@ def test_rollout_stores_the_states_it_carried(monkeypatch) -> None:
     ds = recurrent_rollout(agent, horizon, epochs=2, minibatches=3, length=length)
     memories = []
     for rollout in range(3):
-        batches = list(ds)
+        batches = minibatches(ds)
         mem = ds.memory
         memories.append({key: np.copy(getattr(mem, key)) for key in ("states", "obs")})
         returned = torch.stack(agent.returned[rollout * horizon :]).numpy()
@@ -218,11 +218,11 @@ def test_resume_restarts_the_hidden_state_with_the_episodes(monkeypatch) -> None
         return recurrent_rollout(CountingRecurrentAgent(), 7, epochs=1, minibatches=1, length=7)
 
     fresh = rollout()
-    list(fresh)
+    minibatches(fresh)
     first = {key: np.copy(getattr(fresh.memory, key)) for key in keys}
     ds = rollout()
-    list(ds)
-    list(ds)
+    minibatches(ds)
+    minibatches(ds)
     # 14 steps in, every env is inside an episode (counts 2, 4 and 2) with a non-zero state.
     np.testing.assert_array_equal(ds.obs[:, 1], [2, 4, 2])
     assert (ds.policy_state > 0).all() and not ds.episode_starts.any()

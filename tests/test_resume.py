@@ -452,13 +452,13 @@ def test_validate_with_a_runs_own_config_leaves_the_run_untouched(first, tmp_pat
 
 def test_target_kl_stops_each_rollouts_update_early(tmp_path) -> None:
     """target_kl=0: the first minibatch (KL exactly 0, nothing updated yet) trains, the second
-    one's KL is positive, so its update is dropped and the rollout yields no more: two
-    minibatches per rollout instead of training_epochs x num_minibatches = 4."""
+    one's KL is positive, so the rollout's updates end there without a step on it: one
+    optimizer step per rollout instead of training_epochs x num_minibatches = 4."""
     with contextlib.chdir(tmp_path):
         cli = fit(
             tmp_path / "run", "--model.init_args.max_frames=512", "--model.init_args.target_kl=0.0"
         ).cli
     rollouts = cli.model.rollout.rollouts
     assert rollouts == 512 // ROLLOUT
-    assert cli.trainer.global_step == 2 * rollouts
+    assert cli.trainer.global_step == rollouts
     assert cli.model.train_metrics["train/approx_kl"] > 0

@@ -140,6 +140,11 @@ class FakeAgent:
         return actions
 
 
+def minibatches(ds: OnPolicyRollout) -> list:
+    """Roll out once and draw every minibatch of the round it yields, as training does."""
+    return [batch for round_ in ds for batch in round_]
+
+
 def make_dataset(agent=None, time_horizon=7, epochs=2, minibatches=3, **spec_kwargs):
     agent = agent or FakeAgent()
     spec = EnvSpec(name=ENV_ID, num_envs=N, **spec_kwargs)
@@ -224,10 +229,12 @@ def test_episode_log_matches_env_lengths(env_seeds):
 
 def test_minibatches_cover_valid_slots_once_per_epoch(env_seeds):
     ds = make_dataset(time_horizon=7, epochs=2, minibatches=3)
-    assert len(ds) == 6
+    assert len(ds) == 1  # one training step per rollout
     for rollout in range(2):
-        batches = list(ds)
-        assert len(batches) == len(ds)
+        (round_,) = list(ds)
+        assert len(round_) == 6
+        batches = list(round_)
+        assert len(batches) == 6
         assert ds.frames == (rollout + 1) * 7 * N
         mem = ds.memory
         valid = np.flatnonzero(mem.valid.reshape(-1))
@@ -255,16 +262,19 @@ def test_minibatches_cover_valid_slots_once_per_epoch(env_seeds):
         assert not np.array_equal(orders[0], orders[1])  # reshuffled every epoch
 
 
-def test_stop_minibatches_and_frame_budget(env_seeds):
+def test_a_round_stopped_early_shuffles_no_more_and_the_budget_ends_iteration(env_seeds):
+    """Training that stops a round after two minibatches (PPO's target KL) leaves the second
+    pass unshuffled: the shuffling generator stands where a round of one pass leaves it.
+    Catches a round that draws its permutations up front."""
     agent = FakeAgent(max_frames=2 * 7 * N)
     ds = make_dataset(agent, time_horizon=7, epochs=2, minibatches=3)
-    taken = []
-    for batch in ds:
-        taken.append(batch)
-        if len(taken) == 2:
-            ds.stop_minibatches()  # e.g. PPO's target-KL early stop
+    one_pass = make_dataset(FakeAgent(max_frames=2 * 7 * N), time_horizon=7, epochs=1)
+    (round_,) = list(ds)
+    taken = [batch for batch, _ in zip(round_, range(2), strict=False)]
     assert len(taken) == 2
-    assert len(list(ds)) == 6  # the flag is cleared at the next rollout
+    assert len(minibatches(one_pass)) == 3
+    assert ds.rng.bit_generator.state == one_pass.rng.bit_generator.state
+    assert len(minibatches(ds)) == 6  # the next rollout's round is whole
     assert ds.frames == agent.max_frames
     assert list(ds) == []  # frame budget spent: no further rollout
     assert ds.frames == agent.max_frames
@@ -272,7 +282,7 @@ def test_stop_minibatches_and_frame_budget(env_seeds):
 
 def test_state_dict_round_trip(env_seeds):
     ds = make_dataset(time_horizon=7)
-    list(ds)
+    minibatches(ds)
     state = ds.state_dict()
     assert state["frames"] == 7 * N and state["rollouts"] == 1
     assert state["normalizers"] == {}
@@ -290,7 +300,7 @@ def test_state_dict_round_trip(env_seeds):
     assert (resumed.frames, resumed.rollouts) == (7 * N, 1)
     not_restored = make_dataset(time_horizon=7)
 
-    runs = [list(d) for d in (ds, resumed, not_restored)]
+    runs = [minibatches(d) for d in (ds, resumed, not_restored)]
     assert env_seeds == [SEED, SEED + 7 * N, SEED + 7 * N, SEED]
 
     def slot_order(batches):

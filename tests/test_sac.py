@@ -19,7 +19,7 @@ from torch import nn
 from torch.distributions import Normal, TanhTransform, TransformedDistribution
 
 from slm_lightning.algorithms import SAC, CrossQ
-from slm_lightning.algorithms.off_policy import direct_steps_possible
+from slm_lightning.algorithms.base import direct_steps_possible
 from slm_lightning.algorithms.sac import (
     alpha_loss,
     default_target_entropy,

@@ -167,14 +167,14 @@ def test_on_an_accelerator_the_loss_is_read_once_per_step_and_still_stops_the_ru
     isolated_run, capsys, monkeypatch
 ) -> None:
     """The same inf value loss where reading a loss waits for the device (forced here on the
-    CPU): the flag is read at the end of the training step, after its update, and the run
-    stops there without a checkpoint. Catches a flag that is never read (the run would go
+    CPU): the flag is read at the end of the training step, after the rollout's 4 updates,
+    and the run stops there without a checkpoint. Catches a flag that is never read (the run would go
     on and finish) or read before it is set."""
     from slm_lightning.algorithms import PPO as PPOClass
 
     monkeypatch.setattr(PPOClass, "defer_loss_checks", property(lambda self: True))
     assert inf_value_loss_run(isolated_run, capsys) == [
-        f"PPO: train/value_loss is inf in the updates before step 1 (frame {ROLLOUT}); "
+        f"PPO: train/value_loss is inf in the updates before step 4 (frame {ROLLOUT}); "
         "stopped before any checkpoint of them"
     ]
 

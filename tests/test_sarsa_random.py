@@ -128,7 +128,7 @@ def test_sarsa_rollout_targets_from_real_episodes():
     rollout.close()
 
 
-def test_sarsa_training_step_regresses_q_on_the_targets():
+def test_sarsa_minibatch_loss_regresses_q_on_the_targets():
     model = sarsa(loss="mse")
     g = torch.Generator().manual_seed(1)
     obs = torch.randn(32, 4, generator=g)
@@ -138,14 +138,14 @@ def test_sarsa_training_step_regresses_q_on_the_targets():
     batch = OnPolicyBatch(obs, actions, unused, unused, unused, returns)
     with torch.no_grad():
         q = model.policy(obs).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
-    loss = model.training_step(batch, 0)
+    loss = model.minibatch_loss(batch)
     torch.testing.assert_close(loss.detach(), 0.5 * (q - returns).pow(2).mean())
     optimizer = torch.optim.Adam(model.policy.parameters(), lr=0.02)
     for _ in range(100):
         optimizer.zero_grad()
-        model.training_step(batch, 0).backward()
+        model.minibatch_loss(batch).backward()
         optimizer.step()
-    assert model.training_step(batch, 0).item() < 0.5 * loss.item()
+    assert model.minibatch_loss(batch).item() < 0.5 * loss.item()
 
 
 # --- bad input -----------------------------------------------------------------------------------

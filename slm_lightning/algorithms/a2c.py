@@ -115,7 +115,7 @@ class A2C(PolicyGradient):
         )
 
     @override
-    def training_step(self, batch: OnPolicyBatch, batch_idx: int) -> Tensor:
+    def minibatch_loss(self, batch: OnPolicyBatch) -> Tensor:
         dist, values = self.policy(batch.obs)
         log_probs = self.policy.log_prob(dist, batch.actions)
         entropy = self.policy.entropy(dist).mean()

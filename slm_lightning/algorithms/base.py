@@ -11,6 +11,8 @@ import lightning as L
 import numpy as np
 import torch
 from gymnasium import spaces
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import Tensor
 from typing_extensions import override
 
@@ -21,7 +23,7 @@ from slm_lightning.data.vector_rollout import RolloutBatches, VectorRollout
 from slm_lightning.envs.factory import EnvSpec, probe_spaces
 from slm_lightning.envs.normalization import normalizer_state
 from slm_lightning.errors import ConfigError
-from slm_lightning.optim import loss_scaling
+from slm_lightning.optim import clip_grad_norm, loss_scaling
 from slm_lightning.schedules import Schedule
 from slm_lightning.train_metrics import TrainMetrics
 
@@ -31,6 +33,29 @@ def seed_global_rngs(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
+
+
+# The hooks Lightning dispatches around each manual backward and optimizer step.
+STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
+
+
+def direct_steps_possible(trainer: L.Trainer, module: L.LightningModule) -> bool:
+    """Whether an update's backward and optimizer step may skip Lightning's dispatch: one
+    device, full precision, and no callback (nor the module, besides its own loss check in
+    ``on_before_backward``) implementing a hook that the dispatch would call.
+
+    Lightning 2.6's ``manual_backward`` and ``LightningOptimizer.step`` cost ~50-100 us of
+    hook dispatch per call with our callbacks, more than the arithmetic of a small update.
+    """
+    if type(trainer.strategy) is not SingleDeviceStrategy:  # DDP prepares each backward
+        return False
+    if type(trainer.precision_plugin) is not Precision:  # autocast, loss scaling
+        return False
+    for callback in trainer.callbacks:
+        if any(getattr(type(callback), h) is not getattr(L.Callback, h) for h in STEP_HOOKS):
+            return False
+    own = ("on_after_backward", "on_before_optimizer_step", "backward")
+    return all(getattr(type(module), h) is getattr(L.LightningModule, h) for h in own)
 
 
 class NetSpec(Protocol):
@@ -107,6 +132,7 @@ class RLAlgorithm(L.LightningModule, ABC):
         # Whether a loss of this training_step was not finite, on the accelerator (see
         # on_before_backward); None on a CPU, where each loss is read at once.
         self._nonfinite: Tensor | None = None
+        self._direct_steps = False  # see backward_step; decided when training starts
         # Training diagnostics; MetricsTracker logs their means over the updates of each row.
         self.train_metrics = TrainMetrics()
 
@@ -326,11 +352,42 @@ class RLAlgorithm(L.LightningModule, ABC):
 
     @override
     def on_train_start(self) -> None:
+        self._direct_steps = not self.automatic_optimization and direct_steps_possible(
+            self.trainer, self
+        )
         self._stop_at_budget()  # a resumed run may already have spent its budget
         # A checkpoint written on an exception is mid-epoch, and Lightning resumes such an epoch
         # without on_train_epoch_start, where algorithms set lr and per-rollout schedules.
         if self.trainer.fit_loop.restarted_mid_epoch:
             self.on_train_epoch_start()
+
+    def backward_step(
+        self, loss: Tensor, optimizer: Any, max_grad_norm: float | None = None
+    ) -> None:
+        """One optimizer step on ``loss`` under manual optimization: zero the gradients,
+        backward, clip the global norm to ``max_grad_norm`` (None: no clipping), step.
+
+        Through Lightning's ``manual_backward`` and ``LightningOptimizer.step``; where
+        :func:`direct_steps_possible`, the same calls without their hook dispatch (the loss
+        check, the step counting behind ``global_step`` and the profiler are kept).
+
+        Args:
+            loss: the update's loss.
+            optimizer: one of ``self.optimizers()``.
+            max_grad_norm: the largest global gradient norm, or None.
+        """
+        optimizer.zero_grad(set_to_none=True)
+        if self._direct_steps:
+            self.on_before_backward(loss)
+            loss.backward()
+            clip_grad_norm(self, optimizer, max_grad_norm)
+            optimizer._on_before_step()  # Lightning's step count and profiler (manual loop)
+            optimizer.optimizer.step()
+            optimizer._on_after_step()
+        else:
+            self.manual_backward(loss)
+            clip_grad_norm(self, optimizer, max_grad_norm)
+            optimizer.step()
 
     @override
     def on_train_epoch_end(self) -> None:

@@ -3,10 +3,7 @@ off-policy rollout that fills it, and its place in the checkpoint."""
 
 from typing import Any
 
-import lightning as L
 import torch
-from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import SingleDeviceStrategy
 from loguru import logger
 from torch import Tensor, nn
 from typing_extensions import override
@@ -18,29 +15,6 @@ from slm_lightning.data.replay import ReplayBatch, ReplayLayout, ReplayMemory, r
 from slm_lightning.data.replay_choice import make_replay
 from slm_lightning.envs.spec import EnvSpec
 from slm_lightning.errors import ConfigError
-from slm_lightning.optim import clip_grad_norm
-
-# The hooks Lightning dispatches around each manual backward and optimizer step.
-STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
-
-
-def direct_steps_possible(trainer: L.Trainer, module: L.LightningModule) -> bool:
-    """Whether an update's backward and optimizer step may skip Lightning's dispatch: one
-    device, full precision, and no callback (nor the module, besides its own loss check in
-    ``on_before_backward``) implementing a hook that the dispatch would call.
-
-    Lightning 2.6's ``manual_backward`` and ``LightningOptimizer.step`` cost ~50-100 us of
-    hook dispatch per call with our callbacks, more than the arithmetic of a small update.
-    """
-    if type(trainer.strategy) is not SingleDeviceStrategy:  # DDP prepares each backward
-        return False
-    if type(trainer.precision_plugin) is not Precision:  # autocast, loss scaling
-        return False
-    for callback in trainer.callbacks:
-        if any(getattr(type(callback), h) is not getattr(L.Callback, h) for h in STEP_HOOKS):
-            return False
-    own = ("on_after_backward", "on_before_optimizer_step", "backward")
-    return all(getattr(type(module), h) is getattr(L.LightningModule, h) for h in own)
 
 
 class TargetNetwork:
@@ -141,7 +115,6 @@ class OffPolicyAlgorithm(RLAlgorithm):
         self.memory: ReplayMemory | None = None  # built with the rollout
         self._saved_memory: dict[str, Any] | None = None
         self._resumed_frames: int | None = None  # the frame clock of a checkpoint resumed
-        self._direct_steps = False  # see backward_step; decided when training starts
 
     def check_replay_settings(self) -> None:
         """Raise a :class:`ConfigError` for replay settings under which nothing would train:
@@ -200,39 +173,6 @@ class OffPolicyAlgorithm(RLAlgorithm):
             world_size=self.trainer.world_size,
             gamma=self.gamma,
         )
-
-    @override
-    def on_train_start(self) -> None:
-        super().on_train_start()
-        self._direct_steps = direct_steps_possible(self.trainer, self)
-
-    def backward_step(
-        self, loss: Tensor, optimizer: Any, max_grad_norm: float | None = None
-    ) -> None:
-        """One optimizer step on ``loss``: zero the gradients, backward, clip the global norm
-        to ``max_grad_norm`` (None: no clipping), step.
-
-        Through Lightning's ``manual_backward`` and ``LightningOptimizer.step``; where
-        :func:`direct_steps_possible`, the same calls without their hook dispatch (the loss
-        check, the step counting behind ``global_step`` and the profiler are kept).
-
-        Args:
-            loss: the update's loss.
-            optimizer: one of ``self.optimizers()``.
-            max_grad_norm: the largest global gradient norm, or None.
-        """
-        optimizer.zero_grad(set_to_none=True)
-        if self._direct_steps:
-            self.on_before_backward(loss)
-            loss.backward()
-            clip_grad_norm(self, optimizer, max_grad_norm)
-            optimizer._on_before_step()  # Lightning's step count and profiler (manual loop)
-            optimizer.optimizer.step()
-            optimizer._on_after_step()
-        else:
-            self.manual_backward(loss)
-            clip_grad_norm(self, optimizer, max_grad_norm)
-            optimizer.step()
 
     def sample_batches(self, count: int) -> ReplayBatch:
         """``count`` uniformly sampled batches of ``batch_size`` transitions, stacked on a

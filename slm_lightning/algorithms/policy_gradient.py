@@ -8,7 +8,7 @@ from typing_extensions import override
 
 from slm_lightning.algorithms.base import RLAlgorithm
 from slm_lightning.data.onpolicy_memory import OnPolicyBatch, OnPolicyMemory, RecurrentBatch
-from slm_lightning.data.onpolicy_rollout import OnPolicyRollout
+from slm_lightning.data.onpolicy_rollout import Minibatches, OnPolicyRollout
 from slm_lightning.data.returns import ReturnsEstimator
 from slm_lightning.envs.factory import EnvSpec
 from slm_lightning.nets.actor_critic import ActorCritic
@@ -60,7 +60,40 @@ def onpolicy_rollout(
     return memory, rollout
 
 
-class PolicyGradient(PolicyOptimizer, RLAlgorithm):
+class MinibatchUpdates:
+    """Training on a rollout's minibatches (:class:`Minibatches`) in one Lightning training
+    step: an optimizer step on each minibatch's loss, under Lightning's manual optimization
+    (the algorithm sets ``automatic_optimization = False``). The hooks Lightning runs around
+    every step under automatic optimization cost more than a small net's update: ~20% of
+    PPO's time on CartPole.
+
+    Put it before the algorithm's bases; the algorithm implements :meth:`minibatch_loss` and
+    provides ``max_grad_norm`` and :meth:`RLAlgorithm.backward_step`.
+    """
+
+    max_grad_norm: float | None
+
+    def minibatch_loss(self, batch: OnPolicyBatch | RecurrentBatch) -> Tensor | None:
+        """The loss of one minibatch, its terms recorded in ``train_metrics``; None stops the
+        rollout's updates here (PPO's target KL), without a step on this minibatch.
+
+        Args:
+            batch: the minibatch.
+        """
+        raise NotImplementedError
+
+    def training_step(self, batch: Minibatches, batch_idx: int) -> None:
+        """One rollout's updates: an optimizer step on each minibatch's loss, in order, until
+        :meth:`minibatch_loss` returns None or the minibatches run out."""
+        optimizer = self.optimizers()
+        for minibatch in batch:
+            loss = self.minibatch_loss(minibatch)
+            if loss is None:
+                break
+            self.backward_step(loss, optimizer, self.max_grad_norm)
+
+
+class PolicyGradient(MinibatchUpdates, PolicyOptimizer, RLAlgorithm):
     """Base of the policy-gradient algorithms: they own ``self.policy`` (an
     :class:`~slm_lightning.nets.ActorCritic` or :class:`~slm_lightning.nets.RecurrentActorCritic`,
     set by the subclass) and ``self.memory`` (an :class:`OnPolicyMemory` that computes returns
@@ -69,7 +102,9 @@ class PolicyGradient(PolicyOptimizer, RLAlgorithm):
     Optimisation: one optimizer (``optimizer``, Adam by default, eps 1e-5), one parameter
     group per network (the actor with any shared body,
     then a separate critic), at ``lr`` and ``critic_lr`` scheduled over frames at the start of
-    every rollout; the global gradient norm clipped to ``max_grad_norm``.
+    every rollout; the global gradient norm clipped to ``max_grad_norm``. One Lightning
+    training step trains a whole rollout: a step per minibatch, each on the loss of
+    :meth:`minibatch_loss`, which subclasses implement.
 
     Args:
         env: the environment spec.
@@ -123,6 +158,9 @@ class PolicyGradient(PolicyOptimizer, RLAlgorithm):
         self.max_grad_norm = max_grad_norm
         self.optimizer_spec = optimizer or OptimizerSpec()
         self.memory: OnPolicyMemory | None = None
+        # All of a rollout's minibatches in one training_step (see training_step): Lightning's
+        # manual optimization.
+        self.automatic_optimization = False
 
     @override
     def build_rollout(self) -> OnPolicyRollout:
@@ -182,8 +220,8 @@ class PolicyGradient(PolicyOptimizer, RLAlgorithm):
         return lr, critic_lr
 
     @override
-    def on_train_batch_start(self, batch: OnPolicyBatch | RecurrentBatch, batch_idx: int) -> None:
+    def on_train_batch_start(self, batch: Minibatches, batch_idx: int) -> None:
         # Once per rollout, before its first update: how well the critic's values predicted
         # the returns the memory has just computed.
-        if batch_idx == 0 and self.policy.has_critic and self.memory is not None:
+        if self.policy.has_critic and self.memory is not None:
             self.train_metrics.add({"train/explained_variance": self.memory.explained_variance()})

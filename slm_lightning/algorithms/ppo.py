@@ -9,16 +9,16 @@ The data path, in order:
    (``data/onpolicy_memory.py:OnPolicyMemory``, built in ``PolicyGradient.build_rollout``);
 3. returns: ``OnPolicyMemory.compute_returns`` with the :class:`GAE` estimator
    (``data/returns.py:GAE.estimate`` -> ``gae``), bootstrapped from ``PolicyGradient.bootstrap_values``;
-4. minibatch: ``OnPolicyRollout.__iter__`` yields ``training_epochs x num_minibatches``
-   shuffled :class:`OnPolicyBatch` (or :class:`RecurrentBatch` sequences) from
-   ``OnPolicyMemory.flat_batch`` / ``sequence_batch``;
-5. loss: :meth:`PPO.training_step` (:func:`clipped_surrogate_loss`, :func:`value_loss`,
-   entropy bonus); ``target_kl`` stops the rollout's minibatches through
-   ``OnPolicyRollout.stop_minibatches``;
-6. optimizer: Lightning steps ``optim.py:PolicyOptimizer.configure_optimizers``' optimizer
-   (``optim.py:OptimizerSpec.build``) after ``PolicyOptimizer.configure_gradient_clipping``
-   (``optim.py:clip_grad_norm``), at the learning rates
-   ``PolicyOptimizer.on_train_epoch_start`` set for this rollout
+4. minibatch: ``OnPolicyRollout.__iter__`` yields one ``Minibatches``: ``training_epochs x
+   num_minibatches`` shuffled :class:`OnPolicyBatch` (or :class:`RecurrentBatch` sequences)
+   from ``OnPolicyMemory.flat_batch`` / ``sequence_batch``, all trained in one Lightning
+   training step (``algorithms/policy_gradient.py:MinibatchUpdates.training_step``);
+5. loss: :meth:`PPO.minibatch_loss` (:func:`clipped_surrogate_loss`, :func:`value_loss`,
+   entropy bonus); past ``target_kl`` it returns None, which ends the rollout's updates;
+6. optimizer: ``algorithms/base.py:RLAlgorithm.backward_step`` (Lightning's manual
+   optimization) steps ``optim.py:PolicyOptimizer.configure_optimizers``' optimizer
+   (``optim.py:OptimizerSpec.build``) after ``optim.py:clip_grad_norm``, at the learning
+   rates ``PolicyOptimizer.on_train_epoch_start`` set for this rollout
    (``PolicyGradient.learning_rates``: actor, then critic).
 """
 
@@ -89,7 +89,8 @@ class PPO(PolicyGradient):
         optimizer: the optimizer (Adam, AdamW, RMSprop, SGD) and its keyword arguments;
             None is Adam with eps 1e-5.
         normalize_advantages: normalise advantages per minibatch.
-        target_kl: stop the rollout's remaining minibatches once approx_kl exceeds this.
+        target_kl: stop the rollout's updates at the first minibatch whose approx_kl exceeds
+            this (mean over ranks), without a step on it.
         actor: actor body.
         critic: critic body (ignored when ``shared``).
         shared: one body with a policy head and a value head.
@@ -214,7 +215,7 @@ class PPO(PolicyGradient):
         )
 
     @override
-    def training_step(self, batch: OnPolicyBatch | RecurrentBatch, batch_idx: int) -> Tensor | None:
+    def minibatch_loss(self, batch: OnPolicyBatch | RecurrentBatch) -> Tensor | None:
         steps = (batch.actions, batch.log_probs, batch.values, batch.advantages, batch.returns)
         if isinstance(batch, RecurrentBatch):
             # Sequences (B, L): run the cell through them, then keep only the valid steps.
@@ -258,12 +259,6 @@ class PPO(PolicyGradient):
         )
         if self.target_kl is None:
             return loss
-        distributed = self.trainer.world_size > 1
-        if distributed:  # every rank decides on the same (mean) KL, so all stop together
+        if self.trainer.world_size > 1:  # every rank decides on the same (mean) KL: all stop
             approx_kl = self.trainer.strategy.reduce(approx_kl, reduce_op="mean")
-        if approx_kl > self.target_kl:
-            self.rollout.stop_minibatches()
-            # A single process skips this optimizer step; under DDP every rank must step
-            # (Lightning refuses a skipped step there), so the crossing minibatch still trains.
-            return loss if distributed else None
-        return loss
+        return None if approx_kl > self.target_kl else loss

@@ -9,8 +9,8 @@ from typing_extensions import override
 from slm_lightning.algorithms.base import RLAlgorithm
 from slm_lightning.algorithms.policy_gradient import onpolicy_rollout
 from slm_lightning.config_types import PositiveCount
-from slm_lightning.data.onpolicy_memory import OnPolicyBatch, OnPolicyMemory
-from slm_lightning.data.onpolicy_rollout import OnPolicyRollout
+from slm_lightning.data.onpolicy_memory import OnPolicyMemory
+from slm_lightning.data.onpolicy_rollout import Minibatches, OnPolicyRollout
 from slm_lightning.data.returns import MonteCarloReturns
 from slm_lightning.envs.factory import EnvSpec
 
@@ -94,5 +94,5 @@ class RandomAgent(RLAlgorithm):
         return None  # nothing to learn
 
     @override
-    def training_step(self, batch: OnPolicyBatch, batch_idx: int) -> None:
+    def training_step(self, batch: Minibatches, batch_idx: int) -> None:
         return None

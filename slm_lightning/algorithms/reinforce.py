@@ -87,7 +87,7 @@ class Reinforce(PolicyGradient):
         )
 
     @override
-    def training_step(self, batch: OnPolicyBatch, batch_idx: int) -> Tensor:
+    def minibatch_loss(self, batch: OnPolicyBatch) -> Tensor:
         dist, _ = self.policy(batch.obs)
         log_probs = self.policy.log_prob(dist, batch.actions)
         entropy = self.policy.entropy(dist).mean()

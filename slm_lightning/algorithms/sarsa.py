@@ -9,7 +9,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from slm_lightning.algorithms.base import RLAlgorithm
-from slm_lightning.algorithms.policy_gradient import onpolicy_rollout
+from slm_lightning.algorithms.policy_gradient import MinibatchUpdates, onpolicy_rollout
 from slm_lightning.config_types import NonNegativeFloat, PositiveCount
 from slm_lightning.data.onpolicy_memory import OnPolicyBatch, OnPolicyMemory
 from slm_lightning.data.onpolicy_rollout import OnPolicyRollout
@@ -21,7 +21,7 @@ from slm_lightning.optim import OptimizerSpec, PolicyOptimizer
 from slm_lightning.schedules import Schedule
 
 
-class SARSA(PolicyOptimizer, RLAlgorithm):
+class SARSA(MinibatchUpdates, PolicyOptimizer, RLAlgorithm):
     """SARSA: regress ``Q(s, a)`` on ``r + gamma Q(s', a')`` where ``a'`` is the action the
     exploring policy really took next.
 
@@ -91,6 +91,7 @@ class SARSA(PolicyOptimizer, RLAlgorithm):
         self.temperature = temperature
         self.loss = loss
         self.max_grad_norm = max_grad_norm
+        self.automatic_optimization = False  # a rollout's minibatches in one training step
         self.optimizer_spec = optimizer or OptimizerSpec()
         self.policy = QNetwork(self.observation_space, self.action_space, net or MLPSpec())
         self.estimator = GAE(gamma, 0.0)  # lambda 0: TD(0) targets
@@ -137,7 +138,7 @@ class SARSA(PolicyOptimizer, RLAlgorithm):
         self.train_metrics.set({key: rate})
 
     @override
-    def training_step(self, batch: OnPolicyBatch, batch_idx: int) -> Tensor:
+    def minibatch_loss(self, batch: OnPolicyBatch) -> Tensor:
         q = self.policy(batch.obs).gather(-1, batch.actions.unsqueeze(-1)).squeeze(-1)
         if self.loss == "huber":
             loss = F.smooth_l1_loss(q, batch.returns)

@@ -1,8 +1,8 @@
 """The on-policy rollout dataset: roll out the vector env into the algorithm's memory, compute
-returns there, and yield typed minibatches."""
+returns there, and yield the rollout's minibatches to train on."""
 
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -13,7 +13,42 @@ from slm_lightning.data.onpolicy_memory import OnPolicyBatch, OnPolicyMemory, Re
 from slm_lightning.data.vector_rollout import EpisodeLog, VectorRollout
 from slm_lightning.envs.factory import EnvSpec, next_step_resets
 
-__all__ = ["EpisodeLog", "OnPolicyAgent", "OnPolicyRollout"]
+__all__ = ["EpisodeLog", "Minibatches", "OnPolicyAgent", "OnPolicyRollout"]
+
+BatchT = TypeVar("BatchT", OnPolicyBatch, RecurrentBatch)
+
+
+class Minibatches(Generic[BatchT]):
+    """One rollout's updates: ``epochs`` passes over its samples, each shuffled and split into
+    ``count`` minibatches. What an on-policy ``training_step`` receives; it iterates the
+    minibatches and may stop early (PPO's target KL), and the passes not reached are never
+    shuffled, so the shuffling generator advances as the training does.
+
+    Args:
+        batch: the whole rollout, one row per sample (or per sequence), on the training
+            device.
+        samples: the rows to train on (valid transitions, or sequences with one).
+        epochs: passes over ``samples``.
+        count: minibatches per pass.
+        rng: the rollout's shuffling generator.
+    """
+
+    def __init__(
+        self, batch: BatchT, samples: np.ndarray, epochs: int, count: int, rng: np.random.Generator
+    ) -> None:
+        self.batch, self.samples = batch, samples
+        self.epochs, self.count, self.rng = epochs, count, rng
+        self.device = batch.obs.device
+
+    def __len__(self) -> int:
+        return self.epochs * self.count
+
+    def __iter__(self) -> Iterator[BatchT]:
+        batch = self.batch
+        for _ in range(self.epochs):
+            for chunk in np.array_split(self.rng.permutation(self.samples), self.count):
+                index = torch.from_numpy(chunk).to(self.device, non_blocking=True)
+                yield batch._make(field[index] for field in batch)
 
 
 class OnPolicyAgent(Protocol):
@@ -40,8 +75,10 @@ class OnPolicyAgent(Protocol):
 
 class OnPolicyRollout(VectorRollout):
     """Each ``iter()`` collects one rollout with the agent's current policy into ``memory``,
-    has the memory compute returns and advantages, then yields ``training_epochs x
-    num_minibatches`` shuffled minibatches (:class:`OnPolicyBatch`).
+    has the memory compute returns and advantages, then yields one :class:`Minibatches`:
+    ``training_epochs x num_minibatches`` shuffled minibatches (:class:`OnPolicyBatch`), all
+    trained in one Lightning training step (the hooks Lightning runs around a step cost more
+    than a small net's minibatch update).
 
     With a recurrent policy (``sequence_length`` set) the rollout carries the policy's hidden
     state from step to step (across rollouts too), zeroes it where an episode starts, and
@@ -96,17 +133,11 @@ class OnPolicyRollout(VectorRollout):
         # A recurrent policy's hidden state and episode-start flags between vector steps.
         self.policy_state: Tensor | None = None
         self.episode_starts: np.ndarray | None = None
-        self._stop_minibatches = False
 
     def __len__(self) -> int:
         # A known length stops Lightning from prefetching a batch, which would roll out
-        # the next rollout before the last minibatch of this one has been trained on.
-        return self.training_epochs * self.num_minibatches
-
-    def stop_minibatches(self) -> None:
-        """Yield no more minibatches of the current rollout (e.g. PPO's target-KL early
-        stop); the next rollout yields all of its own."""
-        self._stop_minibatches = True
+        # the next rollout before this one has been trained on.
+        return 1
 
     def on_env_created(self, env: VectorEnv) -> None:
         # Fresh envs, fresh episodes: every env starts from the zero state (None: feed-forward).
@@ -159,10 +190,9 @@ class OnPolicyRollout(VectorRollout):
         mem.compute_returns()
         self.rollouts += 1
 
-    def __iter__(self) -> Iterator[OnPolicyBatch | RecurrentBatch]:
+    def __iter__(self) -> Iterator[Minibatches]:
         if self.frames >= self.agent.max_frames:
             return
-        self._stop_minibatches = False
         # Acting is one small forward pass per vector step, too small to split, while the
         # envs (ale-py's threads, worker processes) want the cores: one torch thread for the
         # rollout, the run's --torch_threads for its minibatch updates.
@@ -179,12 +209,9 @@ class OnPolicyRollout(VectorRollout):
         else:
             batch = self.memory.sequence_batch(self.sequence_length)
             valid = np.flatnonzero(batch.valid.any(dim=1).numpy())  # sequences to train on
-        for _ in range(self.training_epochs):
-            for chunk in np.array_split(self.rng.permutation(valid), self.num_minibatches):
-                if self._stop_minibatches:
-                    return
-                index = torch.from_numpy(chunk)
-                yield batch._make(field[index] for field in batch)
+        # One copy of the rollout to the device; its minibatches are gathered there.
+        batch = batch._make(field.to(self.agent.device, non_blocking=True) for field in batch)
+        yield Minibatches(batch, valid, self.training_epochs, self.num_minibatches, self.rng)
 
     def state_dict(self) -> dict[str, Any]:
         """The base state plus the rollout count and the minibatch-shuffling generator."""
