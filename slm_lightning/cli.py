@@ -71,8 +71,27 @@ TRAINER_DEFAULTS = {
 }
 
 # What the parser configures, for naming keys and classes in one-line errors.
+# The top-level options of fit / validate / test (tests/test_bad_input.py checks them against
+# `slm-lab fit --help`), listed when one is mistyped.
+TOP_LEVEL_OPTIONS = (
+    "config",
+    "print_config",
+    "seed_everything",
+    "trainer",
+    "model",
+    "ckpt_path",
+    "weights_only",
+    "torch_threads",
+    "torch_compile",
+    "warm_start",
+    "metrics",
+    "checkpoint",
+    "eval",
+    "progress",
+)
 SCHEMA = ParserSchema(
     model_base=RLAlgorithm,
+    options=TOP_LEVEL_OPTIONS,
     sections={
         "trainer": Trainer,
         "metrics": MetricsTracker,

@@ -39,10 +39,13 @@ class ParserSchema:
             tried this base class itself means no config named an algorithm.
         sections: the class behind each top-level section (``trainer``, ``metrics`` …), whose
             arguments are the accepted keys listed for a typo there.
+        options: the subcommands' top-level options (``ckpt_path``, ``seed_everything`` …,
+            without dashes), listed for a typo among them.
     """
 
     model_base: type | None = None
     sections: Mapping[str, type] = dataclasses.field(default_factory=dict)
+    options: tuple[str, ...] = ()
 
 
 def config_error_in_chain(err: BaseException) -> ConfigError | None:
@@ -217,8 +220,13 @@ def _resolve_path(
     return ".".join(parts), owner
 
 
-def _unknown_key_message(key: str, owner: type | None) -> str:
-    """``<key>: unknown key for <Class>; did you mean …? accepted: …``."""
+def _unknown_key_message(key: str, owner: type | None, options: tuple[str, ...] = ()) -> str:
+    """``<key>: unknown key for <Class>; did you mean …? accepted: …``, or for a top-level
+    option ``--<key>: unknown option; did you mean --…? options: …``."""
+    if owner is None and "." not in key and options:
+        close = difflib.get_close_matches(key, options, n=2)
+        hint = f"did you mean {', '.join(f'--{name}' for name in close)}? " if close else ""
+        return f"--{key}: unknown option; {hint}options: {', '.join(f'--{o}' for o in options)}"
     if owner is None:
         return f"{key}: unknown key"
     leaf = key.rpartition(".")[2]
@@ -317,7 +325,7 @@ def _explain_tree(text: str, args: list[str], schema: ParserSchema) -> str | Non
     for pattern in _UNKNOWN_KEY:
         if match := pattern.match(leaf):
             key, owner = _resolve_path(path, schema, ".".join(match.groups()))
-            return _unknown_key_message(key, owner)
+            return _unknown_key_message(key, owner, schema.options)
     key, _ = _resolve_path(path, schema)
     if match := _BAD_VALUE.match(leaf):
         return _bad_value_message(key, match.group(1), match.group(2))
