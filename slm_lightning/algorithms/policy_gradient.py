@@ -64,8 +64,8 @@ class MinibatchUpdates:
     """Training on a rollout's minibatches (:class:`Minibatches`) in one Lightning training
     step: an optimizer step on each minibatch's loss, under Lightning's manual optimization
     (the algorithm sets ``automatic_optimization = False``). The hooks Lightning runs around
-    every step under automatic optimization cost more than a small net's update: ~20% of
-    PPO's time on CartPole.
+    every step under automatic optimization cost more than a small net's update: PPO
+    CartPole runs 1.11x and A2C 1.22x faster with one step per rollout.
 
     Put it before the algorithm's bases; the algorithm implements :meth:`minibatch_loss` and
     provides ``max_grad_norm`` and :meth:`RLAlgorithm.backward_step`.
