@@ -13,6 +13,7 @@ from torch import Tensor
 from slm_lightning.data.replay import ReplayBatch, ReplayMemory
 from slm_lightning.data.vector_rollout import VectorRollout
 from slm_lightning.envs.factory import EnvSpec, next_step_resets
+from slm_lightning.nets.conv import full_precision
 
 
 class OffPolicyAgent(Protocol):
@@ -134,13 +135,10 @@ class OffPolicyRollout(VectorRollout):
             self.start()
         obs = self.obs
         obs_t = torch.as_tensor(obs, device=self.agent.device)
-        if torch.is_autocast_enabled(obs_t.device.type):
-            # The round's env steps run inside training_step, under Lightning's bf16-mixed /
-            # 16-mixed autocast: act in float32, as the on-policy rollouts do (their steps run
-            # in the dataloader), and numpy takes no bfloat16.
-            with torch.autocast(obs_t.device.type, enabled=False):
-                actions = self.agent.explore(obs_t).cpu().numpy()
-        else:  # entering autocast costs microseconds, per env step
+        # The round's env steps run inside training_step, under Lightning's bf16-mixed /
+        # 16-mixed autocast: act in float32, as the on-policy rollouts do (their steps run in
+        # the dataloader), and numpy takes no bfloat16.
+        with full_precision(obs_t):
             actions = self.agent.explore(obs_t).cpu().numpy()
         next_obs, rewards, terminated, truncated, info = self.env.step(
             self.agent.env_actions(actions)
