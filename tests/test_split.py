@@ -6,10 +6,13 @@ stepped together or one by one with ``send`` / ``recv``; and a rollout over a sp
 with a policy that does not sample, must store what the unsplit rollout stores.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from slm_lightning.data.evaluation import evaluation_env_spec
 from slm_lightning.data.onpolicy_memory import OnPolicyMemory
 from slm_lightning.data.onpolicy_rollout import OnPolicyRollout
 from slm_lightning.data.returns import GAE
@@ -20,6 +23,7 @@ from slm_lightning.envs.split import BackgroundStep, SplitVectorEnv, merge_infos
 from slm_lightning.errors import ConfigError
 
 SEED = 5
+CONFIGS = Path(__file__).parents[1] / "configs"
 
 
 def step_both(whole, split, actions: np.ndarray, one_by_one: bool) -> tuple[tuple, tuple]:
@@ -207,3 +211,33 @@ def test_split_rollout_stores_what_the_unsplit_rollout_stores(recurrent: bool) -
 def test_bad_num_splits_is_a_config_error(spec_kwargs: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         make_vector_env(EnvSpec(name="CartPole-v1", **spec_kwargs), seed=0)
+
+
+def test_evaluation_and_baselines_step_unsplit() -> None:
+    """Evaluation plays fewer envs than training (8 envs in 2 groups, 3 episodes: 3 envs),
+    which no split could divide; it steps them unsplit."""
+    spec = EnvSpec(name="ALE/Pong-v5", num_envs=8, num_splits=2)
+    evaluation = evaluation_env_spec(spec, num_episodes=3)
+    assert (evaluation.num_envs, evaluation.num_splits) == (3, 1)
+    env = make_vector_env(evaluation, seed=0)
+    try:
+        assert not isinstance(env, SplitVectorEnv) and env.num_envs == 3
+    finally:
+        env.close()
+
+
+def test_ppo_pong_fit_with_split_envs_counts_every_frame(run_fit, monkeypatch) -> None:
+    received = []
+    recv = SplitVectorEnv.recv
+    monkeypatch.setattr(SplitVectorEnv, "recv", lambda env, g: received.append(g) or recv(env, g))
+    run = run_fit(
+        "--model.init_args.env.num_envs=4",
+        "--model.init_args.env.num_splits=2",
+        "--model.init_args.time_horizon=32",
+        "--model.init_args.num_minibatches=2",
+        "--model.init_args.training_epochs=1",
+        "--model.init_args.max_frames=256",
+        config=CONFIGS / "ppo_pong.yaml",
+    )
+    assert run.summary["frames"] == 256  # 2 rollouts of 2 groups x 2 envs x 32 steps
+    assert received == [0, 1] * 64  # each group's steps received in turn

@@ -110,7 +110,7 @@ class VectorRollout(IterableDataset):
         # The dtype observations are stored in (a frame replay stores frame serial numbers).
         memory = self.memory
         obs_dtype = memory.obs_dtype if hasattr(memory, "obs_dtype") else memory.obs.dtype
-        self.obs = np.asarray(obs, dtype=obs_dtype)
+        self.obs = np.array(obs, dtype=obs_dtype)  # owned: on-policy rollouts write into it
         self.prev_done = np.zeros(self.env.num_envs, dtype=bool)
 
     def record_step(
