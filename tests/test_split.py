@@ -183,7 +183,9 @@ def test_split_rollout_stores_what_the_unsplit_rollout_stores(recurrent: bool) -
                 ds.collect()
                 snaps.append({key: getattr(ds.memory, key).copy() for key in MEMORY_FIELDS})
             episodes = ds.episodes.drain()
-            runs.append((snaps, ds.frames, sorted(zip(episodes.returns, episodes.lengths))))
+            runs.append(
+                (snaps, ds.frames, sorted(zip(episodes.returns, episodes.lengths, strict=True)))
+            )
             assert isinstance(ds.env, SplitVectorEnv) == (splits == 2)
         finally:
             ds.close()
@@ -201,10 +203,14 @@ def test_split_rollout_stores_what_the_unsplit_rollout_stores(recurrent: bool) -
     [
         ({"num_envs": 6, "num_splits": 4}, r"env\.num_splits must divide num_envs 6"),
         ({"num_splits": 0}, r"env\.num_splits must be >= 1"),
-        ({"num_envs": 4, "num_splits": 2},
-         r"env\.num_splits: 2 needs envs that step in the background .* vector_entry_point"),
-        ({"num_envs": 4, "num_splits": 2, "vectorization": "blocks", "normalize_obs": True},
-         r"env\.num_splits: 2 steps the groups one by one, and normalize_obs need"),
+        (
+            {"num_envs": 4, "num_splits": 2},
+            r"env\.num_splits: 2 needs envs that step in the background .* vector_entry_point",
+        ),
+        (
+            {"num_envs": 4, "num_splits": 2, "vectorization": "blocks", "normalize_obs": True},
+            r"env\.num_splits: 2 steps the groups one by one, and normalize_obs need",
+        ),
     ],  # fmt: skip
     ids=["indivisible", "zero", "not-in-background", "normalised"],
 )

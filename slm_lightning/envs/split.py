@@ -175,14 +175,20 @@ def merge_infos(infos: list[dict[str, Any]], slices: list[slice], num_envs: int)
     merged: dict[str, Any] = {}
     keys = dict.fromkeys(key for info in infos for key in info)
     for key in keys:
-        present = [(info[key], part) for info, part in zip(infos, slices, strict=True) if key in info]
+        present = [
+            (info[key], part) for info, part in zip(infos, slices, strict=True) if key in info
+        ]
         first = present[0][0]
         if isinstance(first, dict):
             subs = [info.get(key, {}) for info in infos]
             merged[key] = merge_infos(subs, slices, num_envs)
-        elif isinstance(first, np.ndarray) and first.ndim >= 1 and all(
-            isinstance(value, np.ndarray) and len(value) == part.stop - part.start
-            for value, part in present
+        elif (
+            isinstance(first, np.ndarray)
+            and first.ndim >= 1
+            and all(
+                isinstance(value, np.ndarray) and len(value) == part.stop - part.start
+                for value, part in present
+            )
         ):
             batch = np.zeros((num_envs, *first.shape[1:]), dtype=first.dtype)
             for value, part in present:
