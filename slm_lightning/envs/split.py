@@ -7,7 +7,9 @@ With ``num_splits`` groups (Sample Factory's "double-buffered sampling", EnvPool
 mode with fixed groups) the rollout acts on group 0 and starts its step, acts on group 1
 while group 0 steps, and so on: acting and stepping overlap. Every group keeps its own
 sub-envs, seeds and trajectories, and the policy is the same for the whole rollout, so the
-data are those of an unsplit rollout; only the order in which actions are sampled changes.
+data are those of an unsplit rollout. Actions are sampled group after group; torch 2.12's
+CPU ``multinomial`` then draws the same random numbers in the same order as for all envs at
+once (``ppo_pong`` split and unsplit: identical losses and returns over 300k frames).
 
 :class:`SplitVectorEnv` holds the groups; each group is a full wrapper stack (episode
 statistics, Atari game scores) over a :class:`BackgroundStep` adapter on the envs that step
