@@ -17,11 +17,8 @@ ROOT = Path(__file__).parents[1]
 PPO_CARTPOLE = str(ROOT / "configs" / "ppo_cartpole.yaml")
 WANDB_PRESET = str(ROOT / "callbacks" / "wandb.yaml")
 FIT = ["fit", "--config", PPO_CARTPOLE, "--model.init_args.max_frames=256"]
-ENV_SPEC_KEYS = (
-    "unknown key for EnvSpec; did you mean num_envs? accepted: name, num_envs, vectorization, "
-    "num_workers, max_episode_steps, normalize_obs, normalize_reward, clip_obs, clip_reward, "
-    "frame_stack, kwargs, atari"
-)
+# EnvSpec has more than 12 keys: with a close match the message leaves the list out.
+ENV_SPEC_KEYS = "unknown key for EnvSpec; did you mean num_envs?"
 ERROR_LINE = re.compile(r"^\d\d:\d\d:\d\d ERROR\s+(.*)$", re.MULTILINE)
 
 

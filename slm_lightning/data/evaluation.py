@@ -28,8 +28,8 @@ class EvaluationBatch(NamedTuple):
 
 
 def evaluation_env_spec(env_spec: EnvSpec, num_episodes: int, in_process: bool = False) -> EnvSpec:
-    """The training env spec with ``num_envs`` capped at ``num_episodes``: no env is started
-    whose episode would not count.
+    """The training env spec with ``num_envs`` capped at ``num_episodes`` (no env is started
+    whose episode would not count), stepped unsplit (``num_splits`` serves rollouts).
 
     Args:
         env_spec: the training env spec.
@@ -38,7 +38,7 @@ def evaluation_env_spec(env_spec: EnvSpec, num_episodes: int, in_process: bool =
             start worker processes (``async``, ``blocks``), so that an env kept open between
             evaluations never leaves a child process behind.
     """
-    spec = replace(env_spec, num_envs=min(env_spec.num_envs, num_episodes))
+    spec = replace(env_spec, num_envs=min(env_spec.num_envs, num_episodes), num_splits=1)
     if in_process and resolve_vectorization(spec, spec.registry_spec()) in ("async", "blocks"):
         spec = replace(spec, vectorization="sync")
     return spec

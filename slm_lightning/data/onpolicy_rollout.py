@@ -12,6 +12,7 @@ from torch import Tensor
 from slm_lightning.data.onpolicy_memory import OnPolicyBatch, OnPolicyMemory, RecurrentBatch
 from slm_lightning.data.vector_rollout import EpisodeLog, VectorRollout
 from slm_lightning.envs.factory import EnvSpec, next_step_resets
+from slm_lightning.envs.split import SplitVectorEnv
 
 __all__ = ["EpisodeLog", "Minibatches", "OnPolicyAgent", "OnPolicyRollout"]
 
@@ -147,38 +148,68 @@ class OnPolicyRollout(VectorRollout):
 
     @torch.inference_mode()
     def collect(self) -> None:
-        """Roll out ``time_horizon`` vector steps into memory, then compute its returns."""
+        """Roll out ``time_horizon`` vector steps into memory, then compute its returns.
+
+        The envs step group by group (one group unless the env is a :class:`SplitVectorEnv`):
+        each step of a group receives the group's last step, stores it, acts on its new
+        observations and starts its next step, so that with several groups the policy acts
+        on one while the others step in the background. The memory ends up as an unsplit
+        rollout's would: column ``i`` holds sub-env ``i``'s steps ``0 … T-1``.
+        """
         if self.env is None:
             self.start()
         mem, agent, env, device = self.memory, self.agent, self.env, self.agent.device
+        split = env if isinstance(env, SplitVectorEnv) else None
+        groups = split.slices if split is not None else [slice(None)]
         obs, prev_done = self.obs, self.prev_done
         state, starts = self.policy_state, self.episode_starts
         recurrent = state is not None
+        if recurrent and split is not None:
+            state, starts = state.clone(), starts.copy()  # written group by group below
         starts_t = None
-        for t in range(self.time_horizon):
-            obs_t = torch.as_tensor(obs, device=device)
-            if recurrent:
-                mem.states[t] = state.cpu().numpy()
-                mem.episode_starts[t] = starts
-                starts_t = torch.as_tensor(starts, device=device)
-                # The next observation starts an episode iff this step is the NEXT_STEP reset.
-                starts = prev_done
-            actions, log_probs, values, state = agent.act(obs_t, state, starts_t)
-            actions = actions.cpu().numpy()
-            next_obs, rewards, terminated, truncated, info = env.step(agent.env_actions(actions))
-            mem.obs[t] = obs
-            mem.actions[t] = actions
-            mem.log_probs[t] = log_probs.cpu().numpy()
-            if values is not None:
-                mem.values[t] = values.cpu().numpy()
-            mem.rewards[t] = rewards
-            mem.terminated[t] = terminated
-            mem.truncated[t] = truncated
-            # NEXT_STEP autoreset: the step after a done only resets; it is not a transition.
-            mem.valid[t] = ~prev_done
-            obs = np.asarray(next_obs, dtype=mem.obs.dtype)
-            self.record_step(obs, rewards, info)
-            prev_done = next_step_resets(terminated, truncated, info)
+        steps: list[Any] = [None] * len(groups)  # each group's step under way (unsplit: done)
+        for t in range(self.time_horizon + 1):
+            for g, part in enumerate(groups):
+                if t > 0:  # the group's step t - 1 (started last time round) comes back
+                    step = split.recv(g) if split is not None else steps[g]
+                    next_obs, rewards, terminated, truncated, info = step
+                    mem.rewards[t - 1, part] = rewards
+                    mem.terminated[t - 1, part] = terminated
+                    mem.truncated[t - 1, part] = truncated
+                    obs[part] = next_obs
+                    self.record_step(obs[part], rewards, info, part.start or 0)
+                    prev_done[part] = next_step_resets(terminated, truncated, info)
+                if t == self.time_horizon:
+                    continue
+                obs_t = torch.as_tensor(obs[part], device=device)
+                state_t = starts_t = None
+                if recurrent:
+                    mem.states[t, part] = state[part].cpu().numpy()
+                    mem.episode_starts[t, part] = starts[part]
+                    starts_t = torch.as_tensor(starts[part], device=device)
+                    state_t = state[part]
+                actions, log_probs, values, next_state = agent.act(obs_t, state_t, starts_t)
+                if recurrent:
+                    # The next observation starts an episode iff this step is the NEXT_STEP
+                    # reset (after acting: starts_t may share starts' memory).
+                    starts[part] = prev_done[part]
+                    if split is None:
+                        state = next_state
+                    else:
+                        state[part] = next_state
+                actions = actions.cpu().numpy()
+                mem.obs[t, part] = obs[part]
+                mem.actions[t, part] = actions
+                mem.log_probs[t, part] = log_probs.cpu().numpy()
+                if values is not None:
+                    mem.values[t, part] = values.cpu().numpy()
+                # NEXT_STEP autoreset: the step after a done only resets; it is not a transition.
+                mem.valid[t, part] = ~prev_done[part]
+                env_actions = agent.env_actions(actions)
+                if split is not None:
+                    split.send(g, env_actions)
+                else:
+                    steps[g] = env.step(env_actions)
         obs_t = torch.as_tensor(obs, device=device)
         if recurrent:
             starts_t = torch.as_tensor(starts, device=device)

@@ -110,31 +110,36 @@ class VectorRollout(IterableDataset):
         # The dtype observations are stored in (a frame replay stores frame serial numbers).
         memory = self.memory
         obs_dtype = memory.obs_dtype if hasattr(memory, "obs_dtype") else memory.obs.dtype
-        self.obs = np.asarray(obs, dtype=obs_dtype)
+        self.obs = np.array(obs, dtype=obs_dtype)  # owned: on-policy rollouts write into it
         self.prev_done = np.zeros(self.env.num_envs, dtype=bool)
 
-    def record_step(self, next_obs: np.ndarray, rewards: np.ndarray, info: dict[str, Any]) -> None:
-        """Advance the frame clock by one vector step, log finished episodes, and stop on a
-        non-finite observation or reward with the sub-env that produced it.
+    def record_step(
+        self, next_obs: np.ndarray, rewards: np.ndarray, info: dict[str, Any], first_env: int = 0
+    ) -> None:
+        """Advance the frame clock by one step of the envs that stepped (all of them, or a
+        group of a split env), log finished episodes, and stop on a non-finite observation
+        or reward with the sub-env that produced it.
 
         Args:
-            next_obs: the step's observations, ``(num_envs, *obs_shape)``.
-            rewards: the step's rewards, ``(num_envs,)``.
-            info: the vector env's info dict.
+            next_obs: the step's observations, ``(envs stepped, *obs_shape)``.
+            rewards: the step's rewards, ``(envs stepped,)``.
+            info: the info dict of the envs stepped.
+            first_env: the index of the first env stepped (a group's first sub-env).
         """
-        self.frames += self.env.num_envs * self.world_size
+        self.frames += len(rewards) * self.world_size
         if "_episode" in info:
             done = info["_episode"]
             self.episodes.add(self.frames, info["episode"]["r"][done], info["episode"]["l"][done])
         # A NaN that reached the returns would reach the weights, and from there every later
         # action (torch's "probability tensor contains either inf, nan or element < 0").
-        self._check_finite(next_obs, "observation")
-        self._check_finite(np.asarray(rewards), "reward")
+        self._check_finite(next_obs, "observation", first_env)
+        self._check_finite(np.asarray(rewards), "reward", first_env)
 
-    def _check_finite(self, values: np.ndarray, what: str) -> None:
+    def _check_finite(self, values: np.ndarray, what: str, first_env: int = 0) -> None:
         if not np.issubdtype(values.dtype, np.floating) or np.isfinite(values).all():
             return
-        env_index = int(np.argwhere(~np.isfinite(values.reshape(len(values), -1)))[0][0])
+        bad = np.argwhere(~np.isfinite(values.reshape(len(values), -1)))
+        env_index = first_env + int(bad[0][0])
         raise FloatingPointError(
             f"env {self.env_spec.name} (sub-env {env_index}) returned a non-finite {what} "
             f"at frame {self.frames}"

@@ -28,6 +28,7 @@ from loguru import logger
 
 from slm_lightning.envs.names import migrate_env_id
 from slm_lightning.envs.spec import AtariSpec, EnvSpec
+from slm_lightning.envs.split import BackgroundStep
 from slm_lightning.errors import ConfigError
 
 # info key: sub-envs whose ``terminated`` only marks a lost life (episodic_life); the game goes
@@ -177,7 +178,11 @@ def _native_kwargs(spec: EnvSpec, registry_spec: gym.envs.registration.EnvSpec) 
 
 
 def make_atari_env(
-    spec: EnvSpec, registry_spec: gym.envs.registration.EnvSpec, num_envs: int | None = None
+    spec: EnvSpec,
+    registry_spec: gym.envs.registration.EnvSpec,
+    num_envs: int | None = None,
+    background: bool = False,
+    log: bool = True,
 ) -> AtariGameEpisodes:
     """Build ale-py's vector env for ``spec`` (an :class:`EnvSpec` with an ``ALE/`` id),
     wrapped in :class:`AtariGameEpisodes`; not yet reset.
@@ -186,12 +191,17 @@ def make_atari_env(
         spec: the environment spec; its ``atari`` field holds the Atari options.
         registry_spec: the registered gymnasium spec of ``spec.name`` (gives the ROM name).
         num_envs: override ``spec.num_envs`` (e.g. 1 to probe the spaces).
+        background: put a :class:`~slm_lightning.envs.split.BackgroundStep` between the
+            native env and the wrapper (a group of a split env).
+        log: log the env's settings (unless ``num_envs`` is given).
     """
     from ale_py.vector_env import AtariVectorEnv
 
     kwargs = _native_kwargs(spec, registry_spec)
     env = AtariVectorEnv(_game(registry_spec), num_envs or spec.num_envs, **kwargs)
-    if num_envs is None:
+    if background:
+        env = BackgroundStep(env)
+    if num_envs is None and log:
         legacy = migrate_env_id(spec.name)[1]  # the settings in force, not the spec's
         logger.info(
             f"env {registry_spec.id}: {spec.num_envs} envs, ale-py AtariVectorEnv "

@@ -165,6 +165,12 @@ class BlockVectorEnv(VectorEnv):
 
     def step(self, actions: Any) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict]:
         """Step every sub-env (resetting those that finished on the previous step)."""
+        self.step_async(actions)
+        return self.step_wait()
+
+    def step_async(self, actions: Any) -> None:
+        """Start a :meth:`step`: the workers step while the caller goes on; :meth:`step_wait`
+        returns the result."""
         if self.closed:
             raise ClosedEnvironmentError("BlockVectorEnv.step() after close()")
         if isinstance(self._actions, np.ndarray):
@@ -174,6 +180,9 @@ class BlockVectorEnv(VectorEnv):
                 write_to_shared_memory(self.single_action_space, i, action, self._buffers["action"])
         for pipe in self.pipes:
             self._send(pipe, "step", None)
+
+    def step_wait(self) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict]:
+        """Wait for the step :meth:`step_async` started and return it."""
         infos = self._merge_infos(self._gather())
         return (
             self._observations(),

@@ -24,6 +24,7 @@ from slm_lightning.envs.atari import LIFE_LOSS, is_atari, make_atari_env
 from slm_lightning.envs.blocks import BlockVectorEnv
 from slm_lightning.envs.names import migrate_env_id
 from slm_lightning.envs.spec import ENV_KEY, EnvSpec
+from slm_lightning.envs.split import BackgroundStep, SplitVectorEnv
 from slm_lightning.envs.workers import async_worker, usable_cores
 from slm_lightning.errors import ConfigError
 
@@ -129,7 +130,8 @@ def make_vector_env(spec: EnvSpec, seed: int | None = None, gamma: float = 0.99)
     Every sub-env autoresets in gymnasium's NEXT_STEP mode: the step after a ``done`` is a
     reset whose transition the rollout masks out (:func:`next_step_resets` says which: an
     Atari life lost with ``episodic_life`` is terminal, but the game goes on). Episode statistics are recorded before
-    any normalisation, so reported returns are the raw game returns.
+    any normalisation, so reported returns are the raw game returns. With
+    ``spec.num_splits`` > 1 the sub-envs come as a :class:`SplitVectorEnv` of equal groups.
 
     Args:
         spec: the environment spec.
@@ -138,10 +140,18 @@ def make_vector_env(spec: EnvSpec, seed: int | None = None, gamma: float = 0.99)
     """
     registry_spec = spec.registry_spec()
     route_mujoco_warnings(registry_spec)
+    env = _split_env(spec, registry_spec) if spec.num_splits > 1 else _recorded_env(spec)
+    return _wrap_and_reset(env, spec, seed, gamma)
+
+
+def _recorded_env(spec: EnvSpec, background: bool = False, log: bool = True) -> VectorEnv:
+    """The vector env of ``spec`` recording raw episode statistics, before normalisation;
+    with ``background``, a :class:`BackgroundStep` under the statistics."""
+    registry_spec = spec.registry_spec()
     if is_atari(spec.name):
-        return _wrap_and_reset(make_atari_env(spec, registry_spec), spec, seed, gamma)
+        return make_atari_env(spec, registry_spec, background=background, log=log)
     env_id, migration_kwargs = migrate_env_id(spec.name)
-    mode = resolve_vectorization(spec, registry_spec, warn=True)
+    mode = resolve_vectorization(spec, registry_spec, warn=log)
     check_env_kwargs(spec, registry_spec, vectorized=mode == "vector_entry_point")
     wrappers = (
         []
@@ -176,12 +186,63 @@ def make_vector_env(spec: EnvSpec, seed: int | None = None, gamma: float = 0.99)
         raise ConfigError(f"{ENV_KEY}.kwargs: {env_id} rejected {sorted(kwargs)}: {err}") from None
     autoreset = env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
     if autoreset != AutoresetMode.NEXT_STEP:
+        env.close()
         raise ConfigError(
             f"{ENV_KEY}.name: {env_id} autoresets in {autoreset}; only NEXT_STEP is supported"
         )
-    workers = f" in {env.num_workers} workers" if isinstance(env, BlockVectorEnv) else ""
-    logger.info(f"env {env_id}: {spec.num_envs} envs, vectorization={mode}{workers}")
-    return _wrap_and_reset(RecordEpisodeStatistics(env), spec, seed, gamma)
+    if log:
+        workers = f" in {env.num_workers} workers" if isinstance(env, BlockVectorEnv) else ""
+        logger.info(f"env {env_id}: {spec.num_envs} envs, vectorization={mode}{workers}")
+    return RecordEpisodeStatistics(BackgroundStep(env) if background else env)
+
+
+def _split_env(spec: EnvSpec, registry_spec: gym.envs.registration.EnvSpec) -> SplitVectorEnv:
+    """``spec.num_splits`` equal groups of ``spec``'s sub-envs, each stepping in the
+    background (ale-py's threads, ``blocks`` or ``async`` workers; ``blocks`` share the
+    workers ``spec`` would have among the groups)."""
+    splits = spec.num_splits
+    key = f"{ENV_KEY}.num_splits"
+    wrapped = [
+        name
+        for name in ("normalize_obs", "normalize_reward", "clip_obs", "clip_reward")
+        if getattr(spec, name) not in (False, None)
+    ]
+    if wrapped:
+        raise ConfigError(
+            f"{key}: {splits} steps the groups one by one, and {', '.join(wrapped)} need all "
+            "envs at each step; use num_splits 1 with them"
+        )
+    atari = is_atari(spec.name)
+    mode = "ale" if atari else resolve_vectorization(spec, registry_spec)
+    if mode not in ("ale", "blocks", "async"):
+        raise ConfigError(
+            f"{key}: {splits} needs envs that step in the background (an ALE env, or "
+            f"vectorization blocks or async); {spec.env_id} runs {mode}"
+        )
+    size = spec.num_envs // splits
+    workers = max(1, block_workers(spec) // splits) if mode == "blocks" else spec.num_workers
+    group_spec = replace(
+        spec, num_envs=size, num_splits=1, num_workers=workers,
+        vectorization=spec.vectorization if atari else mode,
+    )  # fmt: skip
+    if atari and not spec.atari.num_threads:  # the groups share the cores ale-py would use
+        threads = max(1, usable_cores() // splits)
+        group_spec = replace(group_spec, atari=replace(spec.atari, num_threads=threads))
+    groups: list[VectorEnv] = []
+    try:
+        for _ in range(splits):
+            groups.append(_recorded_env(group_spec, background=True, log=False))
+    except BaseException:
+        for group in groups:
+            group.close()
+        raise
+    in_workers = f" in {workers} worker{'s' * (workers != 1)}" if mode == "blocks" else ""
+    per_group = f"{size} envs{in_workers}"
+    logger.info(
+        f"env {spec.env_id}: {spec.num_envs} envs in {splits} groups stepped in turn "
+        f"({per_group} each, {mode})"
+    )
+    return SplitVectorEnv(groups)
 
 
 def next_step_resets(

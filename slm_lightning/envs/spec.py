@@ -106,6 +106,11 @@ class EnvSpec:
             one process per sub-env.
         num_workers: worker processes for ``blocks`` (at most ``num_envs``); default: the
             CPU cores, at most ``num_envs // 2``.
+        num_splits: step the envs as this many equal groups in turn, so that the policy
+            acts on one group while the others step in the background (double-buffered
+            sampling); 1 steps all envs together. For envs that step in threads or worker
+            processes (ALE, ``blocks``, ``async``), without normalisation or clipping; pays
+            where acting and stepping cost about the same (Atari on a few cores).
         max_episode_steps: override the registered time limit (episodes are truncated there).
         normalize_obs: running mean/std observation normalisation (statistics checkpointed).
         normalize_reward: scale rewards by the running std of the discounted return.
@@ -126,6 +131,7 @@ class EnvSpec:
     num_envs: int = 8
     vectorization: Vectorization = "auto"
     num_workers: int | None = None
+    num_splits: int = 1
     max_episode_steps: int | None = None
     normalize_obs: bool = False
     normalize_reward: bool = False
@@ -136,10 +142,15 @@ class EnvSpec:
     atari: AtariSpec = field(default_factory=AtariSpec)
 
     def __post_init__(self) -> None:
-        for key in ("num_envs", "num_workers", "frame_stack", "max_episode_steps"):
+        for key in ("num_envs", "num_workers", "num_splits", "frame_stack", "max_episode_steps"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"{ENV_KEY}.{key} must be >= 1, got {value}")
+        if self.num_envs % self.num_splits:
+            raise ConfigError(
+                f"{ENV_KEY}.num_splits must divide num_envs {self.num_envs} (equal groups), "
+                f"got {self.num_splits}"
+            )
         for key in ("clip_obs", "clip_reward"):
             clip_bounds(getattr(self, key), f"{ENV_KEY}.{key}")
 

@@ -106,6 +106,7 @@ def measure_random_return(
         num_envs=num_envs,
         vectorization="auto",
         num_workers=None,
+        num_splits=1,
         normalize_obs=False,
         normalize_reward=False,
         frame_stack=1,
