@@ -45,8 +45,9 @@ def step_both(whole, split, actions: np.ndarray, one_by_one: bool) -> tuple[tupl
         # Games cut at 100 steps, so that truncations and resets happen.
         (EnvSpec(name="ALE/Pong-v5", num_envs=4, max_episode_steps=100), 300),
         (EnvSpec(name="CartPole-v1", num_envs=6, vectorization="blocks"), 300),
+        (EnvSpec(name="CartPole-v1", num_envs=4, vectorization="async"), 200),
     ],
-    ids=["ale", "blocks"],
+    ids=["ale", "blocks", "async"],
 )
 def test_split_env_steps_exactly_as_the_unsplit_env(spec: EnvSpec, steps: int) -> None:
     """Catches groups seeded alike (or not at their first sub-env's offset), results put in
