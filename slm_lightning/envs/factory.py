@@ -140,14 +140,22 @@ def make_vector_env(spec: EnvSpec, seed: int | None = None, gamma: float = 0.99)
     """
     registry_spec = spec.registry_spec()
     route_mujoco_warnings(registry_spec)
-    env = _split_env(spec, registry_spec) if spec.num_splits > 1 else _recorded_env(spec)
+    if spec.num_splits > 1:
+        env: VectorEnv = _split_env(spec, registry_spec)
+    else:
+        env = _recorded_env(spec, registry_spec)
     return _wrap_and_reset(env, spec, seed, gamma)
 
 
-def _recorded_env(spec: EnvSpec, background: bool = False, log: bool = True) -> VectorEnv:
-    """The vector env of ``spec`` recording raw episode statistics, before normalisation;
-    with ``background``, a :class:`BackgroundStep` under the statistics."""
-    registry_spec = spec.registry_spec()
+def _recorded_env(
+    spec: EnvSpec,
+    registry_spec: gym.envs.registration.EnvSpec,
+    background: bool = False,
+    log: bool = True,
+) -> VectorEnv:
+    """The vector env of ``spec`` (registered as ``registry_spec``) recording raw episode
+    statistics, before normalisation; with ``background``, a :class:`BackgroundStep` under
+    the statistics."""
     if is_atari(spec.name):
         return make_atari_env(spec, registry_spec, background=background, log=log)
     env_id, migration_kwargs = migrate_env_id(spec.name)
@@ -231,7 +239,7 @@ def _split_env(spec: EnvSpec, registry_spec: gym.envs.registration.EnvSpec) -> S
     groups: list[VectorEnv] = []
     try:
         for _ in range(splits):
-            groups.append(_recorded_env(group_spec, background=True, log=False))
+            groups.append(_recorded_env(group_spec, registry_spec, background=True, log=False))
     except BaseException:
         for group in groups:
             group.close()
