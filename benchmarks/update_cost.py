@@ -55,11 +55,12 @@ def mlp(sizes: list[int]) -> nn.Sequential:
 
 
 def dqn_update(
-    hidden: tuple[int, ...], batch: int, double: bool, weighted: bool, clip: float
+    hidden: tuple[int, ...], batch: int, double: bool, weighted: bool
 ) -> Callable[[], None]:
     """One (Double) DQN step on CartPole-sized data: Huber loss (weighted as prioritized
-    replay weights it), gradient norm clipped to ``clip``, fused Adam. Double DQN runs the
-    online net over ``s`` and ``s'`` in one pass, as ``DQN.loss_terms`` does."""
+    replay weights it), gradient norm clipped to 10 (SB3's and SLM Lab's), fused Adam.
+    Double DQN runs the online net over ``s`` and ``s'`` in one pass, as
+    ``DQN.loss_terms`` does."""
     net = mlp([4, *hidden, 2])
     target_net = copy.deepcopy(net).requires_grad_(False)
     params = list(net.parameters())
@@ -87,7 +88,7 @@ def dqn_update(
         loss = (weights * elementwise).mean() if weighted else elementwise.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(params, clip, foreach=True)
+        nn.utils.clip_grad_norm_(params, 10.0, foreach=True)
         optimizer.step()
 
     return step
@@ -167,17 +168,17 @@ class Case:
 CASES = {
     "slm_lab_ddqn_per": Case(
         "SLM Lab's ddqn_per_cartpole ([256, 128], batch 64)",
-        lambda: dqn_update((256, 128), 64, double=True, weighted=True, clip=10.0),
+        lambda: dqn_update((256, 128), 64, double=True, weighted=True),
         1.0,
     ),
     "ddqn_per_cartpole": Case(
         "ddqn_per_cartpole ([64, 64], batch 256, 12 envs)",
-        lambda: dqn_update((64, 64), 256, double=True, weighted=True, clip=10.0),
+        lambda: dqn_update((64, 64), 256, double=True, weighted=True),
         1 / 12,
     ),
     "dqn_cartpole_zoo": Case(
         "RL Zoo's DQN CartPole ([256, 256], batch 64)",
-        lambda: dqn_update((256, 256), 64, double=False, weighted=False, clip=10.0),
+        lambda: dqn_update((256, 256), 64, double=False, weighted=False),
         0.5,
     ),
     "sac_pendulum_64": Case(
